@@ -1,0 +1,361 @@
+"""Transformer components shared by every architecture (Flax Linen, pure-functional).
+
+Parameters carry logical axis names (``embed``, ``heads``, ``kv``, ``mlp``, ``vocab``,
+``relpos_buckets``, ``positions``); ``modjax.sharding`` maps them to mesh axes. Shapes are
+named in suffixes: B batch, L/Q query length, T/K key length, D model width, H heads,
+K head width (``..._BTHK``), F feed-forward width, V vocabulary.
+
+One :class:`Block` serves T5 (RMS norm, no biases, unscaled attention with a relative
+position bias, ReLU or gated-GELU FFN, optional cross-attention) and GPT-2 (layer norm,
+biases, 1/sqrt(K)-scaled attention, GELU FFN). The block's parameters are named
+``self_attn_norm``, ``self_attn``, ``cross_attn_norm``, ``cross_attn``, ``ffn_norm``,
+``ffn``, so a plan can swap the ``ffn`` entry for a shared (tied) one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from modjax.model_config import to_dtype
+
+NEG_INF = -1e10  # additive mask value; finite so fully masked rows stay NaN-free
+
+
+def _normal(stddev: float):
+  return nn.initializers.normal(stddev=stddev)
+
+
+def activation_fn(name: str):
+  if name == "relu":
+    return jax.nn.relu
+  if name == "gelu_new":  # GELU, tanh approximation (HF's "gelu_new")
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  raise ValueError(f"unknown activation {name!r}; use 'relu' or 'gelu_new'")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """Architecture of one transformer block; hashable, derived from a model config."""
+
+  d_model: int
+  num_heads: int
+  head_dim: int
+  d_ff: int
+  norm: str  # "rms" (T5) or "layer" (GPT-2)
+  norm_eps: float
+  use_bias: bool
+  attn_scale: float  # multiplies q.k; 1.0 for T5 (folded into init), 1/sqrt(K) for GPT-2
+  activation: str
+  gated_ffn: bool
+  has_cross_attention: bool
+  dropout_rate: float
+  attn_dropout_rate: float
+  # Initialisation scales (stddev of normal inits).
+  init_q: float
+  init_kv: float
+  init_out: float
+  init_wi: float
+  init_wo: float
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+
+
+class Norm(nn.Module):
+  """RMS norm (T5, statistics in float32) or layer norm with bias (GPT-2)."""
+
+  kind: str
+  eps: float
+  param_dtype: Any = jnp.float32
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    d = x_BLD.shape[-1]
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      (d,),
+      self.param_dtype,
+    )
+    x = x_BLD.astype(jnp.float32)
+    if self.kind == "rms":
+      x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+      return (x * scale.astype(jnp.float32)).astype(self.dtype)
+    bias = self.param(
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+      (d,),
+      self.param_dtype,
+    )
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return (x * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class Projection(nn.Module):
+  """``y = x . kernel (+ bias)`` contracting ``in_dims`` leading kernel axes with x's trailing ones."""
+
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  in_dims: int
+  stddev: float
+  use_bias: bool = False
+  param_dtype: Any = jnp.float32
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(_normal(self.stddev), self.kernel_axes),
+      self.kernel_shape,
+      self.param_dtype,
+    )
+    contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      out_shape, out_axes = self.kernel_shape[self.in_dims :], self.kernel_axes[self.in_dims :]
+      bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, out_axes),
+        out_shape,
+        self.param_dtype,
+      )
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Attention(nn.Module):
+  """Multi-head attention split into projection and attend steps, so decoding can cache k/v."""
+
+  spec: BlockSpec
+
+  def setup(self):
+    s = self.spec
+    d, h, k = s.d_model, s.num_heads, s.head_dim
+    kw = dict(use_bias=s.use_bias, param_dtype=to_dtype(s.param_dtype), dtype=to_dtype(s.dtype))
+    self.query = Projection((d, h, k), ("embed", "heads", "kv"), 1, s.init_q, **kw)
+    self.key = Projection((d, h, k), ("embed", "heads", "kv"), 1, s.init_kv, **kw)
+    self.value = Projection((d, h, k), ("embed", "heads", "kv"), 1, s.init_kv, **kw)
+    self.out = Projection((h, k, d), ("heads", "kv", "embed"), 2, s.init_out, **kw)
+    self.dropout = nn.Dropout(s.attn_dropout_rate)
+
+  def project_q(self, x_BLD):
+    return self.query(x_BLD)
+
+  def project_kv(self, x_BTD):
+    return self.key(x_BTD), self.value(x_BTD)
+
+  def attend(self, q_BLHK, k_BTHK, v_BTHK, bias_BHLT, deterministic: bool):
+    """Returns (output_BLD, probabilities_BHLT); bias holds masks and position bias."""
+    logits = jnp.einsum("blhk,bthk->bhlt", q_BLHK, k_BTHK, preferred_element_type=jnp.float32)
+    if self.spec.attn_scale != 1.0:
+      logits = logits * self.spec.attn_scale
+    probs_BHLT = jax.nn.softmax(logits + bias_BHLT, axis=-1)
+    dropped = self.dropout(probs_BHLT, deterministic=deterministic)
+    ctx_BLHK = jnp.einsum("bhlt,bthk->blhk", dropped.astype(v_BTHK.dtype), v_BTHK)
+    return self.out(ctx_BLHK), probs_BHLT
+
+  def __call__(self, x_BLD, kv_BTD, bias_BHLT, deterministic: bool):
+    k, v = self.project_kv(kv_BTD)
+    return self.attend(self.project_q(x_BLD), k, v, bias_BHLT, deterministic)
+
+
+class FeedForward(nn.Module):
+  """``wo(act(wi x))``, or gated ``wo(act(wi_0 x) * wi_1 x)`` (T5 v1.1)."""
+
+  spec: BlockSpec
+
+  def setup(self):
+    s = self.spec
+    kw = dict(use_bias=s.use_bias, param_dtype=to_dtype(s.param_dtype), dtype=to_dtype(s.dtype))
+    if s.gated_ffn:
+      self.wi_0 = Projection((s.d_model, s.d_ff), ("embed", "mlp"), 1, s.init_wi, **kw)
+      self.wi_1 = Projection((s.d_model, s.d_ff), ("embed", "mlp"), 1, s.init_wi, **kw)
+    else:
+      self.wi = Projection((s.d_model, s.d_ff), ("embed", "mlp"), 1, s.init_wi, **kw)
+    self.wo = Projection((s.d_ff, s.d_model), ("mlp", "embed"), 1, s.init_wo, **kw)
+    self.dropout = nn.Dropout(s.dropout_rate)
+
+  def pre_activation(self, x_BLD):
+    """The FFN input projection before the nonlinearity (the gate branch when gated)."""
+    return self.wi_0(x_BLD) if self.spec.gated_ffn else self.wi(x_BLD)
+
+  def __call__(self, x_BLD, deterministic: bool):
+    act = activation_fn(self.spec.activation)
+    h_BLF = act(self.pre_activation(x_BLD))
+    if self.spec.gated_ffn:
+      h_BLF = h_BLF * self.wi_1(x_BLD)
+    h_BLF = self.dropout(h_BLF, deterministic=deterministic)
+    return self.wo(h_BLF)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: self-attention, optional cross-attention, feed-forward."""
+
+  spec: BlockSpec
+
+  def setup(self):
+    s = self.spec
+    norm = dict(
+      kind=s.norm, eps=s.norm_eps, param_dtype=to_dtype(s.param_dtype), dtype=to_dtype(s.dtype)
+    )
+    self.self_attn_norm = Norm(**norm)
+    self.self_attn = Attention(s)
+    if s.has_cross_attention:
+      self.cross_attn_norm = Norm(**norm)
+      self.cross_attn = Attention(s)
+    self.ffn_norm = Norm(**norm)
+    self.ffn = FeedForward(s)
+    self.dropout = nn.Dropout(s.dropout_rate)
+
+  def _ffn_residual(self, x_BLD, deterministic):
+    return x_BLD + self.dropout(
+      self.ffn(self.ffn_norm(x_BLD), deterministic), deterministic=deterministic
+    )
+
+  def __call__(
+    self, x_BLD, self_bias_BHLL, enc_BTD=None, cross_bias_BHLT=None, *, deterministic=True
+  ):
+    """Full-sequence pass. Returns (x_BLD, self_probs_BHLL, cross_probs_BHLT or None)."""
+    h_BLD = self.self_attn_norm(x_BLD)
+    y, self_probs = self.self_attn(h_BLD, h_BLD, self_bias_BHLL, deterministic)
+    x_BLD = x_BLD + self.dropout(y, deterministic=deterministic)
+    cross_probs = None
+    if self.spec.has_cross_attention:
+      y, cross_probs = self.cross_attn(
+        self.cross_attn_norm(x_BLD), enc_BTD, cross_bias_BHLT, deterministic
+      )
+      x_BLD = x_BLD + self.dropout(y, deterministic=deterministic)
+    return self._ffn_residual(x_BLD, deterministic), self_probs, cross_probs
+
+  def cross_kv(self, enc_BTD):
+    """Cross-attention keys and values of the encoder output, computed once per sequence."""
+    return self.cross_attn.project_kv(enc_BTD)
+
+  def prefill(self, x_BLD, self_bias_BHLL, *, deterministic=True):
+    """Self-attention-only pass that also returns its keys and values (decoder-only prompts)."""
+    h = self.self_attn_norm(x_BLD)
+    k, v = self.self_attn.project_kv(h)
+    y, _ = self.self_attn.attend(self.self_attn.project_q(h), k, v, self_bias_BHLL, deterministic)
+    return self._ffn_residual(x_BLD + y, deterministic), k, v
+
+  def decode_step(self, x_B1D, cache, index, self_bias_BH1T, cross_bias_BH1S=None):
+    """One token. ``cache`` holds k/v of shape BTHK (and cross_k/cross_v); writes position ``index``."""
+    h = self.self_attn_norm(x_B1D)
+    k_new, v_new = self.self_attn.project_kv(h)
+    k = jax.lax.dynamic_update_slice_in_dim(
+      cache["k"], k_new.astype(cache["k"].dtype), index, axis=1
+    )
+    v = jax.lax.dynamic_update_slice_in_dim(
+      cache["v"], v_new.astype(cache["v"].dtype), index, axis=1
+    )
+    y, _ = self.self_attn.attend(self.self_attn.project_q(h), k, v, self_bias_BH1T, True)
+    x_B1D = x_B1D + y
+    new_cache = dict(cache, k=k, v=v)
+    if self.spec.has_cross_attention:
+      q = self.cross_attn.project_q(self.cross_attn_norm(x_B1D))
+      y, _ = self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_bias_BH1S, True)
+      x_B1D = x_B1D + y
+    return self._ffn_residual(x_B1D, True), new_cache
+
+
+class Embed(nn.Module):
+  num_embeddings: int
+  features: int
+  axes: tuple[str, str]
+  stddev: float
+  param_dtype: Any = jnp.float32
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+      "embedding",
+      nn.with_logical_partitioning(_normal(self.stddev), self.axes),
+      (self.num_embeddings, self.features),
+      self.param_dtype,
+    )
+
+  def __call__(self, ids):
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x_BLD):
+    """Logits against the embedding matrix (tied LM head)."""
+    return jnp.einsum(
+      "bld,vd->blv",
+      x_BLD.astype(self.dtype),
+      self.embedding.astype(self.dtype),
+      preferred_element_type=jnp.float32,
+    )
+
+
+def relative_position_bucket(
+  relative_position, bidirectional: bool, num_buckets: int, max_distance: int
+):
+  """T5's bucketing of ``memory_position - query_position`` (Mesh TensorFlow's definition)."""
+  buckets = 0
+  if bidirectional:
+    num_buckets //= 2
+    buckets = (relative_position > 0).astype(jnp.int32) * num_buckets
+    relative_position = jnp.abs(relative_position)
+  else:
+    relative_position = -jnp.minimum(relative_position, 0)
+  max_exact = num_buckets // 2
+  is_small = relative_position < max_exact
+  scaled = jnp.log(jnp.maximum(relative_position, 1).astype(jnp.float32) / max_exact) / math.log(
+    max_distance / max_exact
+  )
+  if_large = max_exact + (scaled * (num_buckets - max_exact)).astype(jnp.int32)
+  if_large = jnp.minimum(if_large, num_buckets - 1)
+  return buckets + jnp.where(is_small, relative_position, if_large)
+
+
+class RelativePositionBias(nn.Module):
+  """Per-head scalar bias from bucketed relative positions; computed once per stack."""
+
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  bidirectional: bool
+  stddev: float
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, query_positions_Q, key_positions_T):
+    table = self.param(
+      "embedding",
+      nn.with_logical_partitioning(_normal(self.stddev), ("relpos_buckets", "heads")),
+      (self.num_buckets, self.num_heads),
+      self.param_dtype,
+    )
+    rel_QT = key_positions_T[None, :] - query_positions_Q[:, None]
+    buckets_QT = relative_position_bucket(
+      rel_QT, self.bidirectional, self.num_buckets, self.max_distance
+    )
+    bias_QTH = jnp.take(table, buckets_QT, axis=0).astype(jnp.float32)
+    return jnp.transpose(bias_QTH, (2, 0, 1))[None]  # 1HQT
+
+
+def key_padding_bias(key_mask_BT):
+  """Additive bias hiding padded keys: 0 for real tokens, NEG_INF for padding (B11T)."""
+  return jnp.where(key_mask_BT.astype(bool), 0.0, NEG_INF)[:, None, None, :].astype(jnp.float32)
+
+
+def causal_bias(length: int):
+  """Additive causal bias (11QQ)."""
+  ok = jnp.tril(jnp.ones((length, length), dtype=bool))
+  return jnp.where(ok, 0.0, NEG_INF)[None, None].astype(jnp.float32)
+
+
+def segment_bias(query_segments_BQ, key_segments_BT):
+  """Additive bias keeping attention inside a packed segment; segment 0 is padding."""
+  same = query_segments_BQ[:, :, None] == key_segments_BT[:, None, :]
+  ok = same & (key_segments_BT[:, None, :] > 0) & (query_segments_BQ[:, :, None] > 0)
+  return jnp.where(ok, 0.0, NEG_INF)[:, None].astype(jnp.float32)

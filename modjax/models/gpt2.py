@@ -1,0 +1,169 @@
+"""GPT-2 decoder-only model (pre-LN, learned positions, tied LM head) over a bank and a plan.
+
+Bank layout: ``token_embedding/embedding`` (VD), ``position_embedding/embedding`` (PD),
+``decoder/blocks/<name>/{self_attn_norm, self_attn, ffn_norm, ffn}`` (biased projections,
+layer norms) and ``decoder/final_norm``. Plans have decoder slots only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from modjax.layers import (
+  NEG_INF,
+  Block,
+  BlockSpec,
+  Embed,
+  Norm,
+  causal_bias,
+  key_padding_bias,
+  segment_bias,
+)
+from modjax.model_config import GPT2Config, to_dtype
+from modjax.models.stack import init_block, run_stack, slot_params, split_boxed
+from modjax.plan import Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2:
+  """The GPT-2 architecture: pure functions of (params, plan, inputs). Hashable: jit-static."""
+
+  config: GPT2Config
+
+  stacks = ("decoder",)
+
+  def block_spec(self) -> BlockSpec:
+    c = self.config
+    return BlockSpec(
+        d_model=c.n_embd, num_heads=c.n_head, head_dim=c.head_dim, d_ff=c.d_ff, norm="layer",
+        norm_eps=c.layer_norm_epsilon, use_bias=True, attn_scale=c.head_dim**-0.5,
+        activation="gelu_new", gated_ffn=False, has_cross_attention=False,
+        dropout_rate=c.resid_pdrop, attn_dropout_rate=c.attn_pdrop, init_q=0.02, init_kv=0.02,
+        init_out=0.02 / (2 * c.n_layer) ** 0.5, init_wi=0.02, init_wo=0.02 / (2 * c.n_layer) ** 0.5,
+        param_dtype=c.param_dtype, dtype=c.dtype,
+    )  # fmt: skip
+
+  def identity_plan(self) -> Plan:
+    return Plan.identity(0, self.config.n_layer)
+
+  def _modules(self):
+    c = self.config
+    pdt, dt = to_dtype(c.param_dtype), to_dtype(c.dtype)
+    return dict(
+      wte=Embed(c.vocab_size, c.n_embd, ("vocab", "embed"), 0.02, pdt, dt),
+      wpe=Embed(c.n_positions, c.n_embd, ("positions", "embed"), 0.02, pdt, dt),
+      norm=Norm("layer", c.layer_norm_epsilon, pdt, dt),
+    )
+
+  def _init_boxed(self, rng):
+    c, m = self.config, self._modules()
+    keys = iter(jax.random.split(rng, 4 + c.n_layer))
+    ids = jnp.zeros((1, 4), jnp.int32)
+    return {
+      "token_embedding": m["wte"].init(next(keys), ids)["params"],
+      "position_embedding": m["wpe"].init(next(keys), ids)["params"],
+      "decoder": {
+        "blocks": {str(i): init_block(self.block_spec(), next(keys)) for i in range(c.n_layer)},
+        "final_norm": m["norm"].init(next(keys), jnp.zeros((1, 4, c.n_embd)))["params"],
+      },
+    }
+
+  def init(self, rng):
+    return jax.jit(lambda r: split_boxed(self._init_boxed(r))[0])(rng)
+
+  def param_axes(self):
+    return split_boxed(jax.eval_shape(self._init_boxed, jax.random.key(0)))[1]
+
+  def _embed(self, params, ids, positions):
+    m = self._modules()
+    x = m["wte"].apply({"params": params["token_embedding"]}, ids)
+    return x + m["wpe"].apply({"params": params["position_embedding"]}, positions)
+
+  def _logits(self, params, x_BLD):
+    m = self._modules()
+    x_BLD = m["norm"].apply({"params": params["decoder"]["final_norm"]}, x_BLD)
+    return m["wte"].apply({"params": params["token_embedding"]}, x_BLD, method="attend")
+
+  def __call__(self, params, plan: Plan, input_ids_BL, *, attention_mask=None, positions=None,
+               segment_ids=None, deterministic=True, dropout_rng=None, collect=False):  # fmt: skip
+    """Logits (float32, BLV). Positions default to 0..L-1 (as HF's forward does)."""
+    length = input_ids_BL.shape[1]
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(length), input_ids_BL.shape)
+    bias = causal_bias(length)
+    if segment_ids is not None:
+      bias = bias + segment_bias(segment_ids, segment_ids)
+    elif attention_mask is not None:
+      bias = bias + key_padding_bias(attention_mask)
+    embed_rng, stack_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+    x = self._embed(params, input_ids_BL, positions)
+    if not deterministic and embed_rng is not None and self.config.embd_pdrop > 0:
+      keep = jax.random.bernoulli(embed_rng, 1.0 - self.config.embd_pdrop, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.config.embd_pdrop), 0).astype(x.dtype)
+    x, inter = run_stack(
+        params["decoder"], plan.decoder, self.block_spec(), x, bias,
+        deterministic=deterministic, dropout_rng=stack_rng, collect=collect,
+    )  # fmt: skip
+    return self._logits(params, x), ({"decoder": inter} if collect else None)
+
+  # ---- cached decoding ----------------------------------------------------------------------
+  def start_decoding(self, params, plan: Plan, prompt_ids_BP, prompt_mask_BP, max_new_tokens: int):
+    """Runs the (left-padded) prompt once, filling the cache.
+
+    Returns (cache, logits of the first new token BV, index of the next cache position).
+    Positions follow HF's generate: ``cumsum(mask) - 1`` over the prompt, then +1 per token.
+    """
+    b, p = prompt_ids_BP.shape
+    if prompt_mask_BP is None:
+      prompt_mask_BP = jnp.ones_like(prompt_ids_BP)
+    total = p + max_new_tokens
+    if total > self.config.n_positions:
+      raise ValueError(
+        f"prompt ({p}) + new tokens ({max_new_tokens}) exceed n_positions={self.config.n_positions}"
+      )
+    positions = jnp.maximum(jnp.cumsum(prompt_mask_BP, axis=1) - 1, 0)
+    x = self._embed(params, prompt_ids_BP, positions)
+    bias = causal_bias(p) + key_padding_bias(prompt_mask_BP)
+    block = Block(self.block_spec())
+    pad = ((0, 0), (0, max_new_tokens), (0, 0), (0, 0))
+    layers = []
+    for slot in plan.decoder:
+      x, k, v = block.apply(
+        {"params": slot_params(params["decoder"], slot)}, x, bias, method="prefill"
+      )
+      layers.append({"k": jnp.pad(k, pad), "v": jnp.pad(v, pad)})
+    key_mask = jnp.concatenate(
+      [prompt_mask_BP, jnp.ones((b, max_new_tokens), prompt_mask_BP.dtype)], axis=1
+    )
+    cache = {
+      "self": tuple(layers),
+      "static": {
+        "key_mask": key_mask.astype(bool),
+        "position_offset": jnp.sum(prompt_mask_BP, 1) - p,
+      },
+    }
+    return cache, self._logits(params, x[:, -1:])[:, 0], jnp.int32(p)
+
+  def decode_step(self, params, plan: Plan, cache, token_ids_B, index):
+    block = Block(self.block_spec())
+    static = cache["static"]
+    positions = (index + static["position_offset"])[:, None]
+    x = self._embed(params, token_ids_B[:, None], positions)
+    keys = jnp.arange(static["key_mask"].shape[1])
+    ok = static["key_mask"] & (keys <= index)[None, :]
+    bias = jnp.where(ok, 0.0, NEG_INF)[:, None, None, :].astype(jnp.float32)
+    new_self = []
+    for slot, layer_cache in zip(plan.decoder, cache["self"]):
+      x, updated = block.apply(
+        {"params": slot_params(params["decoder"], slot)},
+        x,
+        layer_cache,
+        index,
+        bias,
+        method="decode_step",
+      )
+      new_self.append(updated)
+    return self._logits(params, x)[:, 0], {"self": tuple(new_self), "static": static}

@@ -1,0 +1,248 @@
+"""T5 encoder-decoder (v1.0 and v1.1/Flan) over a bank of named parameters and a plan.
+
+Bank layout (stable names; ``modjax.interop.hf`` maps them to Hugging Face's):
+
+    token_embedding/embedding                         VD  (vocab, embed)
+    {encoder,decoder}/relpos_bias/embedding           bucket x H, one table per stack
+    {encoder,decoder}/blocks/<name>/self_attn_norm/scale
+    {encoder,decoder}/blocks/<name>/self_attn/{query,key,value}/kernel   DHK
+    {encoder,decoder}/blocks/<name>/self_attn/out/kernel                 HKD
+    decoder/blocks/<name>/cross_attn_norm, cross_attn/...
+    {encoder,decoder}/blocks/<name>/ffn_norm/scale, ffn/{wi | wi_0, wi_1}/kernel, ffn/wo/kernel
+    {encoder,decoder}/final_norm/scale
+    lm_head/kernel                                    DV  (untied models only)
+
+The identity plan names blocks "0" .. "L-1". ``scale_decoder_outputs`` multiplies the decoder
+output by ``d_model**-0.5`` before the LM head, as T5 v1.0 does (v1.1 does not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from modjax.layers import (
+  NEG_INF,
+  Block,
+  BlockSpec,
+  Embed,
+  Norm,
+  Projection,
+  RelativePositionBias,
+  causal_bias,
+  key_padding_bias,
+  segment_bias,
+)
+from modjax.model_config import T5Config, to_dtype
+from modjax.models.stack import init_block, run_stack, slot_params, split_boxed
+from modjax.plan import Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class T5:
+  """The T5 architecture: pure functions of (params, plan, inputs). Hashable: jit-static."""
+
+  config: T5Config
+
+  stacks = ("encoder", "decoder")
+
+  # ---- construction -------------------------------------------------------------------------
+  def block_spec(self, decoder: bool) -> BlockSpec:
+    c = self.config
+    d, h, k = c.d_model, c.num_heads, c.d_kv
+    return BlockSpec(
+        d_model=d, num_heads=h, head_dim=k, d_ff=c.d_ff, norm="rms", norm_eps=c.layer_norm_epsilon,
+        use_bias=False, attn_scale=1.0, activation=c.activation, gated_ffn=c.is_gated,
+        has_cross_attention=decoder, dropout_rate=c.dropout_rate, attn_dropout_rate=c.dropout_rate,
+        init_q=(d * k) ** -0.5, init_kv=d**-0.5, init_out=(h * k) ** -0.5, init_wi=d**-0.5,
+        init_wo=c.d_ff**-0.5, param_dtype=c.param_dtype, dtype=c.dtype,
+    )  # fmt: skip
+
+  def identity_plan(self) -> Plan:
+    return Plan.identity(self.config.num_layers, self.config.num_decoder_layers)
+
+  def _modules(self):
+    c = self.config
+    pdt, dt = to_dtype(c.param_dtype), to_dtype(c.dtype)
+    relpos = functools.partial(
+        RelativePositionBias, c.relative_attention_num_buckets, c.relative_attention_max_distance,
+        c.num_heads, stddev=c.d_model**-0.5, param_dtype=pdt,
+    )  # fmt: skip
+    return dict(
+        embed=Embed(c.vocab_size, c.d_model, ("vocab", "embed"), 1.0, pdt, dt),
+        enc_relpos=relpos(bidirectional=True),
+        dec_relpos=relpos(bidirectional=False),
+        norm=Norm("rms", c.layer_norm_epsilon, pdt, dt),
+        lm_head=Projection((c.d_model, c.vocab_size), ("embed", "vocab"), 1, c.d_model**-0.5,
+                           param_dtype=pdt, dtype=jnp.float32),
+    )  # fmt: skip
+
+  def _init_boxed(self, rng):
+    c, m = self.config, self._modules()
+    keys = iter(jax.random.split(rng, 8 + c.num_layers + c.num_decoder_layers))
+    pos = jnp.arange(4)
+    x = jnp.zeros((1, 4, c.d_model))
+
+    def stack(n, decoder, relpos):
+      spec = self.block_spec(decoder)
+      return {
+        "relpos_bias": relpos.init(next(keys), pos, pos)["params"],
+        "blocks": {str(i): init_block(spec, next(keys)) for i in range(n)},
+        "final_norm": m["norm"].init(next(keys), x)["params"],
+      }
+
+    params = {
+      "token_embedding": m["embed"].init(next(keys), jnp.zeros((1, 4), jnp.int32))["params"],
+      "encoder": stack(c.num_layers, False, m["enc_relpos"]),
+      "decoder": stack(c.num_decoder_layers, True, m["dec_relpos"]),
+    }
+    if not c.tie_word_embeddings:
+      params["lm_head"] = m["lm_head"].init(next(keys), x)["params"]
+    return params
+
+  def init(self, rng):
+    """Fresh parameters (T5's initialisation scales), a plain pytree of arrays."""
+    return jax.jit(lambda r: split_boxed(self._init_boxed(r))[0])(rng)
+
+  def param_axes(self):
+    """Logical-axis PartitionSpecs of every parameter, same tree as :meth:`init`."""
+    return split_boxed(jax.eval_shape(self._init_boxed, jax.random.key(0)))[1]
+
+  # ---- full-sequence passes -----------------------------------------------------------------
+  def encode(self, params, plan: Plan, input_ids_BS, *, input_mask_BS=None, segment_ids_BS=None,
+             deterministic=True, dropout_rng=None, collect=False):  # fmt: skip
+    """Encoder output (after its final norm) and optional per-slot intermediates."""
+    m, c = self._modules(), self.config
+    s = input_ids_BS.shape[1]
+    positions = jnp.arange(s)
+    bias = m["enc_relpos"].apply({"params": params["encoder"]["relpos_bias"]}, positions, positions)
+    bias = bias + self._attention_mask(input_ids_BS, input_mask_BS, segment_ids_BS, segment_ids_BS)
+    x = m["embed"].apply({"params": params["token_embedding"]}, input_ids_BS)
+    rngs = _split(dropout_rng, 3)
+    x = _dropout(x, c.dropout_rate, deterministic, rngs[0])
+    x, inter = run_stack(
+        params["encoder"], plan.encoder, self.block_spec(False), x, bias,
+        deterministic=deterministic, dropout_rng=rngs[1], collect=collect,
+    )  # fmt: skip
+    x = m["norm"].apply({"params": params["encoder"]["final_norm"]}, x)
+    return _dropout(x, c.dropout_rate, deterministic, rngs[2]), inter
+
+  def __call__(self, params, plan: Plan, encoder_input_ids, decoder_input_ids, *,
+               encoder_mask=None, decoder_mask=None, encoder_segment_ids=None,
+               decoder_segment_ids=None, deterministic=True, dropout_rng=None, collect=False):  # fmt: skip
+    """Teacher-forced logits (float32, BLV) and, with ``collect``, intermediates per stack."""
+    m, c = self._modules(), self.config
+    enc_rng, dec_rng = _split(dropout_rng, 2)
+    enc, enc_inter = self.encode(
+        params, plan, encoder_input_ids, input_mask_BS=encoder_mask,
+        segment_ids_BS=encoder_segment_ids, deterministic=deterministic, dropout_rng=enc_rng,
+        collect=collect,
+    )  # fmt: skip
+    length = decoder_input_ids.shape[1]
+    positions = jnp.arange(length)
+    self_bias = m["dec_relpos"].apply(
+      {"params": params["decoder"]["relpos_bias"]}, positions, positions
+    )
+    self_bias = self_bias + causal_bias(length)
+    if decoder_segment_ids is not None:
+      self_bias = self_bias + segment_bias(decoder_segment_ids, decoder_segment_ids)
+    elif decoder_mask is not None:
+      self_bias = self_bias + key_padding_bias(decoder_mask)
+    if encoder_segment_ids is not None and decoder_segment_ids is not None:
+      cross_bias = segment_bias(decoder_segment_ids, encoder_segment_ids)
+    else:
+      cross_bias = self._attention_mask(encoder_input_ids, encoder_mask, None, None)
+    rngs = _split(dec_rng, 3)
+    x = m["embed"].apply({"params": params["token_embedding"]}, decoder_input_ids)
+    x = _dropout(x, c.dropout_rate, deterministic, rngs[0])
+    x, dec_inter = run_stack(
+        params["decoder"], plan.decoder, self.block_spec(True), x, self_bias, enc, cross_bias,
+        deterministic=deterministic, dropout_rng=rngs[1], collect=collect,
+    )  # fmt: skip
+    x = m["norm"].apply({"params": params["decoder"]["final_norm"]}, x)
+    x = _dropout(x, c.dropout_rate, deterministic, rngs[2])
+    logits = self._logits(params, x)
+    return logits, ({"encoder": enc_inter, "decoder": dec_inter} if collect else None)
+
+  def _attention_mask(self, ids_BS, mask_BS, q_segments, k_segments):
+    if k_segments is not None:
+      return segment_bias(q_segments, k_segments)
+    if mask_BS is None:
+      mask_BS = ids_BS != self.config.pad_token_id
+    return key_padding_bias(mask_BS)
+
+  def _logits(self, params, x_BLD):
+    m, c = self._modules(), self.config
+    if c.scale_decoder_outputs:
+      x_BLD = x_BLD * (c.d_model**-0.5)
+    if c.tie_word_embeddings:
+      return m["embed"].apply({"params": params["token_embedding"]}, x_BLD, method="attend")
+    return m["lm_head"].apply({"params": params["lm_head"]}, x_BLD.astype(jnp.float32))
+
+  # ---- cached decoding ----------------------------------------------------------------------
+  def init_decode_state(self, params, plan: Plan, input_ids_BS, input_mask_BS, max_length: int):
+    """Runs the encoder once and precomputes cross-attention keys/values of every slot.
+
+    Returns a cache: ``self`` (per slot k/v of shape BTHK, updated in place as tokens are
+    generated; reordered by beam search) and ``static`` (cross k/v and the encoder mask).
+    """
+    c = self.config
+    enc, _ = self.encode(params, plan, input_ids_BS, input_mask_BS=input_mask_BS)
+    block, spec = Block(self.block_spec(True)), self.block_spec(True)
+    b, dt = input_ids_BS.shape[0], to_dtype(c.dtype)
+    zeros = jnp.zeros((b, max_length, spec.num_heads, spec.head_dim), dt)
+    cross = tuple(
+      block.apply({"params": slot_params(params["decoder"], slot)}, enc, method="cross_kv")
+      for slot in plan.decoder
+    )
+    if input_mask_BS is None:
+      input_mask_BS = input_ids_BS != c.pad_token_id
+    return {
+      "self": tuple({"k": zeros, "v": zeros} for _ in plan.decoder),
+      "static": {"cross": cross, "cross_bias": key_padding_bias(input_mask_BS)},
+    }
+
+  def start_decoding(self, params, plan: Plan, input_ids_BS, input_mask_BS, max_new_tokens: int):
+    """Encodes once and feeds the decoder start token.
+
+    Returns (cache, logits of the first new token BV, index of the next cache position).
+    """
+    cache = self.init_decode_state(params, plan, input_ids_BS, input_mask_BS, max_new_tokens)
+    start_B = jnp.full((input_ids_BS.shape[0],), self.config.decoder_start_token_id, jnp.int32)
+    logits, cache = self.decode_step(params, plan, cache, start_B, jnp.int32(0))
+    return cache, logits, jnp.int32(1)
+
+  def decode_step(self, params, plan: Plan, cache, token_ids_B, index):
+    """Logits (float32, BV) for the token at position ``index`` and the updated cache."""
+    m = self._modules()
+    spec = self.block_spec(True)
+    block = Block(spec)
+    max_length = cache["self"][0]["k"].shape[1]
+    keys = jnp.arange(max_length)
+    bias = m["dec_relpos"].apply({"params": params["decoder"]["relpos_bias"]}, index[None], keys)
+    bias = bias + jnp.where(keys <= index, 0.0, NEG_INF)[None, None, None, :]
+    x = m["embed"].apply({"params": params["token_embedding"]}, token_ids_B[:, None])
+    new_self = []
+    for slot, layer_cache, (ck, cv) in zip(plan.decoder, cache["self"], cache["static"]["cross"]):
+      x, updated = block.apply(
+          {"params": slot_params(params["decoder"], slot)}, x,
+          {**layer_cache, "cross_k": ck, "cross_v": cv}, index, bias,
+          cache["static"]["cross_bias"], method="decode_step",
+      )  # fmt: skip
+      new_self.append({"k": updated["k"], "v": updated["v"]})
+    x = m["norm"].apply({"params": params["decoder"]["final_norm"]}, x)
+    return self._logits(params, x)[:, 0], {"self": tuple(new_self), "static": cache["static"]}
+
+
+def _split(rng, n):
+  return (None,) * n if rng is None else tuple(jax.random.split(rng, n))
+
+
+def _dropout(x, rate, deterministic, rng):
+  if deterministic or rate == 0.0 or rng is None:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
