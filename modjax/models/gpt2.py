@@ -156,7 +156,7 @@ class GPT2:
     ok = static["key_mask"] & (keys <= index)[None, :]
     bias = jnp.where(ok, 0.0, NEG_INF)[:, None, None, :].astype(jnp.float32)
     new_self = []
-    for slot, layer_cache in zip(plan.decoder, cache["self"]):
+    for slot, layer_cache in zip(plan.decoder, cache["self"], strict=True):
       x, updated = block.apply(
         {"params": slot_params(params["decoder"], slot)},
         x,
