@@ -14,8 +14,10 @@ INSTALL_REQUIRES = [
   "safetensors==0.8.0",
   "sentencepiece==0.2.3",
   "tensorflow==2.21.0",
+  "tensorboard==2.21.0",
   "seqio==0.0.20",
   "tensorflow-datasets==4.9.10",
+  "importlib_resources==7.1.0",  # tfds needs it to prepare datasets
   "sacrebleu==2.6.0",
   "rouge-score==0.1.2",
   "ml_collections==1.1.0",

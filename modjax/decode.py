@@ -93,16 +93,19 @@ def _greedy(model, params, plan, input_ids, input_mask, max_new, eos_id, pad_id)
   _, _, _, _, tokens, score = jax.lax.while_loop(
     cond, body, (jnp.int32(1), cache, tok, done, tokens, score)
   )
-  return DecodeResult(tokens, _lengths(tokens, eos_id, pad_id), score)
+  return DecodeResult(tokens, _lengths(tokens, eos_id), score)
 
 
-def _lengths(tokens, eos_id, pad_id):
-  """Generated length: up to and including the first EOS, else all non-pad tokens."""
+def _lengths(tokens, eos_id):
+  """Generated length: up to and including the first EOS, else all ``max_new_tokens``.
+
+  A row without EOS always ran to the limit (greedy stops early only once every row has emitted
+  EOS; a beam hypothesis finishes only on EOS or at the limit). Counting non-pad tokens instead
+  would undercount rows that generate the pad token as an ordinary token.
+  """
   is_eos = tokens == eos_id
   first_eos = jnp.argmax(is_eos, axis=1)
-  return jnp.where(is_eos.any(1), first_eos + 1, jnp.sum(tokens != pad_id, axis=1)).astype(
-    jnp.int32
-  )
+  return jnp.where(is_eos.any(1), first_eos + 1, tokens.shape[1]).astype(jnp.int32)
 
 
 def _gather(x, idx):
@@ -179,4 +182,4 @@ def _beam(
 
   _, state, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), state, cache, tok, src))
   tokens = state["fin_seq"][:, 0]
-  return DecodeResult(tokens, _lengths(tokens, eos_id, pad_id), state["fin_score"][:, 0])
+  return DecodeResult(tokens, _lengths(tokens, eos_id), state["fin_score"][:, 0])

@@ -9,9 +9,11 @@ are accepted when equal to the tensor they are tied to.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable
 
 import jax
@@ -251,6 +253,7 @@ def import_checkpoint(directory: str, param_dtype: str = "float32", dtype: str =
   tensors = _read_tensors(directory)
   used, params = set(), {}
   np_dtype = np.dtype("float32") if param_dtype == "float32" else None
+  parts = collections.Counter(e.hf_name.partition("#")[0] for e in entries)
   for e in entries:
     value, base = _hf_tensor(tensors, e.hf_name)
     if value is None:
@@ -258,13 +261,17 @@ def import_checkpoint(directory: str, param_dtype: str = "float32", dtype: str =
         f"tensor {base!r} is missing from {directory}; the checkpoint does not match config.json"
       )
     used.add(base)
-    bank_value = e.to_bank(value.astype(np.float32))
     expected = _expected_shape(config, e.path)
-    if expected is not None and tuple(bank_value.shape) != expected:
+    # Check the HF tensor's own shape, not only the converted one: a reshape can fail (a raw
+    # numpy error) or succeed on a wrong shape with the right size, and slicing a fused tensor
+    # (GPT-2 c_attn) can silently drop extra columns.
+    hf_shape = None if expected is None else _hf_shape(e, expected, parts[base])
+    if hf_shape is not None and tuple(value.shape) != hf_shape:
       raise HFInteropError(
         f"tensor {base!r} has shape {tuple(value.shape)}, which does not fit config.json "
-        f"(expected {expected} as {'/'.join(e.path)})"
+        f"(expected {hf_shape} for {'/'.join(e.path)})"
       )
+    bank_value = e.to_bank(value.astype(np.float32))
     node = params
     for key in e.path[:-1]:
       node = node.setdefault(key, {})
@@ -282,6 +289,12 @@ def import_checkpoint(directory: str, param_dtype: str = "float32", dtype: str =
         f"tensor {name!r} should be tied to {twin!r} but differs; the checkpoint is inconsistent"
       )
   return config, params
+
+
+def _hf_shape(entry, bank_shape, num_parts):
+  """Shape of the HF tensor behind ``entry`` (all ``num_parts`` pieces of a fused tensor)."""
+  part = entry.to_hf(np.broadcast_to(np.zeros((), np.int8), bank_shape)).shape  # 1 byte/value
+  return (*part[:-1], part[-1] * num_parts)
 
 
 def _np_dtype(name):
@@ -334,9 +347,18 @@ def export_checkpoint(config, params, directory: str, *, max_shard_bytes: int | 
     k: (np.concatenate(v, axis=-1) if isinstance(v, list) else v) for k, v in tensors.items()
   }
   os.makedirs(directory, exist_ok=True)
+  _remove_weight_files(directory)
   _write_config(config, directory)
   _write_tensors(tensors, directory, max_shard_bytes)
   return directory
+
+
+def _remove_weight_files(directory):
+  """Deletes safetensors weights of an earlier export (on overwrite): a stale index or shard
+  would otherwise be read instead of, or mixed with, the new weights."""
+  for name in os.listdir(directory):
+    if name in (SAFETENSORS, INDEX) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name):
+      os.remove(os.path.join(directory, name))
 
 
 def _write_config(config, directory):

@@ -226,7 +226,9 @@ class T5:
     bias = bias + jnp.where(keys <= index, 0.0, NEG_INF)[None, None, None, :]
     x = m["embed"].apply({"params": params["token_embedding"]}, token_ids_B[:, None])
     new_self = []
-    for slot, layer_cache, (ck, cv) in zip(plan.decoder, cache["self"], cache["static"]["cross"], strict=True):
+    for slot, layer_cache, (ck, cv) in zip(
+      plan.decoder, cache["self"], cache["static"]["cross"], strict=True
+    ):
       x, updated = block.apply(
           {"params": slot_params(params["decoder"], slot)}, x,
           {**layer_cache, "cross_k": ck, "cross_v": cv}, index, bias,

@@ -1,0 +1,80 @@
+"""Shared command-line plumbing: ``--config configs/x.py:arg --config.key=value`` parsing and
+one-line errors with a non-zero exit for every known kind of bad input."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from modjax.checkpoint import CheckpointError
+from modjax.data import DataError
+from modjax.interop.hf import HFInteropError
+from modjax.model_config import ModelConfigError
+from modjax.plan import PlanError
+from modjax.sharding import MeshError
+from modjax.train.experiment import ConfigError
+from modjax.train.optim import OptimizerConfigError
+
+USER_ERRORS = (
+    ConfigError, DataError, CheckpointError, HFInteropError, ModelConfigError, PlanError,
+    MeshError, OptimizerConfigError,
+)  # fmt: skip
+EXIT_BAD_INPUT = 2
+
+
+def define_config_flag() -> None:
+  config_flags.DEFINE_config_file(
+    "config", None, "A configs/*.py file, optionally with :arg.", lock_config=True
+  )
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = " ".join(str(e).split())
+    print(
+      f"error: {message} (see --helpfull for the flags and the config file's keys)", file=sys.stderr
+    )
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def configure_logging() -> None:
+  """modjax's progress at INFO on stderr; libraries (Orbax, TF) only at WARNING and above."""
+  from absl import logging as absl_logging
+
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logger = logging.getLogger("modjax")
+  if not logger.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+
+
+def run(main) -> None:
+  """absl's app.run with one-line errors; ``main(config)`` gets the parsed, locked config."""
+
+  def wrapped(argv):
+    if len(argv) > 1:
+      print(
+        f"error: unexpected arguments {argv[1:]}; settings go in --config.key=value",
+        file=sys.stderr,
+      )
+      sys.exit(EXIT_BAD_INPUT)
+    config = flags.FLAGS.config
+    if config is None:
+      print("error: --config is required, e.g. --config configs/tiny.py", file=sys.stderr)
+      sys.exit(EXIT_BAD_INPUT)
+    configure_logging()
+    try:
+      main(config)
+    except USER_ERRORS as e:
+      print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+      sys.exit(EXIT_BAD_INPUT)
+
+  app.run(wrapped, flags_parser=_parse_flags)

@@ -1,0 +1,90 @@
+"""The full set of run settings with defaults. Every ``configs/*.py`` starts from
+:func:`base_config` and changes values; the result is locked, so a misspelt key is an error."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.workdir = ""  # checkpoints, summaries, vocabulary, metrics; local path or gs:// URL
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"  # modjax.presets.PRESETS
+  c.model.init_from = ""  # a Hugging Face save_pretrained directory to fine-tune instead
+  c.model.param_dtype = "float32"
+  c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
+  c.model.dropout_rate = -1.0  # < 0: keep the preset's / checkpoint's
+
+  c.data = ml_collections.ConfigDict()
+  c.data.task = "embedded_lead"  # modjax.data.KNOWN_TASKS
+  c.data.train_files = ""  # jsonl/tsv tasks: path or glob
+  c.data.validation_files = ""
+  c.data.inputs_prefix = ""  # "" = the task's standard prefix
+  c.data.tfds_data_dir = ""
+  c.data.vocab_path = ""  # SentencePiece .model; "" = train one on the training texts
+  c.data.vocab_size = 1024  # size of that trained vocabulary
+  c.data.extra_ids = 100  # sentinels appended to a given vocab_path (T5: 100)
+  c.data.expected_vocab_size = 0  # > 0: check the loaded vocabulary has this size (T5: 32100)
+  c.data.inputs_length = 128
+  c.data.targets_length = 32
+  c.data.pack = False
+  c.data.shuffle = True
+  c.data.seed = 0
+  c.data.host_split = "rows"  # "rows": same stream, each host keeps its rows; "source": shards
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32  # global
+  c.train.num_steps = 300
+  c.train.num_microbatches = 1
+  c.train.seed = 0
+  c.train.log_every = 10
+  c.train.label_smoothing = 0.0
+  c.train.z_loss = 0.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adafactor"  # adafactor | adamw
+  c.optimizer.learning_rate = 0.01
+  c.optimizer.schedule = "rsqrt"  # constant | rsqrt | cosine | linear
+  c.optimizer.warmup_steps = 100
+  c.optimizer.grad_clip = 1.0  # global-norm clipping; 0 = off
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.adafactor_decay_rate = 0.8
+  c.optimizer.adafactor_parameter_scale = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.expert = 1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 100
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.max_examples = 200  # 0 = the whole split
+  c.eval.batch_size = 32
+  c.eval.num_beams = 1
+  c.eval.max_new_tokens = 32
+  c.eval.metrics = "rouge"  # comma-separated: rouge, bleu
+  c.eval.bleu_tokenize = "13a"
+
+  c.multihost = ml_collections.ConfigDict()
+  c.multihost.initialize = False  # call jax.distributed.initialize()
+  c.multihost.coordinator_address = ""  # only for local multi-process runs; pods need none
+  c.multihost.num_processes = 0
+  c.multihost.process_id = -1
+  return c
+
+
+def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.lock()
+  return c

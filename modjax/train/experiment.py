@@ -1,0 +1,258 @@
+"""Builds what a run needs from its config: vocabulary, task, model, mesh. Shared by
+``modjax.train`` and ``modjax.evaluate`` so both see exactly the same setup."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+
+import jax
+from etils import epath
+
+from modjax import data as data_lib
+from modjax import sharding
+from modjax.data import pipeline, tasks, vocab
+from modjax.interop import hf
+from modjax.model_config import GPT2Config, T5Config
+from modjax.models import architecture_for
+from modjax.presets import get_preset
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and the fix."""
+
+
+def maybe_initialize_distributed(cfg) -> None:
+  """``jax.distributed.initialize()`` for multi-host runs (TPU pods need no arguments)."""
+  mh = cfg.multihost
+  if not mh.initialize:
+    return
+  if jax.default_backend() == "cpu" or mh.coordinator_address:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if mh.coordinator_address:
+    kwargs = dict(coordinator_address=mh.coordinator_address, num_processes=mh.num_processes,
+                  process_id=mh.process_id)  # fmt: skip
+  jax.distributed.initialize(**kwargs)
+
+
+def workdir(cfg) -> epath.Path:
+  if not cfg.workdir:
+    raise ConfigError("config.workdir is empty; pass --config.workdir=/path/or/gs://bucket/run")
+  return epath.Path(cfg.workdir)
+
+
+def build_vocabulary(cfg):
+  """The configured SentencePiece model, or one trained (once, by process 0) into the workdir."""
+  d = cfg.data
+  if d.vocab_path:
+    return vocab.load_vocabulary(
+      d.vocab_path, extra_ids=d.extra_ids, expected_size=d.expected_vocab_size or None
+    )
+  path = workdir(cfg) / "vocab" / "spm.model"
+  if jax.process_index() == 0 and not path.exists():
+    texts = training_texts(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log.info(
+      "training a %d-piece SentencePiece vocabulary on %d texts -> %s",
+      d.vocab_size,
+      len(texts),
+      path,
+    )
+    vocab.train_sentencepiece(texts, os.fspath(path)[: -len(".model")], d.vocab_size)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("vocabulary")
+  return vocab.load_vocabulary(os.fspath(path), extra_ids=0)
+
+
+def training_texts(cfg) -> list[str]:
+  d = cfg.data
+  if d.task == "embedded_lead":
+    return tasks.embedded_corpus_texts()
+  if d.task in ("jsonl", "tsv"):
+    make_source = data_lib.jsonl_source if d.task == "jsonl" else data_lib.tsv_source
+    source = make_source(file_spec(cfg))
+    texts = []
+    for inputs, targets in source.examples(d.train_split):
+      texts += [inputs, targets]
+    return texts
+  raise ConfigError(
+    f"data.vocab_path is empty and task {d.task!r} has no local text to train a vocabulary on; "
+    "set --config.data.vocab_path to a SentencePiece .model (T5's for real runs)"
+  )
+
+
+def file_spec(cfg):
+  d = cfg.data
+  spec = {}
+  if d.train_files:
+    spec[d.train_split] = d.train_files
+  if d.validation_files:
+    spec[d.eval_split] = d.validation_files
+  if d.task in ("jsonl", "tsv") and not spec:
+    raise ConfigError(
+      f"task {d.task!r} needs files: set --config.data.train_files (and validation_files)"
+    )
+  return spec or None
+
+
+def build_task(cfg, vocabulary):
+  d = cfg.data
+  return tasks.get_task(
+      d.task, vocabulary, files=file_spec(cfg), inputs_prefix=d.inputs_prefix or None,
+      tfds_data_dir=d.tfds_data_dir or None,
+  )  # fmt: skip
+
+
+def model_config(cfg, vocab_size: int) -> T5Config | GPT2Config:
+  """The model's config: an HF checkpoint's, or a preset resized to the vocabulary."""
+  m = cfg.model
+  dtypes = dict(param_dtype=m.param_dtype, dtype=m.dtype)
+  if m.init_from:
+    config = hf.read_config(m.init_from, **dtypes)
+  else:
+    config = dataclasses.replace(
+      get_preset(m.preset), vocab_size=_round_up(vocab_size, 128), **dtypes
+    )
+  if m.dropout_rate >= 0 and isinstance(config, T5Config):
+    config = dataclasses.replace(config, dropout_rate=m.dropout_rate)
+  if config.vocab_size < vocab_size:
+    raise ConfigError(
+      f"the model's vocabulary ({config.vocab_size}) is smaller than the data's ({vocab_size}); "
+      "use the checkpoint's own SentencePiece model (data.vocab_path)"
+    )
+  return config
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def build_model(cfg, vocab_size: int):
+  """(architecture, initial numpy params or None) — params are set when starting from HF."""
+  config = model_config(cfg, vocab_size)
+  params = None
+  if cfg.model.init_from:
+    _, params = hf.import_checkpoint(cfg.model.init_from, cfg.model.param_dtype, cfg.model.dtype)
+  return architecture_for(config), params
+
+
+def build_mesh(cfg):
+  return sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.expert)
+
+
+def model_type(model) -> str:
+  return "encdec" if isinstance(model.config, T5Config) else "lm"
+
+
+def feature_lengths(cfg, model) -> dict:
+  if model_type(model) == "lm":
+    return {"targets": cfg.data.targets_length}
+  return {"inputs": cfg.data.inputs_length, "targets": cfg.data.targets_length}
+
+
+def train_batches(cfg, model, task, start_batch: int):
+  """This process's training batches, resumable from ``start_batch``.
+
+  ``data.host_split='rows'``: every process reads the same global batch and keeps its rows
+  (results identical to one process); ``'source'``: each reads a disjoint shard of the source
+  (no duplicated reading; use for large TFDS tasks on pods).
+  """
+  d = cfg.data
+  by_source = d.host_split == "source" and jax.process_count() > 1
+  return pipeline.make_batches(
+      task, d.train_split, feature_lengths=feature_lengths(cfg, model), batch_size=cfg.train.batch_size,
+      pack=d.pack, seed=d.seed, shuffle=d.shuffle, num_epochs=None, start_batch=start_batch,
+      process_index=jax.process_index() if by_source else 0,
+      process_count=jax.process_count() if by_source else 1, model_type=model_type(model),
+  )  # fmt: skip
+
+
+def validate_config(cfg) -> None:
+  """Rejects values that cannot work, before anything is created or overwritten."""
+  from modjax.data import KNOWN_TASKS
+  from modjax.model_config import _DTYPES
+  from modjax.presets import PRESETS
+  from modjax.train.optim import OPTIMIZERS, SCHEDULES
+
+  def need(ok: bool, key: str, value, fix: str):
+    if not ok:
+      raise ConfigError(f"config.{key}={value!r} is invalid: {fix}")
+
+  t, d, m, o, c = cfg.train, cfg.data, cfg.model, cfg.optimizer, cfg.checkpoint
+  workdir(cfg)
+  need(
+    m.preset in PRESETS or bool(m.init_from),
+    "model.preset",
+    m.preset,
+    f"choose one of {sorted(PRESETS)}",
+  )
+  need(
+    not m.init_from or os.path.isdir(m.init_from),
+    "model.init_from",
+    m.init_from,
+    "give an existing save_pretrained directory",
+  )
+  for key in ("param_dtype", "dtype"):
+    need(m[key] in _DTYPES, f"model.{key}", m[key], f"choose one of {sorted(_DTYPES)}")
+  need(d.task in KNOWN_TASKS, "data.task", d.task, f"choose one of {sorted(KNOWN_TASKS)}")
+  need(
+    d.host_split in ("rows", "source"), "data.host_split", d.host_split, "use 'rows' or 'source'"
+  )
+  need(d.inputs_length > 0, "data.inputs_length", d.inputs_length, "use a positive length")
+  need(d.targets_length > 0, "data.targets_length", d.targets_length, "use a positive length")
+  need(d.vocab_size >= 16, "data.vocab_size", d.vocab_size, "use at least 16 pieces")
+  need(t.batch_size > 0, "train.batch_size", t.batch_size, "use a positive global batch size")
+  need(t.num_steps > 0, "train.num_steps", t.num_steps, "use a positive number of steps")
+  need(t.num_microbatches > 0, "train.num_microbatches", t.num_microbatches, "use 1 or more")
+  need(t.batch_size % t.num_microbatches == 0, "train.num_microbatches", t.num_microbatches,
+       f"it must divide train.batch_size={t.batch_size}")  # fmt: skip
+  need(t.log_every > 0, "train.log_every", t.log_every, "use a positive interval")
+  need(
+    0.0 <= t.label_smoothing < 1.0,
+    "train.label_smoothing",
+    t.label_smoothing,
+    "use a value in [0, 1)",
+  )
+  need(o.name in OPTIMIZERS, "optimizer.name", o.name, f"choose one of {OPTIMIZERS}")
+  need(o.schedule in SCHEDULES, "optimizer.schedule", o.schedule, f"choose one of {SCHEDULES}")
+  need(
+    o.learning_rate > 0 and math.isfinite(o.learning_rate),
+    "optimizer.learning_rate",
+    o.learning_rate,
+    "use a positive number",
+  )
+  need(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "use 0 (off) or a positive norm")
+  need(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "use a positive interval")
+  need(c.keep >= 1, "checkpoint.keep", c.keep, "keep at least 1 checkpoint")
+  need(cfg.eval.batch_size > 0, "eval.batch_size", cfg.eval.batch_size, "use a positive batch size")
+  need(cfg.eval.num_beams > 0, "eval.num_beams", cfg.eval.num_beams, "use 1 (greedy) or more")
+  need(
+    cfg.eval.max_new_tokens > 0,
+    "eval.max_new_tokens",
+    cfg.eval.max_new_tokens,
+    "use a positive number",
+  )
+  for name in filter(None, cfg.eval.metrics.split(",")):
+    need(
+      name.strip() in ("rouge", "bleu"), "eval.metrics", cfg.eval.metrics, "use rouge and/or bleu"
+    )
+  for key in ("train_files", "validation_files"):
+    pattern = d[key]
+    if pattern and not pattern.startswith("gs://"):
+      import glob
+
+      need(bool(glob.glob(pattern)), f"data.{key}", pattern, "no file matches; check the path")
+  if d.vocab_path and not d.vocab_path.startswith("gs://"):
+    need(
+      os.path.isfile(d.vocab_path),
+      "data.vocab_path",
+      d.vocab_path,
+      "no such file; give a SentencePiece .model",
+    )
