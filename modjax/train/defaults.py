@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.expert = 1
+  c.mesh.num_devices = 0  # 0: every device; N: the first N (e.g. compare 1 vs 8 devices)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100

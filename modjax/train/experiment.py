@@ -144,7 +144,16 @@ def build_model(cfg, vocab_size: int):
 
 
 def build_mesh(cfg):
-  return sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.expert)
+  devices = jax.devices()
+  n = cfg.mesh.num_devices
+  if n < 0 or n > len(devices):
+    raise ConfigError(
+      f"config.mesh.num_devices={n} is invalid: {len(devices)} devices exist; use 0 (all) up to {len(devices)}"
+    )
+  m = cfg.mesh
+  return sharding.make_mesh(
+    m.data, m.fsdp, m.tensor, m.expert, devices=devices[:n] if n else devices
+  )
 
 
 def model_type(model) -> str:

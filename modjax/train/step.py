@@ -57,7 +57,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
       def accumulate(carry, inputs):
         index, micro = inputs
-        (loss, weight), grad = grad_fn(state.params, frozen, micro, jax.random.fold_in(step_rng, index))
+        (loss, weight), grad = grad_fn(
+          state.params, frozen, micro, jax.random.fold_in(step_rng, index)
+        )
         loss_acc, weight_acc, grad_acc = carry
         return (loss_acc + loss, weight_acc + weight, jax.tree.map(jnp.add, grad_acc, grad)), None
 
