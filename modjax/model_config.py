@@ -12,7 +12,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _T5_FFN = ("relu", "gated-gelu", "gated-relu", "gelu")
 
 
@@ -21,9 +21,9 @@ class ModelConfigError(ValueError):
 
 
 def to_dtype(name: str):
-  if name not in _DTYPES:
-    raise ModelConfigError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
-  return _DTYPES[name]
+  if name not in DTYPES:
+    raise ModelConfigError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+  return DTYPES[name]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,7 @@ layer norms) and ``decoder/final_norm``. Plans have decoder slots only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +72,10 @@ class GPT2:
       },
     }
 
+  @functools.partial(jax.jit, static_argnums=0)
   def init(self, rng):
-    return jax.jit(lambda r: split_boxed(self._init_boxed(r))[0])(rng)
+    """Fresh parameters (GPT-2's initialisation), a plain pytree of arrays."""
+    return split_boxed(self._init_boxed(rng))[0]
 
   def param_axes(self):
     return split_boxed(jax.eval_shape(self._init_boxed, jax.random.key(0)))[1]

@@ -103,9 +103,10 @@ class T5:
       params["lm_head"] = m["lm_head"].init(next(keys), x)["params"]
     return params
 
+  @functools.partial(jax.jit, static_argnums=0)
   def init(self, rng):
     """Fresh parameters (T5's initialisation scales), a plain pytree of arrays."""
-    return jax.jit(lambda r: split_boxed(self._init_boxed(r))[0])(rng)
+    return split_boxed(self._init_boxed(rng))[0]
 
   def param_axes(self):
     """Logical-axis PartitionSpecs of every parameter, same tree as :meth:`init`."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import math
 import os
@@ -15,9 +16,11 @@ from modjax import data as data_lib
 from modjax import sharding
 from modjax.data import pipeline, tasks, vocab
 from modjax.interop import hf
-from modjax.model_config import GPT2Config, T5Config
+from modjax.data import KNOWN_TASKS
+from modjax.model_config import DTYPES, GPT2Config, T5Config
 from modjax.models import architecture_for
-from modjax.presets import get_preset
+from modjax.presets import PRESETS, get_preset
+from modjax.train.optim import OPTIMIZERS, SCHEDULES
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +188,6 @@ def train_batches(cfg, model, task, start_batch: int):
 
 def validate_config(cfg) -> None:
   """Rejects values that cannot work, before anything is created or overwritten."""
-  from modjax.data import KNOWN_TASKS
-  from modjax.model_config import _DTYPES
-  from modjax.presets import PRESETS
-  from modjax.train.optim import OPTIMIZERS, SCHEDULES
 
   def need(ok: bool, key: str, value, fix: str):
     if not ok:
@@ -209,7 +208,7 @@ def validate_config(cfg) -> None:
     "give an existing save_pretrained directory",
   )
   for key in ("param_dtype", "dtype"):
-    need(m[key] in _DTYPES, f"model.{key}", m[key], f"choose one of {sorted(_DTYPES)}")
+    need(m[key] in DTYPES, f"model.{key}", m[key], f"choose one of {sorted(DTYPES)}")
   need(d.task in KNOWN_TASKS, "data.task", d.task, f"choose one of {sorted(KNOWN_TASKS)}")
   need(
     d.host_split in ("rows", "source"), "data.host_split", d.host_split, "use 'rows' or 'source'"
@@ -255,8 +254,6 @@ def validate_config(cfg) -> None:
   for key in ("train_files", "validation_files"):
     pattern = d[key]
     if pattern and not pattern.startswith("gs://"):
-      import glob
-
       need(bool(glob.glob(pattern)), f"data.{key}", pattern, "no file matches; check the path")
   if d.vocab_path and not d.vocab_path.startswith("gs://"):
     need(

@@ -1,0 +1,40 @@
+"""The CPU teacher: a small T5 trained from scratch on DDTP-summ (package description ->
+one-line synopsis), the headline-style summarisation corpus in ../shared/data/ddtp-summ.
+The compression issue distils this teacher. The arg is the corpus folder.
+
+  python -m modjax.train --config configs/ddtp_summ.py:../shared/data/ddtp-summ \\
+      --config.workdir=runs/ddtp_summ
+  python -m modjax.evaluate --config configs/ddtp_summ.py:../shared/data/ddtp-summ \\
+      --config.workdir=runs/ddtp_summ --config.eval.max_examples=0
+"""
+
+import os
+
+from modjax.train.defaults import base_config, lock
+
+
+def get_config(arg: str = "../shared/data/ddtp-summ"):
+  data_dir = arg or "../shared/data/ddtp-summ"
+  c = base_config()
+  c.model.preset = "small-cpu"
+  c.data.task = "jsonl"
+  c.data.train_files = os.path.join(data_dir, "train.jsonl.gz")
+  c.data.validation_files = os.path.join(data_dir, "validation.jsonl.gz")
+  c.data.inputs_prefix = "summarize: "
+  c.data.vocab_size = 8000  # trained on the training split into workdir/vocab
+  c.data.inputs_length = 128
+  c.data.targets_length = 24
+  c.train.batch_size = 32
+  c.train.num_steps = 600
+  c.train.log_every = 25
+  c.optimizer.name = "adamw"
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.schedule = "cosine"
+  c.optimizer.warmup_steps = 100
+  c.optimizer.weight_decay = 0.01
+  c.checkpoint.every_steps = 100
+  c.eval.batch_size = 64
+  c.eval.max_examples = 0  # the whole validation split (2,686)
+  c.eval.max_new_tokens = 24
+  c.eval.metrics = "rouge"
+  return lock(c)
