@@ -5,7 +5,12 @@ We hide every GPU from TensorFlow with `tf.config.set_visible_devices([], "GPU")
 layer is imported before JAX initialises its backend would hide the GPUs from training too.
 """
 
-import tensorflow as tf
+import os
+
+# TF's C++ start-up chatter (oneDNN, CUDA probing) is noise for a data pipeline; errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
 
 
 def _hide_gpus_from_tensorflow() -> None:

@@ -14,9 +14,8 @@ from etils import epath
 
 from modjax import data as data_lib
 from modjax import sharding
-from modjax.data import pipeline, tasks, vocab
+from modjax.data import KNOWN_TASKS, pipeline, tasks, vocab
 from modjax.interop import hf
-from modjax.data import KNOWN_TASKS
 from modjax.model_config import DTYPES, GPT2Config, T5Config
 from modjax.models import architecture_for
 from modjax.presets import PRESETS, get_preset
