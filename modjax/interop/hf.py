@@ -242,7 +242,8 @@ def _entries(config):
 
 
 def _hf_tensor(tensors, name):
-  base, _, part = name.partition("#")
+  """The stored tensor behind an entry (``name#i`` is piece i of a fused tensor) and its name."""
+  base = name.partition("#")[0]
   return tensors.get(base), base
 
 
@@ -252,7 +253,6 @@ def import_checkpoint(directory: str, param_dtype: str = "float32", dtype: str =
   entries, optional = _entries(config)
   tensors = _read_tensors(directory)
   used, params = set(), {}
-  np_dtype = np.dtype("float32") if param_dtype == "float32" else None
   parts = collections.Counter(e.hf_name.partition("#")[0] for e in entries)
   for e in entries:
     value, base = _hf_tensor(tensors, e.hf_name)
@@ -275,9 +275,7 @@ def import_checkpoint(directory: str, param_dtype: str = "float32", dtype: str =
     node = params
     for key in e.path[:-1]:
       node = node.setdefault(key, {})
-    node[e.path[-1]] = (
-      bank_value if np_dtype is not None else bank_value.astype(_np_dtype(param_dtype))
-    )
+    node[e.path[-1]] = bank_value.astype(_np_dtype(param_dtype))
   for name in sorted(set(tensors) - used):
     if name not in optional:
       raise HFInteropError(

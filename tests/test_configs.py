@@ -1,0 +1,57 @@
+"""Every config file builds, is locked, validates, and documents its run command."""
+
+import importlib.util
+import os
+import pathlib
+
+import pytest
+
+from modjax.train.experiment import ConfigError, validate_config
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+DDTP = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "ddtp-summ"
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _finetune_args():
+  module = _load("t5_finetune")
+  return [f"{task},{size}" for task in module.TASKS for size in module.SIZES]
+
+
+CASES = [("tiny", "")] + [("t5_finetune", a) for a in _finetune_args()]
+
+
+@pytest.mark.parametrize("name,arg", CASES)
+def test_config_builds_locked_and_valid(name, arg, tmp_path):
+  module = _load(name)
+  assert "python -m modjax.train --config configs/" in module.__doc__
+  cfg = module.get_config(arg)
+  with pytest.raises(AttributeError):
+    cfg.train.no_such_key = 1  # locked: unknown keys are errors
+  cfg.workdir = str(tmp_path)
+  validate_config(cfg)
+
+
+@pytest.mark.skipif(not DDTP.is_dir(), reason="the ddtp-summ corpus is not beside this checkout")
+def test_ddtp_config_points_at_the_corpus(tmp_path):
+  cfg = _load("ddtp_summ").get_config(str(DDTP))
+  cfg.workdir = str(tmp_path)
+  validate_config(cfg)
+  assert os.path.isfile(cfg.data.train_files)
+
+
+def test_finetune_config_rejects_unknown_task():
+  with pytest.raises(ValueError, match="unknown task"):
+    _load("t5_finetune").get_config("imagenet,t5-small")
+
+
+def test_empty_workdir_is_an_error():
+  cfg = _load("tiny").get_config("")
+  with pytest.raises(ConfigError, match="workdir"):
+    validate_config(cfg)
