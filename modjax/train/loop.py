@@ -67,13 +67,14 @@ def train(cfg, *, loss_fn: Callable | None = None, init_params=None, frozen=None
   frozen = {} if frozen is None else frozen
 
   axes = model.param_axes()
-  param_shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-  if init_params is not None:
-    param_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), init_params)
-    axes = _subtree_like(axes, init_params)
-  param_shardings = sharding.shardings_for(axes, param_shapes, mesh)
+  if init_params is None:
+    param_shardings = sharding.shardings_for(
+      axes, jax.eval_shape(model.init, jax.random.key(0)), mesh
+    )
+  else:
+    param_shardings = _bank_shardings(axes, init_params, mesh)
   state, state_shardings = _initial_state(cfg, model, optimizer, init_params, param_shardings, mesh)
-  frozen_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), frozen)
+  frozen_shardings = _bank_shardings(axes, frozen, mesh)
   frozen = jax.device_put(frozen, frozen_shardings)
 
   ckpt = checkpoint.Checkpointer(
@@ -131,11 +132,22 @@ def _as_dict(state: TrainState) -> dict:
   return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
 
-def _subtree_like(axes, params):
-  """The logical axes of the parameters that ``params`` holds (a bank may hold a subset)."""
-  if isinstance(params, dict):
-    return {k: _subtree_like(axes[k], v) for k, v in params.items()}
-  return axes
+def _bank_shardings(axes, params, mesh):
+  """Shardings of a (partial) bank by the model's logical axes. Entries the model does not
+  define (e.g. added by a method) are replicated."""
+
+  def walk(node_axes, node):
+    if isinstance(node, dict):
+      return {
+        k: walk(node_axes.get(k) if isinstance(node_axes, dict) else None, v)
+        for k, v in node.items()
+      }
+    if isinstance(node_axes, jax.sharding.PartitionSpec) and len(node_axes) == np.ndim(node):
+      spec = sharding.logical_to_mesh_spec(node_axes, np.shape(node), mesh)
+      return jax.sharding.NamedSharding(mesh, spec)
+    return sharding.replicated(mesh)
+
+  return walk(axes, params)
 
 
 def _initial_state(cfg, model, optimizer, init_params, param_shardings, mesh):
