@@ -12,7 +12,9 @@ so a checkpoint written on one mesh restores on another (other device count, oth
 
 User errors (abstract state whose tensors do not match the checkpoint, overwriting a checkpoint,
 non-JSON metadata) raise `CheckpointError`. A damaged latest training step (missing, truncated or
-garbled files, unreadable metadata) is not a user error: `Checkpointer.restore_latest` logs it,
+garbled files, unreadable metadata) is not a user error. Orbax does not checksum array data
+(incompressible float bytes are stored raw), so each training step's metadata also holds a
+checksum of every saved array, checked after the restore: `Checkpointer.restore_latest` logs it,
 renames the step directory to `<dir>/corrupt.<step>.<unix_time>` (nothing is deleted; Orbax no
 longer sees it as a step) and falls back to the previous step. A transient read error on remote
 storage is indistinguishable from damage: to reinstate a step that was moved aside by mistake,
@@ -36,6 +38,7 @@ from etils import epath
 _STATE_ITEM = "state"
 _METADATA_ITEM = "metadata"
 _QUARANTINE_PREFIX = "corrupt"
+_CHECKSUMS_KEY = "_modjax_array_checksums"  # in the metadata item; removed on restore
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +136,7 @@ class Checkpointer:
         f"metadata for step {step} in {self.directory} is not JSON serialisable ({e}); "
         "convert it to dicts, lists, str, int, float, bool or None."
       ) from e
+    metadata = {**metadata, _CHECKSUMS_KEY: array_checksums(state)}
     return self._manager.save(
       step,
       args=ocp.args.Composite(
@@ -161,6 +165,10 @@ class Checkpointer:
         self._quarantine(step, problem or "damaged on another process")
         continue
       state, metadata = restored
+      problem = _checksum_problem(state, metadata.pop(_CHECKSUMS_KEY, None))
+      if _any_process_failed(problem is not None):
+        self._quarantine(step, problem or "damaged on another process")
+        continue
       return step, state, metadata
     logger.warning("No readable checkpoint in %s; starting from scratch.", self.directory)
     return None
@@ -289,6 +297,56 @@ def restore_pytree(path: epath.PathLike, abstract_tree: Any = None) -> Any:
         f"cannot read the arrays of {path} ({_one_line(e)}); the files are damaged or "
         "incomplete: write it again."
       ) from e
+
+
+def array_checksums(tree: Any) -> dict[str, int]:
+  """{tensor name: uint32 checksum of its bytes} for every array leaf of `tree`.
+
+  The sum of each element's bits times an odd weight from its position, modulo 2**32: integer
+  sums do not depend on the reduction order, so every mesh and process count gives the same value.
+  """
+  leaves = _array_leaves(tree)
+  if not leaves:
+    return {}
+  sums = jax.device_get(_checksum_arrays(list(leaves.values())))
+  return {name: int(value) for name, value in zip(leaves, sums, strict=True)}
+
+
+@jax.jit
+def _checksum_arrays(arrays):
+  import jax.numpy as jnp
+
+  def bits(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
+      return x.astype(jnp.uint32)
+    unsigned = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
+    x = jax.lax.bitcast_convert_type(x, unsigned)
+    if x.dtype.itemsize == 8:
+      x = (x ^ (x >> 32)).astype(jnp.uint32)
+    return x.astype(jnp.uint32)
+
+  def checksum(x):
+    x = bits(x)
+    position = jnp.zeros(x.shape, jnp.uint32)
+    for axis in range(x.ndim):  # row-major linear index, without reshaping a sharded array
+      stride = np.uint32(int(np.prod(x.shape[axis + 1 :], dtype=np.int64)) % 2**32)
+      position = position + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * stride
+    return jnp.sum(x * (position * np.uint32(2) + np.uint32(1)), dtype=jnp.uint32)
+
+  return [checksum(x) for x in arrays]
+
+
+def _checksum_problem(state: Any, saved: dict | None) -> str | None:
+  """None if `state` matches the checksums saved with it (or none were saved)."""
+  if saved is None:  # written before checksums existed
+    return None
+  actual = array_checksums(state)
+  for name, value in actual.items():
+    if saved.get(name) != value:
+      return f"tensor '{name}' does not match the checksum saved with it (garbled data)"
+  return None
 
 
 def _tensor_name(key_path: tuple) -> str:

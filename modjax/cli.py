@@ -36,10 +36,20 @@ def _parse_flags(argv):
     return flags.FLAGS(argv)
   except flags.Error as e:
     message = " ".join(str(e).split())
-    print(
-      f"error: {message} (see --helpfull for the flags and the config file's keys)", file=sys.stderr
-    )
-    sys.exit(EXIT_BAD_INPUT)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a key that is not there
+    while isinstance(e, BaseException) and e.args:  # AttributeError(KeyError("'key'\nDid you..."))
+      e = e.args[0]
+    key, _, hint = str(e).partition("\n")
+    key = key.strip("'\"")
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    named = [a for a in overrides if key in a[len("--config.") :].split(".")] or overrides
+    message = f"unknown config key {key!r} in {', '.join(named)}" + (f"; {hint}" if hint else "")
+  except OSError as e:  # ml_collections: the --config file could not be loaded
+    message = " ".join(str(e).split())
+  print(
+    f"error: {message} (see --helpfull for the flags and the config file's keys)", file=sys.stderr
+  )
+  sys.exit(EXIT_BAD_INPUT)
 
 
 def configure_logging() -> None:

@@ -131,7 +131,7 @@ class GPT2:
     x = self._embed(params, prompt_ids_BP, positions)
     bias = causal_bias(p) + key_padding_bias(prompt_mask_BP)
     block = Block(self.block_spec())
-    pad = ((0, 0), (0, max_new_tokens), (0, 0), (0, 0))
+    pad = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0))  # BHTK: grow the T axis
     layers = []
     for slot in plan.decoder:
       x, k, v = block.apply(

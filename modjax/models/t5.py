@@ -187,14 +187,14 @@ class T5:
   def init_decode_state(self, params, plan: Plan, input_ids_BS, input_mask_BS, max_length: int):
     """Runs the encoder once and precomputes cross-attention keys/values of every slot.
 
-    Returns a cache: ``self`` (per slot k/v of shape BTHK, updated in place as tokens are
+    Returns a cache: ``self`` (per slot k/v of shape BHTK, updated in place as tokens are
     generated; reordered by beam search) and ``static`` (cross k/v and the encoder mask).
     """
     c = self.config
     enc, _ = self.encode(params, plan, input_ids_BS, input_mask_BS=input_mask_BS)
     block, spec = Block(self.block_spec(True)), self.block_spec(True)
     b, dt = input_ids_BS.shape[0], to_dtype(c.dtype)
-    zeros = jnp.zeros((b, max_length, spec.num_heads, spec.head_dim), dt)
+    zeros = jnp.zeros((b, spec.num_heads, max_length, spec.head_dim), dt)
     cross = tuple(
       block.apply({"params": slot_params(params["decoder"], slot)}, enc, method="cross_kv")
       for slot in plan.decoder
@@ -221,7 +221,7 @@ class T5:
     m = self._modules()
     spec = self.block_spec(True)
     block = Block(spec)
-    max_length = cache["self"][0]["k"].shape[1]
+    max_length = cache["self"][0]["k"].shape[2]
     keys = jnp.arange(max_length)
     bias = m["dec_relpos"].apply({"params": params["decoder"]["relpos_bias"]}, index[None], keys)
     bias = bias + jnp.where(keys <= index, 0.0, NEG_INF)[None, None, None, :]

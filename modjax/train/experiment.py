@@ -33,8 +33,9 @@ def maybe_initialize_distributed(cfg) -> None:
   mh = cfg.multihost
   if not mh.initialize:
     return
-  if jax.default_backend() == "cpu" or mh.coordinator_address:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Gloo for CPU collectives; set unconditionally, since asking for the backend here would
+  # initialise it before jax.distributed.initialize() (the setting only affects CPU devices).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {}
   if mh.coordinator_address:
     kwargs = dict(coordinator_address=mh.coordinator_address, num_processes=mh.num_processes,
