@@ -71,9 +71,9 @@ def _greedy(model, params, plan, input_ids, input_mask, max_new, eos_id, pad_id)
   cache, logits, index = model.start_decoding(params, plan, input_ids, input_mask, max_new)
 
   def pick(logits, done, tokens, score, t):
-    logp = jax.nn.log_softmax(logits)
-    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    score = score + jnp.where(done, 0.0, jnp.take_along_axis(logp, tok[:, None], 1)[:, 0])
+    tok = _argmax(logits)
+    logp = jnp.take_along_axis(logits, tok[:, None], 1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+    score = score + jnp.where(done, 0.0, logp)
     tok = jnp.where(done, pad_id, tok)
     return tok, done | (tok == eos_id), tokens.at[:, t].set(tok), score
 
@@ -94,6 +94,15 @@ def _greedy(model, params, plan, input_ids, input_mask, max_new, eos_id, pad_id)
     cond, body, (jnp.int32(1), cache, tok, done, tokens, score)
   )
   return DecodeResult(tokens, _lengths(tokens, eos_id), score)
+
+
+def _argmax(logits_BV):
+  """First index of the maximum, as ``jnp.argmax``; XLA:CPU runs max + where about 4x faster
+  than its variadic argmax reduction, which matters once per generated token."""
+  vocab = logits_BV.shape[-1]
+  is_max = logits_BV == jnp.max(logits_BV, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(is_max, jnp.arange(vocab), vocab), axis=-1)
+  return jnp.minimum(first, vocab - 1).astype(jnp.int32)  # an all-NaN row gives no maximum
 
 
 def _lengths(tokens, eos_id):

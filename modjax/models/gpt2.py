@@ -20,6 +20,7 @@ from modjax.layers import (
   Embed,
   Norm,
   causal_bias,
+  head_logits,
   key_padding_bias,
   segment_bias,
 )
@@ -85,9 +86,11 @@ class GPT2:
     x = m["wte"].apply({"params": params["token_embedding"]}, ids)
     return x + m["wpe"].apply({"params": params["position_embedding"]}, positions)
 
-  def _logits(self, params, x_BLD):
+  def _logits(self, params, x_BLD, head_DV=None):
     m = self._modules()
     x_BLD = m["norm"].apply({"params": params["decoder"]["final_norm"]}, x_BLD)
+    if head_DV is not None:
+      return head_logits(x_BLD, head_DV)
     return m["wte"].apply({"params": params["token_embedding"]}, x_BLD, method="attend")
 
   def __call__(self, params, plan: Plan, input_ids_BL, *, attention_mask=None, positions=None,
@@ -146,9 +149,11 @@ class GPT2:
       "static": {
         "key_mask": key_mask.astype(bool),
         "position_offset": jnp.sum(prompt_mask_BP, 1) - p,
+        # The tied head transposed once per call (see layers.head_logits).
+        "head_DV": params["token_embedding"]["embedding"].T.astype(to_dtype(self.config.dtype)),
       },
     }
-    return cache, self._logits(params, x[:, -1:])[:, 0], jnp.int32(p)
+    return cache, self._logits(params, x[:, -1:], cache["static"]["head_DV"])[:, 0], jnp.int32(p)
 
   def decode_step(self, params, plan: Plan, cache, token_ids_B, index):
     block = Block(self.block_spec())
@@ -169,4 +174,7 @@ class GPT2:
         method="decode_step",
       )
       new_self.append(updated)
-    return self._logits(params, x)[:, 0], {"self": tuple(new_self), "static": static}
+    return self._logits(params, x, static["head_DV"])[:, 0], {
+      "self": tuple(new_self),
+      "static": static,
+    }

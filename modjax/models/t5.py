@@ -33,6 +33,7 @@ from modjax.layers import (
   Projection,
   RelativePositionBias,
   causal_bias,
+  head_logits,
   key_padding_bias,
   segment_bias,
 )
@@ -175,10 +176,12 @@ class T5:
       mask_BS = ids_BS != self.config.pad_token_id
     return key_padding_bias(mask_BS)
 
-  def _logits(self, params, x_BLD):
+  def _logits(self, params, x_BLD, head_DV=None):
     m, c = self._modules(), self.config
     if c.scale_decoder_outputs:
       x_BLD = x_BLD * (c.d_model**-0.5)
+    if head_DV is not None:
+      return head_logits(x_BLD, head_DV)
     if c.tie_word_embeddings:
       return m["embed"].apply({"params": params["token_embedding"]}, x_BLD, method="attend")
     return m["lm_head"].apply({"params": params["lm_head"]}, x_BLD.astype(jnp.float32))
@@ -203,7 +206,12 @@ class T5:
       input_mask_BS = input_ids_BS != c.pad_token_id
     return {
       "self": tuple({"k": zeros, "v": zeros} for _ in plan.decoder),
-      "static": {"cross": cross, "cross_bias": key_padding_bias(input_mask_BS)},
+      "static": {
+        "cross": cross,
+        "cross_bias": key_padding_bias(input_mask_BS),
+        # The tied head transposed once per call (see layers.head_logits); None when untied.
+        "head_DV": tied_head(params, c),
+      },
     }
 
   def start_decoding(self, params, plan: Plan, input_ids_BS, input_mask_BS, max_new_tokens: int):
@@ -237,7 +245,15 @@ class T5:
       )  # fmt: skip
       new_self.append({"k": updated["k"], "v": updated["v"]})
     x = m["norm"].apply({"params": params["decoder"]["final_norm"]}, x)
-    return self._logits(params, x)[:, 0], {"self": tuple(new_self), "static": cache["static"]}
+    logits = self._logits(params, x, cache["static"]["head_DV"])
+    return logits[:, 0], {"self": tuple(new_self), "static": cache["static"]}
+
+
+def tied_head(params, config):
+  """The tied embedding as a [D, V] head in the compute dtype, or None for untied models."""
+  if not config.tie_word_embeddings:
+    return None
+  return params["token_embedding"]["embedding"].T.astype(to_dtype(config.dtype))
 
 
 def _split(rng, n):
