@@ -50,10 +50,26 @@ try:
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
   import hardware
 
-T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_heads=8, num_layers=6,
-                num_decoder_layers=6, feed_forward_proj="relu")  # fmt: skip
-TINY = dict(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2,
-            num_decoder_layers=2, feed_forward_proj="relu")  # fmt: skip
+T5_SMALL = dict(
+  vocab_size=32128,
+  d_model=512,
+  d_kv=64,
+  d_ff=2048,
+  num_heads=8,
+  num_layers=6,
+  num_decoder_layers=6,
+  feed_forward_proj="relu",
+)
+TINY = dict(
+  vocab_size=512,
+  d_model=64,
+  d_kv=16,
+  d_ff=128,
+  num_heads=4,
+  num_layers=2,
+  num_decoder_layers=2,
+  feed_forward_proj="relu",
+)
 NEVER = -1  # an EOS id no token has: modjax always generates max_new_tokens
 
 
@@ -89,8 +105,10 @@ def xla_costs(model, params, rows: int, input_length: int, new: int, beams: int)
   tok = jax.ShapeDtypeStruct((rows,), jnp.int32)
   index = jax.ShapeDtypeStruct((), jnp.int32)
   out = {}
-  for name, fn, args in (("prefill", start, (params, ids, ids)),
-                         ("step", step, (params, cache, tok, index, tok))):  # fmt: skip
+  for name, fn, args in (
+    ("prefill", start, (params, ids, ids)),
+    ("step", step, (params, cache, tok, index, tok)),
+  ):
     cost = jax.jit(fn).lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     out[name] = {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost["bytes accessed"])}
@@ -122,8 +140,18 @@ def useful_flops(config, rows: int, input_length: int, new: int) -> float:
   return float(rows * (encoder + cross_kv + new * per_token + attention))
 
 
-def run_case(hf, model, params, batch: int, beams: int, input_length: int, new: int, repeats: int,
-             limits: dict, seed: int) -> dict:  # fmt: skip
+def run_case(
+  hf,
+  model,
+  params,
+  batch: int,
+  beams: int,
+  input_length: int,
+  new: int,
+  repeats: int,
+  limits: dict,
+  seed: int,
+) -> dict:
   rng = np.random.default_rng(seed)
   ids = rng.integers(2, model.config.vocab_size, size=(batch, input_length)).astype(np.int32)
   mask = np.ones_like(ids)
@@ -132,13 +160,20 @@ def run_case(hf, model, params, batch: int, beams: int, input_length: int, new: 
   ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
   def run_modjax():
-    return generate(model, params, plan, ids_j, mask_j, max_new_tokens=new, num_beams=beams,
-                    eos_id=NEVER)  # fmt: skip
+    return generate(
+      model, params, plan, ids_j, mask_j, max_new_tokens=new, num_beams=beams, eos_id=NEVER
+    )
 
   def run_hf():
     with torch.inference_mode():
-      return hf.generate(input_ids=ids_t, attention_mask=mask_t, max_new_tokens=new,
-                         num_beams=beams, do_sample=False, eos_token_id=None)  # fmt: skip
+      return hf.generate(
+        input_ids=ids_t,
+        attention_mask=mask_t,
+        max_new_tokens=new,
+        num_beams=beams,
+        do_sample=False,
+        eos_token_id=None,
+      )
 
   start = time.perf_counter()
   mj_out = hardware.block(run_modjax())
@@ -188,10 +223,24 @@ def run_case(hf, model, params, batch: int, beams: int, input_length: int, new: 
   }
 
 
-TABLE = ["batch", "beams", "new_tokens_modjax", "new_tokens_hf", "rows_equal", "modjax_tok_s",
-         "hf_tok_s", "ratio", "modjax_compile_s", "modjax_ms_per_step", "xla_gflop_step",
-         "modjax_gflop_s", "modjax_pct_peak_flops", "mb_step", "modjax_gb_s",
-         "modjax_pct_peak_bw"]  # fmt: skip
+TABLE = [
+  "batch",
+  "beams",
+  "new_tokens_modjax",
+  "new_tokens_hf",
+  "rows_equal",
+  "modjax_tok_s",
+  "hf_tok_s",
+  "ratio",
+  "modjax_compile_s",
+  "modjax_ms_per_step",
+  "xla_gflop_step",
+  "modjax_gflop_s",
+  "modjax_pct_peak_flops",
+  "mb_step",
+  "modjax_gb_s",
+  "modjax_pct_peak_bw",
+]
 
 
 def parse_args(argv=None):
@@ -225,8 +274,10 @@ def limit_xla_threads(threads: int):
   """Caps XLA's CPU thread pool; effective only before JAX initialises its backend."""
   if threads >= (os.cpu_count() or 1):
     return
-  flags = [f"--xla_cpu_multi_thread_eigen={'false' if threads == 1 else 'true'}",
-           f"intra_op_parallelism_threads={threads}"]  # fmt: skip
+  flags = [
+    f"--xla_cpu_multi_thread_eigen={'false' if threads == 1 else 'true'}",
+    f"intra_op_parallelism_threads={threads}",
+  ]
   os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
 
 
@@ -235,15 +286,18 @@ def main(argv=None):
   limit_xla_threads(args.threads)
   torch.set_num_threads(args.threads)
   xla_threads = min(args.threads, os.cpu_count() or 1)
-  print(f"threads: torch {torch.get_num_threads()}, XLA {xla_threads} (of {os.cpu_count()} "
-        f"cores). JAX {jax.__version__} on {jax.default_backend()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}")  # fmt: skip
-  limits = (hardware.measure_limits(512, 32 * 2**20) if args.quick
-            else hardware.measure_limits())  # fmt: skip
+  print(
+    f"threads: torch {torch.get_num_threads()}, XLA {xla_threads} (of {os.cpu_count()} "
+    f"cores). JAX {jax.__version__} on {jax.default_backend()}, torch {torch.__version__}, "
+    f"transformers {transformers.__version__}"
+  )
+  limits = hardware.measure_limits(512, 32 * 2**20) if args.quick else hardware.measure_limits()
   hardware.settle()
-  print(f"measured peak: {limits['peak_flops'] / 1e9:.1f} GFLOP/s (f32 {limits['matmul_n']}^2 "
-        f"matmul); bandwidth: read {limits['read_bytes_per_s'] / 1e9:.1f} GB/s, "
-        f"copy {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s")  # fmt: skip
+  print(
+    f"measured peak: {limits['peak_flops'] / 1e9:.1f} GFLOP/s (f32 {limits['matmul_n']}^2 "
+    f"matmul); bandwidth: read {limits['read_bytes_per_s'] / 1e9:.1f} GB/s, "
+    f"copy {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s"
+  )
   shape = TINY if args.quick else T5_SMALL
   with tempfile.TemporaryDirectory() as directory:
     hf, model, params = build(shape, args.seed, directory)
@@ -251,22 +305,50 @@ def main(argv=None):
   for batch in args.batch_sizes:
     for beams in args.beams:
       print(f"batch {batch}, beams {beams} ...", flush=True)
-      results.append(run_case(hf, model, params, batch, beams, args.input_length,
-                              args.new_tokens, args.repeats, limits, args.seed))  # fmt: skip
+      results.append(
+        run_case(
+          hf,
+          model,
+          params,
+          batch,
+          beams,
+          args.input_length,
+          args.new_tokens,
+          args.repeats,
+          limits,
+          args.seed,
+        )
+      )
   print()
   table = hardware.print_table(results, TABLE)
-  print("ratio = modjax tok/s / HF tok/s; %peak against this run's measured limits; "
-        "mb_step = decoder weights + KV caches read per step; peak bandwidth = the better of "
-        "read and copy.")  # fmt: skip
-  path = hardware.write_json(args.out, {
-      "benchmark": "decode_vs_hf", "model": shape, "quick": args.quick,
-      "input_length": args.input_length, "new_tokens": args.new_tokens, "repeats": args.repeats,
-      "torch_threads": torch.get_num_threads(), "xla_threads": xla_threads,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""), "machine": hardware.machine(), "limits": limits,
-      "versions": {"jax": jax.__version__, "torch": torch.__version__,
-                   "transformers": transformers.__version__},
-      "results": results, "table": table,
-  })  # fmt: skip
+  print(
+    "ratio = modjax tok/s / HF tok/s; %peak against this run's measured limits; "
+    "mb_step = decoder weights + KV caches read per step; peak bandwidth = the better of "
+    "read and copy."
+  )
+  path = hardware.write_json(
+    args.out,
+    {
+      "benchmark": "decode_vs_hf",
+      "model": shape,
+      "quick": args.quick,
+      "input_length": args.input_length,
+      "new_tokens": args.new_tokens,
+      "repeats": args.repeats,
+      "torch_threads": torch.get_num_threads(),
+      "xla_threads": xla_threads,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "machine": hardware.machine(),
+      "limits": limits,
+      "versions": {
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+      },
+      "results": results,
+      "table": table,
+    },
+  )
   print(f"wrote {path}")
 
 

@@ -73,8 +73,10 @@ def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> dict[str, f
     state[0] = copy(state[0])
     return state[0]
 
-  return {"read_bytes_per_s": nbytes / read_s,
-          "copy_bytes_per_s": 2 * nbytes / min(time_calls(copy_step, repeats))}  # fmt: skip
+  return {
+    "read_bytes_per_s": nbytes / read_s,
+    "copy_bytes_per_s": 2 * nbytes / min(time_calls(copy_step, repeats)),
+  }
 
 
 def settle(seconds: float = 2.0):

@@ -53,9 +53,21 @@ SHAPES = {
   "tiny": (256, 32, 64, 24),
   "t5-small": (32128, 8, 128, 32),
 }
-TABLE = ["preset", "params_m", "batch", "inputs", "targets", "compile_s", "step_ms",
-         "tokens_per_s", "target_tokens_per_s", "gflop_xla", "gflop_6nt", "gflops_per_s",
-         "pct_peak"]  # fmt: skip
+TABLE = [
+  "preset",
+  "params_m",
+  "batch",
+  "inputs",
+  "targets",
+  "compile_s",
+  "step_ms",
+  "tokens_per_s",
+  "target_tokens_per_s",
+  "gflop_xla",
+  "gflop_6nt",
+  "gflops_per_s",
+  "pct_peak",
+]
 
 
 def build_step(preset: str, vocab_size: int, num_steps: int):
@@ -73,8 +85,9 @@ def build_step(preset: str, vocab_size: int, num_steps: int):
     opt_state=jax.tree.map(lambda x: x.sharding, state.opt_state),
   )
   loss_fn = losses.seq2seq_loss(model, model.identity_plan())
-  step = jit_train_step(make_train_step(loss_fn, optimizer, schedule=schedule), mesh,
-                        state_shardings, {})  # fmt: skip
+  step = jit_train_step(
+    make_train_step(loss_fn, optimizer, schedule=schedule), mesh, state_shardings, {}
+  )
   return step, state, model
 
 
@@ -177,26 +190,39 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  print(f"JAX {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-        f"{os.cpu_count()} CPU cores")  # fmt: skip
-  limits = (hardware.measure_limits(512, 32 * 2**20) if args.quick
-            else hardware.measure_limits())  # fmt: skip
-  print(f"measured peak: {limits['peak_flops'] / 1e9:.1f} GFLOP/s (f32 {limits['matmul_n']}^2 "
-        f"matmul); bandwidth {limits['peak_bytes_per_s'] / 1e9:.1f} GB/s")  # fmt: skip
+  print(
+    f"JAX {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+    f"{os.cpu_count()} CPU cores"
+  )
+  limits = hardware.measure_limits(512, 32 * 2**20) if args.quick else hardware.measure_limits()
+  print(
+    f"measured peak: {limits['peak_flops'] / 1e9:.1f} GFLOP/s (f32 {limits['matmul_n']}^2 "
+    f"matmul); bandwidth {limits['peak_bytes_per_s'] / 1e9:.1f} GB/s"
+  )
   results = []
   for preset in args.presets:
     print(f"{preset}: compiling and timing {args.steps} steps ...", flush=True)
     results.append(run_preset(preset, args.steps, limits, args.seed))
   print()
   table = hardware.print_table(results, TABLE)
-  print("compile_s = first call - median step; tokens = batch x (inputs + targets); gflop_xla from "
-        "XLA's cost analysis, gflop_6nt = 6 x params x tokens through them; pct_peak = "
-        "gflops_per_s / measured peak matmul FLOP/s.")  # fmt: skip
-  path = hardware.write_json(args.out, {
-      "benchmark": "train_step", "quick": args.quick, "steps": args.steps,
-      "optimizer": "adafactor (modjax.train.defaults)", "machine": hardware.machine(),
-      "limits": limits, "results": results, "table": table,
-  })  # fmt: skip
+  print(
+    "compile_s = first call - median step; tokens = batch x (inputs + targets); gflop_xla from "
+    "XLA's cost analysis, gflop_6nt = 6 x params x tokens through them; pct_peak = "
+    "gflops_per_s / measured peak matmul FLOP/s."
+  )
+  path = hardware.write_json(
+    args.out,
+    {
+      "benchmark": "train_step",
+      "quick": args.quick,
+      "steps": args.steps,
+      "optimizer": "adafactor (modjax.train.defaults)",
+      "machine": hardware.machine(),
+      "limits": limits,
+      "results": results,
+      "table": table,
+    },
+  )
   print(f"wrote {path}")
 
 

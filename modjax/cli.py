@@ -19,9 +19,15 @@ from modjax.train.experiment import ConfigError
 from modjax.train.optim import OptimizerConfigError
 
 USER_ERRORS = (
-    ConfigError, DataError, CheckpointError, HFInteropError, ModelConfigError, PlanError,
-    MeshError, OptimizerConfigError,
-)  # fmt: skip
+  ConfigError,
+  DataError,
+  CheckpointError,
+  HFInteropError,
+  ModelConfigError,
+  PlanError,
+  MeshError,
+  OptimizerConfigError,
+)
 EXIT_BAD_INPUT = 2
 
 

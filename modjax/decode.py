@@ -43,9 +43,19 @@ jax.tree_util.register_dataclass(
 )
 
 
-def generate(model, params, plan: Plan, input_ids, input_mask=None, *, max_new_tokens: int,
-             num_beams: int = 1, eos_id: int | None = None, pad_id: int | None = None,
-             length_penalty: float = 1.0) -> DecodeResult:  # fmt: skip
+def generate(
+  model,
+  params,
+  plan: Plan,
+  input_ids,
+  input_mask=None,
+  *,
+  max_new_tokens: int,
+  num_beams: int = 1,
+  eos_id: int | None = None,
+  pad_id: int | None = None,
+  length_penalty: float = 1.0,
+) -> DecodeResult:
   """Decodes a batch. ``input_ids`` are T5 encoder inputs, or left-padded GPT-2 prompts."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -165,17 +175,28 @@ def _beam(
     best_running = run_score[:, :1] / ((t + 1.0) ** length_penalty)
     worst_finished = jnp.where(fin_flag, jnp.min(fin_score, axis=1, keepdims=True), _NEG)
     still_open = s["open"] & jnp.any(best_running > worst_finished, axis=1)
-    new = dict(run_seq=run_seq, run_score=run_score, fin_seq=fin_seq, fin_score=fin_score,
-               fin_flag=fin_flag, open=still_open, all_hit=jnp.all(hits))  # fmt: skip
+    new = dict(
+      run_seq=run_seq,
+      run_score=run_score,
+      fin_seq=fin_seq,
+      fin_score=fin_score,
+      fin_flag=fin_flag,
+      open=still_open,
+      all_hit=jnp.all(hits),
+    )
     flat_src = (src + jnp.arange(b)[:, None] * k).reshape(b * k)
     return new, run_seq[:, :, t].reshape(b * k), flat_src
 
   seq0 = jnp.full((b, k, max_new), pad_id, jnp.int32)
   state = dict(
-      run_seq=seq0, run_score=jnp.where(jnp.arange(k) == 0, 0.0, _NEG)[None].repeat(b, 0),
-      fin_seq=seq0, fin_score=jnp.full((b, k), _NEG), fin_flag=jnp.zeros((b, k), bool),
-      open=jnp.ones((b,), bool), all_hit=jnp.bool_(False),
-  )  # fmt: skip
+    run_seq=seq0,
+    run_score=jnp.where(jnp.arange(k) == 0, 0.0, _NEG)[None].repeat(b, 0),
+    fin_seq=seq0,
+    fin_score=jnp.full((b, k), _NEG),
+    fin_flag=jnp.zeros((b, k), bool),
+    open=jnp.ones((b,), bool),
+    all_hit=jnp.bool_(False),
+  )
   state, tok, src = update(state, logits, 0)
 
   def cond(carry):

@@ -32,8 +32,12 @@ def load_trained_params(cfg, model, hf_params=None):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   shapes = jax.eval_shape(lambda: init_state(model.init(jax.random.key(0)), optimizer))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-  ckpt = checkpoint.Checkpointer(str(experiment.workdir(cfg) / "checkpoints"), max_to_keep=None,
-                                 save_interval_steps=1, async_save=False)  # fmt: skip
+  ckpt = checkpoint.Checkpointer(
+    str(experiment.workdir(cfg) / "checkpoints"),
+    max_to_keep=None,
+    save_interval_steps=1,
+    async_save=False,
+  )
   try:
     restored = ckpt.restore_latest(
       {"step": abstract.step, "params": abstract.params, "opt_state": abstract.opt_state}
@@ -64,8 +68,15 @@ def predict(
     for row, ex in enumerate(chunk):
       seq = np.asarray(ex["inputs_ids"][:inputs_length])
       ids[row, : len(seq)] = seq
-    result = decode.generate(model, params, plan, jnp.asarray(ids), jnp.asarray(ids > 0),
-                             max_new_tokens=max_new_tokens, num_beams=num_beams)  # fmt: skip
+    result = decode.generate(
+      model,
+      params,
+      plan,
+      jnp.asarray(ids),
+      jnp.asarray(ids > 0),
+      max_new_tokens=max_new_tokens,
+      num_beams=num_beams,
+    )
     tokens, lengths = jax.device_get((result.tokens, result.lengths))
     for row in range(len(chunk)):
       out = [int(t) for t in tokens[row, : lengths[row]] if t != model.config.eos_token_id]
@@ -99,17 +110,30 @@ def evaluate(cfg) -> dict:
     raise experiment.ConfigError(
       f"split {split!r} of task {cfg.data.task!r} has no examples to evaluate"
     )
-  predictions = predict(model, params, vocabulary, examples, batch_size=e.batch_size,
-                        inputs_length=cfg.data.inputs_length, max_new_tokens=e.max_new_tokens,
-                        num_beams=e.num_beams)  # fmt: skip
+  predictions = predict(
+    model,
+    params,
+    vocabulary,
+    examples,
+    batch_size=e.batch_size,
+    inputs_length=cfg.data.inputs_length,
+    max_new_tokens=e.max_new_tokens,
+    num_beams=e.num_beams,
+  )
   references = [ex["targets"] for ex in examples]
   names = [n.strip() for n in e.metrics.split(",") if n.strip()]
   scores = {}
   for name in names:
     kwargs = {"tokenize": e.bleu_tokenize} if name == "bleu" else {}
     scores.update(getattr(metrics, name)(predictions, references, **kwargs))
-  summary = {"step": step, "split": split, "task": cfg.data.task, "examples": len(examples),
-             "num_beams": e.num_beams, **scores}  # fmt: skip
+  summary = {
+    "step": step,
+    "split": split,
+    "task": cfg.data.task,
+    "examples": len(examples),
+    "num_beams": e.num_beams,
+    **scores,
+  }
   if jax.process_index() == 0:
     out = experiment.workdir(cfg) / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -120,8 +144,13 @@ def evaluate(cfg) -> dict:
           json.dumps({"inputs": ex["inputs"], "target": ex["targets"], "prediction": pred}) + "\n"
         )
     (out / f"{stem}.metrics.json").write_text(json.dumps(summary, indent=2))
-    log.info("metrics at step %d on %d %s examples: %s", step, len(examples), split,
-             {k: round(v, 2) for k, v in scores.items() if isinstance(v, float)})  # fmt: skip
+    log.info(
+      "metrics at step %d on %d %s examples: %s",
+      step,
+      len(examples),
+      split,
+      {k: round(v, 2) for k, v in scores.items() if isinstance(v, float)},
+    )
   return summary
 
 

@@ -40,8 +40,9 @@ def _write(path, text: str) -> str:
 
 
 def _jsonl(path, bad_line: str | None = None, bad_at: int = 3) -> str:
-  lines = [json.dumps({"inputs": f"article {i} about cats.", "targets": f"cats {i}."})
-           for i in range(6)]  # fmt: skip
+  lines = [
+    json.dumps({"inputs": f"article {i} about cats.", "targets": f"cats {i}."}) for i in range(6)
+  ]
   if bad_line is not None:
     lines[bad_at - 1] = bad_line
   return _write(path, "\n".join(lines) + "\n")
@@ -115,7 +116,7 @@ CASES = [
     lambda d: [
       "--config.data.task=tsv",
       "--config.data.train_files=" + _write(f"{d}/data/t.tsv", "a\tb\nno tab here\n"),
-    ],  # fmt: skip
+    ],
     ["t.tsv", "line 2", "columns"],
   ),
   (
@@ -211,9 +212,15 @@ def cases(tmp_path_factory, micro_run):
       for name in ("vocab", "checkpoints"):
         shutil.copytree(os.path.join(micro_run[0].workdir, name), workdir / name)
     args = _args_for(str(case_dir), extra)
-    prepared.append(dict(id=case_id, module=module, args=args,
-                         stdout_path=str(root / f"{case_id}.out"),
-                         stderr_path=str(root / f"{case_id}.err")))  # fmt: skip
+    prepared.append(
+      dict(
+        id=case_id,
+        module=module,
+        args=args,
+        stdout_path=str(root / f"{case_id}.out"),
+        stderr_path=str(root / f"{case_id}.err"),
+      )
+    )
   snapshots = {case["id"]: _snapshot(root / case["id"]) for case in prepared}
   cases_path, results_path = root / "cases.json", root / "results.json"
   cases_path.write_text(json.dumps(prepared))
@@ -275,9 +282,10 @@ def test_checkpoint_is_untouched_by_a_mismatched_resume(cases):
   checkpoint_files = [name for name in before if name.startswith("workdir/checkpoints/")]
   assert any(name.startswith("workdir/checkpoints/30/") for name in checkpoint_files)
   assert _snapshot(case_dir / "workdir" / "checkpoints") == {
-    name[len("workdir/checkpoints/") :]: digest for name, digest in before.items()
+    name[len("workdir/checkpoints/") :]: digest
+    for name, digest in before.items()
     if name.startswith("workdir/checkpoints/")
-  }  # fmt: skip
+  }
   (error,) = _error_lines(result["stderr"])
   assert error.count("float32[") == 2, error  # the saved and the requested shape
 

@@ -159,8 +159,9 @@ def case(tmp_path_factory):
 
 def _run(c: Case, plan=None, **kw):
   plan = plan or c.model.identity_plan()
-  out = generate(c.model, c.params, plan, jnp.asarray(c.ids), jnp.asarray(c.mask),
-                 max_new_tokens=NEW, **kw)  # fmt: skip
+  out = generate(
+    c.model, c.params, plan, jnp.asarray(c.ids), jnp.asarray(c.mask), max_new_tokens=NEW, **kw
+  )
   return jax.tree.map(np.asarray, out)
 
 
@@ -204,15 +205,21 @@ def _teacher_forced_logits(c: Case, plan, tokens):
   if c.is_t5:
     start = np.full((tokens.shape[0], 1), c.model.config.decoder_start_token_id, np.int32)
     dec_in = np.concatenate([start, tokens[:, :-1]], axis=1)
-    logits, _ = c.model(c.params, plan, jnp.asarray(c.ids), jnp.asarray(dec_in),
-                        encoder_mask=jnp.asarray(c.mask))  # fmt: skip
+    logits, _ = c.model(
+      c.params, plan, jnp.asarray(c.ids), jnp.asarray(dec_in), encoder_mask=jnp.asarray(c.mask)
+    )
     return np.asarray(logits)
   p = c.ids.shape[1]
   seq = np.concatenate([c.ids, tokens], axis=1)
   mask = np.concatenate([c.mask, np.ones_like(tokens)], axis=1)
   positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-  logits, _ = c.model(c.params, plan, jnp.asarray(seq), attention_mask=jnp.asarray(mask),
-                      positions=jnp.asarray(positions))  # fmt: skip
+  logits, _ = c.model(
+    c.params,
+    plan,
+    jnp.asarray(seq),
+    attention_mask=jnp.asarray(mask),
+    positions=jnp.asarray(positions),
+  )
   return np.asarray(logits)[:, p - 1 : p - 1 + NEW]
 
 
@@ -253,8 +260,15 @@ def test_bfloat16_compute_decodes(case):
   c = case("t5_v1_1")
   config, params = import_checkpoint(c.directory, dtype="bfloat16")
   model = architecture_for(dataclasses.replace(config, eos_token_id=c.eos, pad_token_id=PAD))
-  out = generate(model, params, model.identity_plan(), jnp.asarray(c.ids), jnp.asarray(c.mask),
-                 max_new_tokens=NEW, num_beams=BEAMS)  # fmt: skip
+  out = generate(
+    model,
+    params,
+    model.identity_plan(),
+    jnp.asarray(c.ids),
+    jnp.asarray(c.mask),
+    max_new_tokens=NEW,
+    num_beams=BEAMS,
+  )
   out = jax.tree.map(np.asarray, out)
   assert out.tokens.shape == (len(PROMPT_LENGTHS), NEW)
   assert np.all((out.tokens >= 0) & (out.tokens < c.vocab))

@@ -51,10 +51,15 @@ def uninterrupted(micro_run):
   same settings as the subprocess runs here)."""
   cfg, result = micro_run
   assert (cfg.train.num_steps, cfg.checkpoint.every_steps, cfg.mesh.num_devices) == (
-    NUM_STEPS, EVERY, 1
-  )  # fmt: skip
-  state = {"step": result.state.step, "params": result.state.params,
-           "opt_state": result.state.opt_state}  # fmt: skip
+    NUM_STEPS,
+    EVERY,
+    1,
+  )
+  state = {
+    "step": result.state.step,
+    "params": result.state.params,
+    "opt_state": result.state.opt_state,
+  }
   return losses_in_order(result.losses), jax.device_get(state)
 
 
@@ -77,8 +82,13 @@ def killed_and_resumed(tmp_path_factory):
   finished_before = checkpoint.all_steps(workdir / "checkpoints")
   resumed = run_module("modjax.train", flags, device_count=DEVICES(), timeout=TIMEOUT_S)
   assert resumed.returncode == 0, describe(resumed)
-  return dict(workdir=workdir, kill_at=kill_at, logged_at_kill=logged,
-              checkpoints_at_kill=finished_before, resumed=resumed)  # fmt: skip
+  return dict(
+    workdir=workdir,
+    kill_at=kill_at,
+    logged_at_kill=logged,
+    checkpoints_at_kill=finished_before,
+    resumed=resumed,
+  )
 
 
 def _wait_for_step(workdir, process, step: int) -> None:
@@ -104,8 +114,9 @@ def _restore(directory, like):
   """The latest checkpoint in ``directory`` as numpy, read into the structure of ``like``."""
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
-  ckpt = checkpoint.Checkpointer(directory, max_to_keep=None, save_interval_steps=1,
-                                 async_save=False)  # fmt: skip
+  ckpt = checkpoint.Checkpointer(
+    directory, max_to_keep=None, save_interval_steps=1, async_save=False
+  )
   try:
     step, state, _ = ckpt.restore_latest(abstract)
   finally:

@@ -35,7 +35,7 @@ CONFIGS = {
     feed_forward_proj="gated-gelu",
     tie_word_embeddings=False,
     scale_decoder_outputs=False,
-  ),  # fmt: skip
+  ),
   "gpt2": GPT2Config(**TINY_GPT2, n_inner=48, layer_norm_epsilon=1e-6, pad_token_id=3),
 }
 

@@ -126,9 +126,11 @@ def test_t5_logits_match_hf_with_encoder_padding(hf_checkpoint, kind, gated, sca
 
 def test_t5_untied_head_export_matches_hf(tmp_path):
   config = T5Config(
-    **TINY_T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+    **TINY_T5,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
     scale_decoder_outputs=False,
-  )  # fmt: skip
+  )
   params = T5(config).init(jax.random.key(1))
   export_checkpoint(config, params, str(tmp_path / "untied"))
   hf_model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "untied").eval()
@@ -155,9 +157,16 @@ def test_gpt2_logits_match_hf_with_right_padding(hf_checkpoint):
 def test_t5_small_shape_logits_match_hf(tmp_path):
   torch.manual_seed(0)
   hf_config = transformers.T5Config(  # t5-small shapes, v1.0 (ReLU, tied, rescaled head)
-    vocab_size=32128, d_model=512, d_ff=2048, num_heads=8, d_kv=64, num_layers=6,
-    num_decoder_layers=6, dropout_rate=0.0, feed_forward_proj="relu",
-  )  # fmt: skip
+    vocab_size=32128,
+    d_model=512,
+    d_ff=2048,
+    num_heads=8,
+    d_kv=64,
+    num_layers=6,
+    num_decoder_layers=6,
+    dropout_rate=0.0,
+    feed_forward_proj="relu",
+  )
   hf_model = transformers.T5ForConditionalGeneration(hf_config).eval()
   hf_model.save_pretrained(tmp_path)
   config, params = import_checkpoint(str(tmp_path))

@@ -24,9 +24,11 @@ def test_resume_on_a_different_mesh(tmp_path):
 
   straight = train(micro_config(tmp_path / "straight", train__num_steps=15, mesh__num_devices=1))
   losses = {**first.losses, **resumed.losses}
-  np.testing.assert_allclose([losses[s] for s in range(1, 16)],
-                             [straight.losses[s] for s in range(1, 16)], rtol=1e-5)  # fmt: skip
+  np.testing.assert_allclose(
+    [losses[s] for s in range(1, 16)], [straight.losses[s] for s in range(1, 16)], rtol=1e-5
+  )
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
-      resumed.state.params, straight.state.params,
-  )  # fmt: skip
+    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
+    resumed.state.params,
+    straight.state.params,
+  )

@@ -64,9 +64,13 @@ def eight_device_run(tmp_path_factory):
     pytest.fail(f"needs 8 fake CPU devices (XLA_FLAGS from conftest), found {jax.device_count()}")
   workdir = tmp_path_factory.mktemp("eight_devices")
   cfg = micro_config(
-    workdir, mesh__num_devices=8, mesh__data=2, mesh__fsdp=2, mesh__tensor=2,
+    workdir,
+    mesh__num_devices=8,
+    mesh__data=2,
+    mesh__fsdp=2,
+    mesh__tensor=2,
     train__num_steps=NUM_STEPS,
-  )  # fmt: skip
+  )
   return cfg, train(cfg)
 
 
@@ -163,8 +167,9 @@ def test_adamw_trains(tmp_path):
 def test_packing_trains_on_packed_rows(tmp_path):
   from modjax import data
 
-  cfg, _, losses = _short_run(tmp_path, data__pack=True, data__inputs_length=256,
-                              data__targets_length=64)  # fmt: skip
+  cfg, _, losses = _short_run(
+    tmp_path, data__pack=True, data__inputs_length=256, data__targets_length=64
+  )
   # Unpacked, a row holds one example's targets; packed rows must hold more target tokens than
   # the longest example has (so at least two examples share some row).
   vocabulary = data.load_vocabulary(os.path.join(cfg.workdir, "vocab", "spm.model"), extra_ids=0)

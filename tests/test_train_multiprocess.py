@@ -59,10 +59,14 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     # The single-process reference trains here while the two processes start up.
     reference = train(
       micro_config(
-        tmp_path / "one_process", mesh__num_devices=4, train__num_steps=NUM_STEPS,
-        checkpoint__every_steps=5, data__host_split="rows", **MESH,
+        tmp_path / "one_process",
+        mesh__num_devices=4,
+        train__num_steps=NUM_STEPS,
+        checkpoint__every_steps=5,
+        data__host_split="rows",
+        **MESH,
       )
-    )  # fmt: skip
+    )
     codes = wait_all(processes, TIMEOUT_S)
     for process_id, (code, log) in enumerate(zip(codes, logs, strict=True)):
       log.seek(0)

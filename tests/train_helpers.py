@@ -52,8 +52,10 @@ def compilation_cache(directory: str, min_compile_seconds: float = 0.5):
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(min_compile_seconds),
   }
   saved_env = {k: os.environ.get(k) for k in env}
-  saved_config = (jax.config.jax_compilation_cache_dir,
-                  jax.config.jax_persistent_cache_min_compile_time_secs)  # fmt: skip
+  saved_config = (
+    jax.config.jax_compilation_cache_dir,
+    jax.config.jax_persistent_cache_min_compile_time_secs,
+  )
   os.environ.update(env)
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
@@ -144,8 +146,14 @@ def module_command(module: str, args: Sequence[str]) -> list[str]:
   return [sys.executable, "-m", module, *args]
 
 
-def run_module(module: str, args: Sequence[str], *, timeout: float = 180, device_count: int = 8,
-               env: dict | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+def run_module(
+  module: str,
+  args: Sequence[str],
+  *,
+  timeout: float = 180,
+  device_count: int = 8,
+  env: dict | None = None,
+) -> subprocess.CompletedProcess:
   """Runs ``python -m module args`` to completion (killed after ``timeout`` seconds)."""
   return subprocess.run(
     module_command(module, args),
@@ -157,8 +165,15 @@ def run_module(module: str, args: Sequence[str], *, timeout: float = 180, device
   )
 
 
-def start_module(module: str, args: Sequence[str], *, stdout, stderr, device_count: int = 8,
-                 env: dict | None = None) -> subprocess.Popen:  # fmt: skip
+def start_module(
+  module: str,
+  args: Sequence[str],
+  *,
+  stdout,
+  stderr,
+  device_count: int = 8,
+  env: dict | None = None,
+) -> subprocess.Popen:
   """Starts ``python -m module args`` in its own process group (see :func:`kill`)."""
   return subprocess.Popen(
     module_command(module, args),
@@ -225,8 +240,15 @@ def run_cli_cases(cases: list[dict], results_path: str, timeout: float = 120) ->
     start = time.monotonic()
     code = _wait_child(pid, timeout)
     with open(out_path) as out, open(err_path) as err:
-      results.append({"id": case["id"], "code": code, "stdout": out.read(), "stderr": err.read(),
-                      "seconds": time.monotonic() - start})  # fmt: skip
+      results.append(
+        {
+          "id": case["id"],
+          "code": code,
+          "stdout": out.read(),
+          "stderr": err.read(),
+          "seconds": time.monotonic() - start,
+        }
+      )
   with open(results_path, "w") as f:
     json.dump(results, f)
 

@@ -70,11 +70,13 @@ def _t5_entries(c: T5Config) -> list[_Entry]:
   ffn = ["wi_0", "wi_1", "wo"] if c.is_gated else ["wi", "wo"]
   for stack, n in (("encoder", c.num_layers), ("decoder", c.num_decoder_layers)):
     entries.append(
-        _Entry(
-            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-            (stack, "relpos_bias", "embedding"), _identity, _identity,
-        )
-    )  # fmt: skip
+      _Entry(
+        f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        (stack, "relpos_bias", "embedding"),
+        _identity,
+        _identity,
+      )
+    )
     entries.append(
       _Entry(
         f"{stack}.final_layer_norm.weight", (stack, "final_norm", "scale"), _identity, _identity
@@ -87,10 +89,22 @@ def _t5_entries(c: T5Config) -> list[_Entry]:
       pre, blk = f"{stack}.block.{i}.layer", (stack, "blocks", str(i))
       for sub, (hf_attn, name) in enumerate(attns):
         for hf_p, p in (("q", "query"), ("k", "key"), ("v", "value")):
-          entries.append(_Entry(f"{pre}.{sub}.{hf_attn}.{hf_p}.weight", blk + (name, p, "kernel"),
-                                _heads_in(h, k), _heads_in_back))  # fmt: skip
-        entries.append(_Entry(f"{pre}.{sub}.{hf_attn}.o.weight", blk + (name, "out", "kernel"),
-                              _heads_out(h, k), _heads_out_back))  # fmt: skip
+          entries.append(
+            _Entry(
+              f"{pre}.{sub}.{hf_attn}.{hf_p}.weight",
+              blk + (name, p, "kernel"),
+              _heads_in(h, k),
+              _heads_in_back,
+            )
+          )
+        entries.append(
+          _Entry(
+            f"{pre}.{sub}.{hf_attn}.o.weight",
+            blk + (name, "out", "kernel"),
+            _heads_out(h, k),
+            _heads_out_back,
+          )
+        )
         entries.append(
           _Entry(
             f"{pre}.{sub}.layer_norm.weight", blk + (f"{name}_norm", "scale"), _identity, _identity
@@ -130,20 +144,35 @@ def _gpt2_entries(c: GPT2Config) -> list[_Entry]:
     # c_attn is a Conv1D [D, 3D] (in, out) holding q, k, v side by side; split into three entries.
     for j, name in enumerate(("query", "key", "value")):
       cols = slice(j * d, (j + 1) * d)
-      entries.append(_Entry(f"{pre}.attn.c_attn.weight#{j}", blk + ("self_attn", name, "kernel"),
-                            lambda w, cols=cols: np.ascontiguousarray(w[:, cols].reshape(d, h, k)),
-                            lambda w: w.reshape(d, d)))  # fmt: skip
-      entries.append(_Entry(f"{pre}.attn.c_attn.bias#{j}", blk + ("self_attn", name, "bias"),
-                            lambda b, cols=cols: b[cols].reshape(h, k), lambda b: b.reshape(d)))  # fmt: skip
+      entries.append(
+        _Entry(
+          f"{pre}.attn.c_attn.weight#{j}",
+          blk + ("self_attn", name, "kernel"),
+          lambda w, cols=cols: np.ascontiguousarray(w[:, cols].reshape(d, h, k)),
+          lambda w: w.reshape(d, d),
+        )
+      )
+      entries.append(
+        _Entry(
+          f"{pre}.attn.c_attn.bias#{j}",
+          blk + ("self_attn", name, "bias"),
+          lambda b, cols=cols: b[cols].reshape(h, k),
+          lambda b: b.reshape(d),
+        )
+      )
     entries += [
-        _Entry(f"{pre}.attn.c_proj.weight", blk + ("self_attn", "out", "kernel"),
-               lambda w: w.reshape(h, k, d), lambda w: w.reshape(d, d)),
-        _Entry(f"{pre}.attn.c_proj.bias", blk + ("self_attn", "out", "bias"), _identity, _identity),
-        _Entry(f"{pre}.mlp.c_fc.weight", blk + ("ffn", "wi", "kernel"), _identity, _identity),
-        _Entry(f"{pre}.mlp.c_fc.bias", blk + ("ffn", "wi", "bias"), _identity, _identity),
-        _Entry(f"{pre}.mlp.c_proj.weight", blk + ("ffn", "wo", "kernel"), _identity, _identity),
-        _Entry(f"{pre}.mlp.c_proj.bias", blk + ("ffn", "wo", "bias"), _identity, _identity),
-    ]  # fmt: skip
+      _Entry(
+        f"{pre}.attn.c_proj.weight",
+        blk + ("self_attn", "out", "kernel"),
+        lambda w: w.reshape(h, k, d),
+        lambda w: w.reshape(d, d),
+      ),
+      _Entry(f"{pre}.attn.c_proj.bias", blk + ("self_attn", "out", "bias"), _identity, _identity),
+      _Entry(f"{pre}.mlp.c_fc.weight", blk + ("ffn", "wi", "kernel"), _identity, _identity),
+      _Entry(f"{pre}.mlp.c_fc.bias", blk + ("ffn", "wi", "bias"), _identity, _identity),
+      _Entry(f"{pre}.mlp.c_proj.weight", blk + ("ffn", "wo", "kernel"), _identity, _identity),
+      _Entry(f"{pre}.mlp.c_proj.bias", blk + ("ffn", "wo", "bias"), _identity, _identity),
+    ]
   return entries
 
 
@@ -318,8 +347,9 @@ def _shape_tree(model):
   return _SHAPES_CACHE[model]
 
 
-def export_checkpoint(config, params, directory: str, *, max_shard_bytes: int | None = None,
-                      overwrite: bool = False) -> str:  # fmt: skip
+def export_checkpoint(
+  config, params, directory: str, *, max_shard_bytes: int | None = None, overwrite: bool = False
+) -> str:
   """Writes ``params`` as a ``save_pretrained`` directory that ``from_pretrained`` loads."""
   if os.path.exists(directory) and os.listdir(directory) and not overwrite:
     raise HFInteropError(
@@ -362,12 +392,21 @@ def _remove_weight_files(directory):
 def _write_config(config, directory):
   if isinstance(config, T5Config):
     raw = {k: getattr(config, k) for k in _T5_FIELDS}
-    raw.update(architectures=["T5ForConditionalGeneration"], model_type="t5", is_encoder_decoder=True,
-               dense_act_fn=config.activation, is_gated_act=config.is_gated)  # fmt: skip
+    raw.update(
+      architectures=["T5ForConditionalGeneration"],
+      model_type="t5",
+      is_encoder_decoder=True,
+      dense_act_fn=config.activation,
+      is_gated_act=config.is_gated,
+    )
   else:
     raw = {k: getattr(config, k) for k in _GPT2_FIELDS}
-    raw.update(architectures=["GPT2LMHeadModel"], model_type="gpt2", activation_function="gelu_new",
-               tie_word_embeddings=True)  # fmt: skip
+    raw.update(
+      architectures=["GPT2LMHeadModel"],
+      model_type="gpt2",
+      activation_function="gelu_new",
+      tie_word_embeddings=True,
+    )
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(raw, f, indent=2, sort_keys=True)
 

@@ -40,13 +40,27 @@ class GPT2:
   def block_spec(self) -> BlockSpec:
     c = self.config
     return BlockSpec(
-        d_model=c.n_embd, num_heads=c.n_head, head_dim=c.head_dim, d_ff=c.d_ff, norm="layer",
-        norm_eps=c.layer_norm_epsilon, use_bias=True, attn_scale=c.head_dim**-0.5,
-        activation="gelu_new", gated_ffn=False, has_cross_attention=False,
-        dropout_rate=c.resid_pdrop, attn_dropout_rate=c.attn_pdrop, init_q=0.02, init_kv=0.02,
-        init_out=0.02 / (2 * c.n_layer) ** 0.5, init_wi=0.02, init_wo=0.02 / (2 * c.n_layer) ** 0.5,
-        param_dtype=c.param_dtype, dtype=c.dtype,
-    )  # fmt: skip
+      d_model=c.n_embd,
+      num_heads=c.n_head,
+      head_dim=c.head_dim,
+      d_ff=c.d_ff,
+      norm="layer",
+      norm_eps=c.layer_norm_epsilon,
+      use_bias=True,
+      attn_scale=c.head_dim**-0.5,
+      activation="gelu_new",
+      gated_ffn=False,
+      has_cross_attention=False,
+      dropout_rate=c.resid_pdrop,
+      attn_dropout_rate=c.attn_pdrop,
+      init_q=0.02,
+      init_kv=0.02,
+      init_out=0.02 / (2 * c.n_layer) ** 0.5,
+      init_wi=0.02,
+      init_wo=0.02 / (2 * c.n_layer) ** 0.5,
+      param_dtype=c.param_dtype,
+      dtype=c.dtype,
+    )
 
   def identity_plan(self) -> Plan:
     return Plan.identity(0, self.config.n_layer)
@@ -93,8 +107,19 @@ class GPT2:
       return head_logits(x_BLD, head_DV)
     return m["wte"].apply({"params": params["token_embedding"]}, x_BLD, method="attend")
 
-  def __call__(self, params, plan: Plan, input_ids_BL, *, attention_mask=None, positions=None,
-               segment_ids=None, deterministic=True, dropout_rng=None, collect=False):  # fmt: skip
+  def __call__(
+    self,
+    params,
+    plan: Plan,
+    input_ids_BL,
+    *,
+    attention_mask=None,
+    positions=None,
+    segment_ids=None,
+    deterministic=True,
+    dropout_rng=None,
+    collect=False,
+  ):
     """Logits (float32, BLV). Positions default to 0..L-1 (as HF's forward does)."""
     length = input_ids_BL.shape[1]
     if positions is None:
@@ -110,9 +135,15 @@ class GPT2:
       keep = jax.random.bernoulli(embed_rng, 1.0 - self.config.embd_pdrop, x.shape)
       x = jnp.where(keep, x / (1.0 - self.config.embd_pdrop), 0).astype(x.dtype)
     x, inter = run_stack(
-        params["decoder"], plan.decoder, self.block_spec(), x, bias,
-        deterministic=deterministic, dropout_rng=stack_rng, collect=collect,
-    )  # fmt: skip
+      params["decoder"],
+      plan.decoder,
+      self.block_spec(),
+      x,
+      bias,
+      deterministic=deterministic,
+      dropout_rng=stack_rng,
+      collect=collect,
+    )
     return self._logits(params, x), ({"decoder": inter} if collect else None)
 
   # ---- cached decoding ----------------------------------------------------------------------

@@ -55,12 +55,27 @@ class T5:
     c = self.config
     d, h, k = c.d_model, c.num_heads, c.d_kv
     return BlockSpec(
-        d_model=d, num_heads=h, head_dim=k, d_ff=c.d_ff, norm="rms", norm_eps=c.layer_norm_epsilon,
-        use_bias=False, attn_scale=1.0, activation=c.activation, gated_ffn=c.is_gated,
-        has_cross_attention=decoder, dropout_rate=c.dropout_rate, attn_dropout_rate=c.dropout_rate,
-        init_q=(d * k) ** -0.5, init_kv=d**-0.5, init_out=(h * k) ** -0.5, init_wi=d**-0.5,
-        init_wo=c.d_ff**-0.5, param_dtype=c.param_dtype, dtype=c.dtype,
-    )  # fmt: skip
+      d_model=d,
+      num_heads=h,
+      head_dim=k,
+      d_ff=c.d_ff,
+      norm="rms",
+      norm_eps=c.layer_norm_epsilon,
+      use_bias=False,
+      attn_scale=1.0,
+      activation=c.activation,
+      gated_ffn=c.is_gated,
+      has_cross_attention=decoder,
+      dropout_rate=c.dropout_rate,
+      attn_dropout_rate=c.dropout_rate,
+      init_q=(d * k) ** -0.5,
+      init_kv=d**-0.5,
+      init_out=(h * k) ** -0.5,
+      init_wi=d**-0.5,
+      init_wo=c.d_ff**-0.5,
+      param_dtype=c.param_dtype,
+      dtype=c.dtype,
+    )
 
   def identity_plan(self) -> Plan:
     return Plan.identity(self.config.num_layers, self.config.num_decoder_layers)
@@ -69,17 +84,27 @@ class T5:
     c = self.config
     pdt, dt = to_dtype(c.param_dtype), to_dtype(c.dtype)
     relpos = functools.partial(
-        RelativePositionBias, c.relative_attention_num_buckets, c.relative_attention_max_distance,
-        c.num_heads, stddev=c.d_model**-0.5, param_dtype=pdt,
-    )  # fmt: skip
+      RelativePositionBias,
+      c.relative_attention_num_buckets,
+      c.relative_attention_max_distance,
+      c.num_heads,
+      stddev=c.d_model**-0.5,
+      param_dtype=pdt,
+    )
     return dict(
-        embed=Embed(c.vocab_size, c.d_model, ("vocab", "embed"), 1.0, pdt, dt),
-        enc_relpos=relpos(bidirectional=True),
-        dec_relpos=relpos(bidirectional=False),
-        norm=Norm("rms", c.layer_norm_epsilon, pdt, dt),
-        lm_head=Projection((c.d_model, c.vocab_size), ("embed", "vocab"), 1, c.d_model**-0.5,
-                           param_dtype=pdt, dtype=jnp.float32),
-    )  # fmt: skip
+      embed=Embed(c.vocab_size, c.d_model, ("vocab", "embed"), 1.0, pdt, dt),
+      enc_relpos=relpos(bidirectional=True),
+      dec_relpos=relpos(bidirectional=False),
+      norm=Norm("rms", c.layer_norm_epsilon, pdt, dt),
+      lm_head=Projection(
+        (c.d_model, c.vocab_size),
+        ("embed", "vocab"),
+        1,
+        c.d_model**-0.5,
+        param_dtype=pdt,
+        dtype=jnp.float32,
+      ),
+    )
 
   def _init_boxed(self, rng):
     c, m = self.config, self._modules()
@@ -114,8 +139,18 @@ class T5:
     return split_boxed(jax.eval_shape(self._init_boxed, jax.random.key(0)))[1]
 
   # ---- full-sequence passes -----------------------------------------------------------------
-  def encode(self, params, plan: Plan, input_ids_BS, *, input_mask_BS=None, segment_ids_BS=None,
-             deterministic=True, dropout_rng=None, collect=False):  # fmt: skip
+  def encode(
+    self,
+    params,
+    plan: Plan,
+    input_ids_BS,
+    *,
+    input_mask_BS=None,
+    segment_ids_BS=None,
+    deterministic=True,
+    dropout_rng=None,
+    collect=False,
+  ):
     """Encoder output (after its final norm) and optional per-slot intermediates."""
     m, c = self._modules(), self.config
     s = input_ids_BS.shape[1]
@@ -126,23 +161,46 @@ class T5:
     rngs = _split(dropout_rng, 3)
     x = _dropout(x, c.dropout_rate, deterministic, rngs[0])
     x, inter = run_stack(
-        params["encoder"], plan.encoder, self.block_spec(False), x, bias,
-        deterministic=deterministic, dropout_rng=rngs[1], collect=collect,
-    )  # fmt: skip
+      params["encoder"],
+      plan.encoder,
+      self.block_spec(False),
+      x,
+      bias,
+      deterministic=deterministic,
+      dropout_rng=rngs[1],
+      collect=collect,
+    )
     x = m["norm"].apply({"params": params["encoder"]["final_norm"]}, x)
     return _dropout(x, c.dropout_rate, deterministic, rngs[2]), inter
 
-  def __call__(self, params, plan: Plan, encoder_input_ids, decoder_input_ids, *,
-               encoder_mask=None, decoder_mask=None, encoder_segment_ids=None,
-               decoder_segment_ids=None, deterministic=True, dropout_rng=None, collect=False):  # fmt: skip
+  def __call__(
+    self,
+    params,
+    plan: Plan,
+    encoder_input_ids,
+    decoder_input_ids,
+    *,
+    encoder_mask=None,
+    decoder_mask=None,
+    encoder_segment_ids=None,
+    decoder_segment_ids=None,
+    deterministic=True,
+    dropout_rng=None,
+    collect=False,
+  ):
     """Teacher-forced logits (float32, BLV) and, with ``collect``, intermediates per stack."""
     m, c = self._modules(), self.config
     enc_rng, dec_rng = _split(dropout_rng, 2)
     enc, enc_inter = self.encode(
-        params, plan, encoder_input_ids, input_mask_BS=encoder_mask,
-        segment_ids_BS=encoder_segment_ids, deterministic=deterministic, dropout_rng=enc_rng,
-        collect=collect,
-    )  # fmt: skip
+      params,
+      plan,
+      encoder_input_ids,
+      input_mask_BS=encoder_mask,
+      segment_ids_BS=encoder_segment_ids,
+      deterministic=deterministic,
+      dropout_rng=enc_rng,
+      collect=collect,
+    )
     length = decoder_input_ids.shape[1]
     positions = jnp.arange(length)
     self_bias = m["dec_relpos"].apply(
@@ -161,9 +219,17 @@ class T5:
     x = m["embed"].apply({"params": params["token_embedding"]}, decoder_input_ids)
     x = _dropout(x, c.dropout_rate, deterministic, rngs[0])
     x, dec_inter = run_stack(
-        params["decoder"], plan.decoder, self.block_spec(True), x, self_bias, enc, cross_bias,
-        deterministic=deterministic, dropout_rng=rngs[1], collect=collect,
-    )  # fmt: skip
+      params["decoder"],
+      plan.decoder,
+      self.block_spec(True),
+      x,
+      self_bias,
+      enc,
+      cross_bias,
+      deterministic=deterministic,
+      dropout_rng=rngs[1],
+      collect=collect,
+    )
     x = m["norm"].apply({"params": params["decoder"]["final_norm"]}, x)
     x = _dropout(x, c.dropout_rate, deterministic, rngs[2])
     logits = self._logits(params, x)
@@ -239,10 +305,14 @@ class T5:
       plan.decoder, cache["self"], cache["static"]["cross"], strict=True
     ):
       x, updated = block.apply(
-          {"params": slot_params(params["decoder"], slot)}, x,
-          {**layer_cache, "cross_k": ck, "cross_v": cv}, index, bias,
-          cache["static"]["cross_bias"], method="decode_step",
-      )  # fmt: skip
+        {"params": slot_params(params["decoder"], slot)},
+        x,
+        {**layer_cache, "cross_k": ck, "cross_v": cv},
+        index,
+        bias,
+        cache["static"]["cross_bias"],
+        method="decode_step",
+      )
       new_self.append({"k": updated["k"], "v": updated["v"]})
     x = m["norm"].apply({"params": params["decoder"]["final_norm"]}, x)
     logits = self._logits(params, x, cache["static"]["head_DV"])

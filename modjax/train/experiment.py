@@ -38,8 +38,11 @@ def maybe_initialize_distributed(cfg) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   kwargs = {}
   if mh.coordinator_address:
-    kwargs = dict(coordinator_address=mh.coordinator_address, num_processes=mh.num_processes,
-                  process_id=mh.process_id)  # fmt: skip
+    kwargs = dict(
+      coordinator_address=mh.coordinator_address,
+      num_processes=mh.num_processes,
+      process_id=mh.process_id,
+    )
   jax.distributed.initialize(**kwargs)
 
 
@@ -108,9 +111,12 @@ def file_spec(cfg):
 def build_task(cfg, vocabulary):
   d = cfg.data
   return tasks.get_task(
-      d.task, vocabulary, files=file_spec(cfg), inputs_prefix=d.inputs_prefix or None,
-      tfds_data_dir=d.tfds_data_dir or None,
-  )  # fmt: skip
+    d.task,
+    vocabulary,
+    files=file_spec(cfg),
+    inputs_prefix=d.inputs_prefix or None,
+    tfds_data_dir=d.tfds_data_dir or None,
+  )
 
 
 def model_config(cfg, vocab_size: int) -> T5Config | GPT2Config:
@@ -179,11 +185,19 @@ def train_batches(cfg, model, task, start_batch: int):
   d = cfg.data
   by_source = d.host_split == "source" and jax.process_count() > 1
   return pipeline.make_batches(
-      task, d.train_split, feature_lengths=feature_lengths(cfg, model), batch_size=cfg.train.batch_size,
-      pack=d.pack, seed=d.seed, shuffle=d.shuffle, num_epochs=None, start_batch=start_batch,
-      process_index=jax.process_index() if by_source else 0,
-      process_count=jax.process_count() if by_source else 1, model_type=model_type(model),
-  )  # fmt: skip
+    task,
+    d.train_split,
+    feature_lengths=feature_lengths(cfg, model),
+    batch_size=cfg.train.batch_size,
+    pack=d.pack,
+    seed=d.seed,
+    shuffle=d.shuffle,
+    num_epochs=None,
+    start_batch=start_batch,
+    process_index=jax.process_index() if by_source else 0,
+    process_count=jax.process_count() if by_source else 1,
+    model_type=model_type(model),
+  )
 
 
 def validate_config(cfg) -> None:
@@ -219,8 +233,12 @@ def validate_config(cfg) -> None:
   need(t.batch_size > 0, "train.batch_size", t.batch_size, "use a positive global batch size")
   need(t.num_steps > 0, "train.num_steps", t.num_steps, "use a positive number of steps")
   need(t.num_microbatches > 0, "train.num_microbatches", t.num_microbatches, "use 1 or more")
-  need(t.batch_size % t.num_microbatches == 0, "train.num_microbatches", t.num_microbatches,
-       f"it must divide train.batch_size={t.batch_size}")  # fmt: skip
+  need(
+    t.batch_size % t.num_microbatches == 0,
+    "train.num_microbatches",
+    t.num_microbatches,
+    f"it must divide train.batch_size={t.batch_size}",
+  )
   need(t.log_every > 0, "train.log_every", t.log_every, "use a positive interval")
   need(
     0.0 <= t.label_smoothing < 1.0,

@@ -48,8 +48,9 @@ def default_loss_fn(cfg, model):
   return losses.lm_loss(model, plan, **kw)
 
 
-def train(cfg, *, loss_fn: Callable | None = None, init_params=None, frozen=None,
-          model=None) -> TrainResult:  # fmt: skip
+def train(
+  cfg, *, loss_fn: Callable | None = None, init_params=None, frozen=None, model=None
+) -> TrainResult:
   """Trains per ``cfg``; returns the final state. ``init_params``/``frozen``/``loss_fn`` let a
   method train part of a bank against a fixed rest (the defaults fine-tune the whole model)."""
   experiment.validate_config(cfg)
@@ -78,9 +79,11 @@ def train(cfg, *, loss_fn: Callable | None = None, init_params=None, frozen=None
   frozen = jax.device_put(frozen, frozen_shardings)
 
   ckpt = checkpoint.Checkpointer(
-      str(root / "checkpoints"), max_to_keep=cfg.checkpoint.keep,
-      save_interval_steps=cfg.checkpoint.every_steps, async_save=cfg.checkpoint.async_save,
-  )  # fmt: skip
+    str(root / "checkpoints"),
+    max_to_keep=cfg.checkpoint.keep,
+    save_interval_steps=cfg.checkpoint.every_steps,
+    async_save=cfg.checkpoint.async_save,
+  )
   abstract = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings
   )
@@ -95,9 +98,13 @@ def train(cfg, *, loss_fn: Callable | None = None, init_params=None, frozen=None
   batches = experiment.train_batches(cfg, model, task, data_position)
 
   step_fn = jit_train_step(
-      make_train_step(loss_fn, optimizer, num_microbatches=cfg.train.num_microbatches, schedule=schedule),
-      mesh, state_shardings, frozen_shardings,
-  )  # fmt: skip
+    make_train_step(
+      loss_fn, optimizer, num_microbatches=cfg.train.num_microbatches, schedule=schedule
+    ),
+    mesh,
+    state_shardings,
+    frozen_shardings,
+  )
   rng = jax.random.key(cfg.train.seed)
   logger = _MetricsLogger(root, cfg, start)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -215,9 +222,15 @@ class _MetricsLogger:
       steps_per_s = (step - self.start) / max(now - self.t0, 1e-9)
       eta = (total - step) / max(steps_per_s, 1e-9)
       log.info(
-          "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tokens/s  ETA %s", step, total,
-          values["loss"], values["grad_norm"], values.get("learning_rate", float("nan")), rate, _hms(eta),
-      )  # fmt: skip
+        "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tokens/s  ETA %s",
+        step,
+        total,
+        values["loss"],
+        values["grad_norm"],
+        values.get("learning_rate", float("nan")),
+        rate,
+        _hms(eta),
+      )
       for k, v in values.items():
         self.writer.scalar(f"train/{k}", v, step)
       self.writer.scalar("train/tokens_per_second", rate, step)

@@ -29,15 +29,22 @@ def seq2seq_loss(model, plan, *, label_smoothing=0.0, z_loss=0.0):
   def loss_fn(params, frozen, batch, rng):
     del frozen
     logits, _ = model(
-        params, plan, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-        encoder_segment_ids=batch.get("encoder_segment_ids"),
-        decoder_segment_ids=batch.get("decoder_segment_ids"),
-        deterministic=rng is None, dropout_rng=rng,
-    )  # fmt: skip
+      params,
+      plan,
+      batch["encoder_input_tokens"],
+      batch["decoder_input_tokens"],
+      encoder_segment_ids=batch.get("encoder_segment_ids"),
+      decoder_segment_ids=batch.get("decoder_segment_ids"),
+      deterministic=rng is None,
+      dropout_rng=rng,
+    )
     total, weight = cross_entropy(
-        logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-        label_smoothing=label_smoothing, z_loss=z_loss,
-    )  # fmt: skip
+      logits,
+      batch["decoder_target_tokens"],
+      batch["decoder_loss_weights"],
+      label_smoothing=label_smoothing,
+      z_loss=z_loss,
+    )
     return total, weight
 
   return loss_fn
@@ -49,9 +56,14 @@ def lm_loss(model, plan, *, label_smoothing=0.0, z_loss=0.0):
   def loss_fn(params, frozen, batch, rng):
     del frozen
     logits, _ = model(
-        params, plan, batch["decoder_input_tokens"], positions=batch.get("decoder_positions"),
-        segment_ids=batch.get("decoder_segment_ids"), deterministic=rng is None, dropout_rng=rng,
-    )  # fmt: skip
+      params,
+      plan,
+      batch["decoder_input_tokens"],
+      positions=batch.get("decoder_positions"),
+      segment_ids=batch.get("decoder_segment_ids"),
+      deterministic=rng is None,
+      dropout_rng=rng,
+    )
     return cross_entropy(
       logits,
       batch["decoder_target_tokens"],

@@ -40,9 +40,12 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
   schedule = make_schedule(cfg.schedule, cfg.learning_rate, cfg.warmup_steps, total_steps)
   if cfg.name == "adafactor":
     core = optax.adafactor(
-        learning_rate=schedule, decay_rate=cfg.adafactor_decay_rate, clipping_threshold=None,
-        multiply_by_parameter_scale=cfg.adafactor_parameter_scale, weight_decay_rate=cfg.weight_decay or None,
-    )  # fmt: skip
+      learning_rate=schedule,
+      decay_rate=cfg.adafactor_decay_rate,
+      clipping_threshold=None,
+      multiply_by_parameter_scale=cfg.adafactor_parameter_scale,
+      weight_decay_rate=cfg.weight_decay or None,
+    )
   elif cfg.name == "adamw":
     core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
   else:

@@ -40,8 +40,13 @@ def _split_microbatches(batch, num_microbatches: int):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-                    num_microbatches: int = 1, schedule: Callable | None = None):  # fmt: skip
+def make_train_step(
+  loss_fn: Callable,
+  optimizer: optax.GradientTransformation,
+  *,
+  num_microbatches: int = 1,
+  schedule: Callable | None = None,
+):
   """The (unjitted) step ``(state, frozen, batch, rng) -> (state, metrics)``.
 
   ``rng`` is the run's base key; the step folds in its step number, so dropout is the same
