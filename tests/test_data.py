@@ -17,7 +17,14 @@ import tensorflow_datasets as tfds
 from modjax import data
 from modjax.data import embedded
 
-DDTP_VALIDATION = "/work/shared/data/ddtp-summ/validation.jsonl.gz"
+# The corpora live in shared/ beside the checkout (../shared/data from the repository root).
+DDTP_VALIDATION = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+  "shared",
+  "data",
+  "ddtp-summ",
+  "validation.jsonl.gz",
+)
 LENGTHS = {"inputs": 48, "targets": 16}
 PACKING_LENGTHS = {"inputs": 256, "targets": 64}  # embedded_lead: ~100 + ~30 tokens per example
 ENCDEC_KEYS = {"encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens"}
