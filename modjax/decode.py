@@ -2,9 +2,11 @@
 
 An architecture provides ``start_decoding(params, plan, ids, mask, max_new_tokens)`` -> (cache,
 first logits, next cache index) and ``decode_step(params, plan, cache, tokens, index)`` -> (logits,
-cache). The cache's ``self`` entries (per-slot keys/values, updated in place) are reordered by
-beam search; ``static`` entries (cross-attention keys/values, masks) never are. The whole loop is
-one ``lax.while_loop``: no Python per token.
+cache). The cache has three parts: ``self`` (per row: the per-slot keys/values, updated in place,
+reordered by beam search), ``static`` (per row, never reordered: cross-attention keys/values,
+masks) and ``shared`` (no batch axis). Beam search starts decoding once per input row (the encoder
+runs once, as in HF) and then repeats the per-row parts for each beam. The whole loop is one
+``lax.while_loop``: no Python per token.
 
 Semantics follow Hugging Face ``generate`` (transformers 5.x) so results are token-identical:
 
@@ -139,9 +141,10 @@ def _beam(
   model, params, plan, input_ids, input_mask, max_new, eos_id, pad_id, *, num_beams, length_penalty
 ):
   b, k = input_ids.shape[0], num_beams
-  ids = jnp.repeat(input_ids, k, axis=0)
-  mask = jnp.repeat(input_mask, k, axis=0)
-  cache, logits, index = model.start_decoding(params, plan, ids, mask, max_new)
+  cache, logits, index = model.start_decoding(params, plan, input_ids, input_mask, max_new)
+  per_beam = functools.partial(jax.tree.map, lambda x: jnp.repeat(x, k, axis=0))
+  cache = dict(cache, self=per_beam(cache["self"]), static=per_beam(cache["static"]))
+  logits = jnp.repeat(logits, k, axis=0)
   top_mask = jnp.arange(2 * k) < k
 
   def update(s, logits, t):

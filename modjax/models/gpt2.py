@@ -180,11 +180,13 @@ class GPT2:
       "static": {
         "key_mask": key_mask.astype(bool),
         "position_offset": jnp.sum(prompt_mask_BP, 1) - p,
-        # The tied head transposed once per call (see layers.head_logits).
-        "head_DV": params["token_embedding"]["embedding"].T.astype(to_dtype(self.config.dtype)),
+      },
+      # The tied head transposed once per call (see layers.head_logits).
+      "shared": {
+        "head_DV": params["token_embedding"]["embedding"].T.astype(to_dtype(self.config.dtype))
       },
     }
-    return cache, self._logits(params, x[:, -1:], cache["static"]["head_DV"])[:, 0], jnp.int32(p)
+    return cache, self._logits(params, x[:, -1:], cache["shared"]["head_DV"])[:, 0], jnp.int32(p)
 
   def decode_step(self, params, plan: Plan, cache, token_ids_B, index):
     block = Block(self.block_spec())
@@ -205,7 +207,6 @@ class GPT2:
         method="decode_step",
       )
       new_self.append(updated)
-    return self._logits(params, x, static["head_DV"])[:, 0], {
-      "self": tuple(new_self),
-      "static": static,
-    }
+    return self._logits(params, x, cache["shared"]["head_DV"])[:, 0], dict(
+      cache, self=tuple(new_self)
+    )

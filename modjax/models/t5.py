@@ -257,7 +257,8 @@ class T5:
     """Runs the encoder once and precomputes cross-attention keys/values of every slot.
 
     Returns a cache: ``self`` (per slot k/v of shape BHTK, updated in place as tokens are
-    generated; reordered by beam search) and ``static`` (cross k/v and the encoder mask).
+    generated; reordered by beam search), ``static`` (per row, never reordered: cross k/v and the
+    encoder mask) and ``shared`` (no batch axis: the transposed tied head).
     """
     c = self.config
     enc, _ = self.encode(params, plan, input_ids_BS, input_mask_BS=input_mask_BS)
@@ -272,12 +273,9 @@ class T5:
       input_mask_BS = input_ids_BS != c.pad_token_id
     return {
       "self": tuple({"k": zeros, "v": zeros} for _ in plan.decoder),
-      "static": {
-        "cross": cross,
-        "cross_bias": key_padding_bias(input_mask_BS),
-        # The tied head transposed once per call (see layers.head_logits); None when untied.
-        "head_DV": tied_head(params, c),
-      },
+      "static": {"cross": cross, "cross_bias": key_padding_bias(input_mask_BS)},
+      # The tied head transposed once per call (see layers.head_logits); None when untied.
+      "shared": {"head_DV": tied_head(params, c)},
     }
 
   def start_decoding(self, params, plan: Plan, input_ids_BS, input_mask_BS, max_new_tokens: int):
@@ -315,8 +313,8 @@ class T5:
       )
       new_self.append({"k": updated["k"], "v": updated["v"]})
     x = m["norm"].apply({"params": params["decoder"]["final_norm"]}, x)
-    logits = self._logits(params, x, cache["static"]["head_DV"])
-    return logits[:, 0], {"self": tuple(new_self), "static": cache["static"]}
+    logits = self._logits(params, x, cache["shared"]["head_DV"])
+    return logits[:, 0], dict(cache, self=tuple(new_self))
 
 
 def tied_head(params, config):
