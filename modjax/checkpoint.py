@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -47,12 +48,19 @@ class CheckpointError(RuntimeError):
   """A checkpoint cannot be written or read as requested (a user error, not damage on disk)."""
 
 
+def _absolute(path: epath.PathLike) -> epath.Path:
+  """Orbax needs absolute paths: resolve local ones against the working directory; URLs
+  (gs://...) are kept as they are."""
+  text = os.fspath(path)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def all_steps(directory: epath.PathLike) -> list[int]:
   """Sorted steps with a finalized checkpoint in `directory` ([] if it does not exist).
 
   Steps are not validated: a damaged step is listed until `restore_latest` moves it aside.
   """
-  directory = epath.Path(directory)
+  directory = _absolute(directory)
   if not directory.exists():
     return []
   return sorted(ocp.utils.checkpoint_steps(directory))
@@ -95,7 +103,7 @@ class Checkpointer:
       raise CheckpointError(
         f"save_interval_steps={save_interval_steps} for {directory}; pass an int >= 1."
       )
-    self.directory = epath.Path(directory)
+    self.directory = _absolute(directory)
     self._options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       save_interval_steps=save_interval_steps,
@@ -248,7 +256,7 @@ def save_pytree(path: epath.PathLike, tree: Any, *, overwrite: bool = False) -> 
 
   Refuses to replace an existing non-empty `path` unless `overwrite=True`.
   """
-  path = epath.Path(path)
+  path = _absolute(path)
   if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
     raise CheckpointError(
       f"{path} already exists and is not empty; pass overwrite=True or choose another path."
@@ -264,7 +272,7 @@ def restore_pytree(path: epath.PathLike, abstract_tree: Any = None) -> Any:
   With `abstract_tree` (ShapeDtypeStructs with shardings), arrays come back sharded as asked and
   shapes/dtypes are checked. Without it, every array is placed on this process's first device.
   """
-  path = epath.Path(path)
+  path = _absolute(path)
   if not path.exists():
     raise CheckpointError(f"no pytree checkpoint at {path}; check the path (see save_pytree).")
   with ocp.StandardCheckpointer() as checkpointer:

@@ -282,3 +282,19 @@ def test_save_pytree_round_trip_and_refuses_to_overwrite(tmp_path):
     checkpoint.restore_pytree(path, bad)
   with pytest.raises(CheckpointError, match="no pytree checkpoint"):
     checkpoint.restore_pytree(tmp_path / "nowhere")
+
+
+def test_relative_directory_is_resolved(tmp_path, monkeypatch):
+  """Orbax needs absolute paths; a relative workdir (as in the README) must still work."""
+  monkeypatch.chdir(tmp_path)
+  state = {"w": jnp.arange(4.0)}
+  with Checkpointer("runs/rel", max_to_keep=1, save_interval_steps=1, async_save=False) as ckpt:
+    assert ckpt.save(1, state, {"data_position": 1})
+  assert checkpoint.all_steps("runs/rel") == [1]
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
+  with Checkpointer("runs/rel", max_to_keep=1, save_interval_steps=1) as ckpt:
+    step, restored, meta = ckpt.restore_latest(abstract)
+  assert step == 1 and meta["data_position"] == 1
+  np.testing.assert_array_equal(restored["w"], state["w"])
