@@ -155,6 +155,25 @@ class Attention(nn.Module):
   def project_kv(self, x_BTD):
     return jnp.swapaxes(self.key(x_BTD), 1, 2), jnp.swapaxes(self.value(x_BTD), 1, 2)  # BHTK
 
+  def project_qkv(self, x_BLD):
+    """q, k, v (BHLK) from one matmul against the three kernels side by side.
+
+    For one decoded token per row the three [D, H*K] matmuls are each too narrow for XLA:CPU to
+    split across cores; one [D, 3*H*K] matmul is not. The concatenation is loop-invariant, so
+    XLA hoists it out of a decoding loop.
+    """
+    projections = (self.query, self.key, self.value)
+    if any(not p.has_variable("params", "kernel") for p in projections):  # initialising
+      return self.project_q(x_BLD), *self.project_kv(x_BLD)
+    dt = to_dtype(self.spec.dtype)
+    kernel = jnp.concatenate([p.get_variable("params", "kernel") for p in projections], axis=1)
+    y = jnp.einsum("bld,dhk->blhk", x_BLD.astype(dt), kernel.astype(dt))
+    if self.spec.use_bias:
+      bias = jnp.concatenate([p.get_variable("params", "bias") for p in projections], axis=0)
+      y = y + bias.astype(dt)
+    q, k, v = jnp.split(jnp.swapaxes(y, 1, 2), 3, axis=1)
+    return q, k, v
+
   def attend(self, q_BHLK, k_BHTK, v_BHTK, bias_BHLT, deterministic: bool):
     """Returns (output_BLD, probabilities_BHLT); bias holds masks and position bias."""
     logits = jnp.einsum("bhlk,bhtk->bhlt", q_BHLK, k_BHTK, preferred_element_type=jnp.float32)
@@ -250,23 +269,40 @@ class Block(nn.Module):
     return self._ffn_residual(x_BLD + y, deterministic), k, v
 
   def decode_step(self, x_B1D, cache, index, self_bias_BH1T, cross_bias_BH1S=None):
-    """One token. ``cache`` holds k/v of shape BHTK (and cross_k/cross_v); writes position ``index``."""
+    """One token per row; writes position ``index`` of the self-attention k/v (BHTK) in ``cache``.
+
+    ``cache`` also holds ``cross_k``/``cross_v`` (BHSK) with one row per input row; with beam
+    search x has that many rows times the beam count (see ``_shared_cross_attention``).
+    """
     h = self.self_attn_norm(x_B1D)
-    k_new, v_new = self.self_attn.project_kv(h)
+    q, k_new, v_new = self.self_attn.project_qkv(h)
     k = jax.lax.dynamic_update_slice_in_dim(
       cache["k"], k_new.astype(cache["k"].dtype), index, axis=2
     )
     v = jax.lax.dynamic_update_slice_in_dim(
       cache["v"], v_new.astype(cache["v"].dtype), index, axis=2
     )
-    y, _ = self.self_attn.attend(self.self_attn.project_q(h), k, v, self_bias_BH1T, True)
+    y, _ = self.self_attn.attend(q, k, v, self_bias_BH1T, True)
     x_B1D = x_B1D + y
     new_cache = dict(cache, k=k, v=v)
     if self.spec.has_cross_attention:
-      q = self.cross_attn.project_q(self.cross_attn_norm(x_B1D))
-      y, _ = self.cross_attn.attend(q, cache["cross_k"], cache["cross_v"], cross_bias_BH1S, True)
+      q_RH1K = self.cross_attn.project_q(self.cross_attn_norm(x_B1D))
+      y = self._shared_cross_attention(q_RH1K, cache["cross_k"], cache["cross_v"], cross_bias_BH1S)
       x_B1D = x_B1D + y
     return self._ffn_residual(x_B1D, True), new_cache
+
+  def _shared_cross_attention(self, q_RH1K, k_BHSK, v_BHSK, bias_BH1S):
+    """Cross-attention of R = B*G decoded rows (G beams per input row, consecutive) against
+    their input row's keys: each row's G queries go in one [G, S] attention, so the encoder
+    keys and values are stored and read once per input row, not once per beam."""
+    rows, heads, _, head_dim = q_RH1K.shape
+    batch = k_BHSK.shape[0]
+    if rows % batch:
+      raise ValueError(f"{rows} decoded rows do not split into beams of {batch} input rows")
+    group = rows // batch
+    q_BHGK = jnp.swapaxes(q_RH1K.reshape(batch, group, heads, head_dim), 1, 2)
+    y_BGD, _ = self.cross_attn.attend(q_BHGK, k_BHSK, v_BHSK, bias_BH1S, True)
+    return y_BGD.reshape(rows, 1, y_BGD.shape[-1])
 
 
 class Embed(nn.Module):

@@ -277,3 +277,28 @@ def test_bfloat16_compute_decodes(case):
     assert n == NEW or out.tokens[b, n - 1] == c.eos
     assert np.all(out.tokens[b, n:] == PAD)
   assert np.all(np.isfinite(out.scores)) and np.all(out.scores <= 0)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "minus_inf"])
+def test_chunked_top_k_equals_lax_top_k(kind):
+  """Beam search's top-k (chunk maxima first) returns lax.top_k's values and indices, ties and
+  padding of a last partial chunk included."""
+  from modjax.decode import _top_k
+
+  rng = np.random.default_rng(0)
+  for rows, n, k, chunk in [
+    (3, 4099, 8, 128),
+    (2, 1000, 5, 16),
+    (8, 4 * 321, 8, 4),
+    (1, 700, 3, 7),
+  ]:
+    if kind == "ties":
+      x = rng.integers(0, 4, size=(rows, n)).astype(np.float32)
+    else:
+      x = rng.standard_normal((rows, n)).astype(np.float32)
+    if kind == "minus_inf":
+      x[rng.random(x.shape) < 0.7] = -np.inf
+    want_values, want_index = jax.lax.top_k(jnp.asarray(x), k)
+    values, index = _top_k(jnp.asarray(x), k, chunk=chunk)
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
+    np.testing.assert_array_equal(np.asarray(index), np.asarray(want_index))

@@ -190,7 +190,9 @@ class GPT2:
 
   def decode_step(self, params, plan: Plan, cache, token_ids_B, index):
     block = Block(self.block_spec())
-    static = cache["static"]
+    # Static entries have one row per prompt; beam search decodes that many rows times its beams.
+    beams = token_ids_B.shape[0] // cache["static"]["key_mask"].shape[0]
+    static = jax.tree.map(lambda x: jnp.repeat(x, beams, axis=0), cache["static"])
     positions = (index + static["position_offset"])[:, None]
     x = self._embed(params, token_ids_B[:, None], positions)
     keys = jnp.arange(static["key_mask"].shape[1])
