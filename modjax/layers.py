@@ -174,9 +174,13 @@ class Attention(nn.Module):
     q, k, v = jnp.split(jnp.swapaxes(y, 1, 2), 3, axis=1)
     return q, k, v
 
-  def attend(self, q_BHLK, k_BHTK, v_BHTK, bias_BHLT, deterministic: bool):
-    """Returns (output_BLD, probabilities_BHLT); bias holds masks and position bias."""
-    logits = jnp.einsum("bhlk,bhtk->bhlt", q_BHLK, k_BHTK, preferred_element_type=jnp.float32)
+  def attend(self, q_BHLK, k_BHTK, v_BHTK, bias_BHLT, deterministic: bool, keys_transposed=False):
+    """Returns (output_BLD, probabilities_BHLT); bias holds masks and position bias.
+
+    With ``keys_transposed`` the keys come as BHKT (see ``Block.cross_kv``).
+    """
+    scores = "bhlk,bhkt->bhlt" if keys_transposed else "bhlk,bhtk->bhlt"
+    logits = jnp.einsum(scores, q_BHLK, k_BHTK, preferred_element_type=jnp.float32)
     if self.spec.attn_scale != 1.0:
       logits = logits * self.spec.attn_scale
     probs_BHLT = jax.nn.softmax(logits + bias_BHLT, axis=-1)
@@ -257,9 +261,12 @@ class Block(nn.Module):
       x_BLD = x_BLD + self.dropout(y, deterministic=deterministic)
     return self._ffn_residual(x_BLD, deterministic), self_probs, cross_probs
 
-  def cross_kv(self, enc_BTD):
-    """Cross-attention keys and values of the encoder output, computed once per sequence."""
-    return self.cross_attn.project_kv(enc_BTD)
+  def cross_kv(self, enc_BSD):
+    """Cross-attention keys (BHKS, transposed) and values (BHSK) of the encoder output, computed
+    once per sequence for decoding. Transposed keys make the per-token score matmul a plain
+    [G, K] x [K, S] product, which XLA:CPU runs several times faster than [G, K] x [S, K]^T."""
+    k_BHSK, v_BHSK = self.cross_attn.project_kv(enc_BSD)
+    return jnp.swapaxes(k_BHSK, 2, 3), v_BHSK
 
   def prefill(self, x_BLD, self_bias_BHLL, *, deterministic=True):
     """Self-attention-only pass that also returns its keys and values (decoder-only prompts)."""
@@ -271,7 +278,7 @@ class Block(nn.Module):
   def decode_step(self, x_B1D, cache, index, self_bias_BH1T, cross_bias_BH1S=None):
     """One token per row; writes position ``index`` of the self-attention k/v (BHTK) in ``cache``.
 
-    ``cache`` also holds ``cross_k``/``cross_v`` (BHSK) with one row per input row; with beam
+    ``cache`` also holds ``cross_kT`` (BHKS) and ``cross_v`` (BHSK), one row per input row; with beam
     search x has that many rows times the beam count (see ``_shared_cross_attention``).
     """
     h = self.self_attn_norm(x_B1D)
@@ -287,21 +294,21 @@ class Block(nn.Module):
     new_cache = dict(cache, k=k, v=v)
     if self.spec.has_cross_attention:
       q_RH1K = self.cross_attn.project_q(self.cross_attn_norm(x_B1D))
-      y = self._shared_cross_attention(q_RH1K, cache["cross_k"], cache["cross_v"], cross_bias_BH1S)
+      y = self._shared_cross_attention(q_RH1K, cache["cross_kT"], cache["cross_v"], cross_bias_BH1S)
       x_B1D = x_B1D + y
     return self._ffn_residual(x_B1D, True), new_cache
 
-  def _shared_cross_attention(self, q_RH1K, k_BHSK, v_BHSK, bias_BH1S):
+  def _shared_cross_attention(self, q_RH1K, k_BHKS, v_BHSK, bias_BH1S):
     """Cross-attention of R = B*G decoded rows (G beams per input row, consecutive) against
     their input row's keys: each row's G queries go in one [G, S] attention, so the encoder
     keys and values are stored and read once per input row, not once per beam."""
     rows, heads, _, head_dim = q_RH1K.shape
-    batch = k_BHSK.shape[0]
+    batch = k_BHKS.shape[0]
     if rows % batch:
       raise ValueError(f"{rows} decoded rows do not split into beams of {batch} input rows")
     group = rows // batch
     q_BHGK = jnp.swapaxes(q_RH1K.reshape(batch, group, heads, head_dim), 1, 2)
-    y_BGD, _ = self.cross_attn.attend(q_BHGK, k_BHSK, v_BHSK, bias_BH1S, True)
+    y_BGD, _ = self.cross_attn.attend(q_BHGK, k_BHKS, v_BHSK, bias_BH1S, True, keys_transposed=True)
     return y_BGD.reshape(rows, 1, y_BGD.shape[-1])
 
 

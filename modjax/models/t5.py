@@ -305,7 +305,7 @@ class T5:
       x, updated = block.apply(
         {"params": slot_params(params["decoder"], slot)},
         x,
-        {**layer_cache, "cross_k": ck, "cross_v": cv},
+        {**layer_cache, "cross_kT": ck, "cross_v": cv},
         index,
         bias,
         cache["static"]["cross_bias"],
