@@ -2,13 +2,13 @@
 
 An architecture provides ``start_decoding(params, plan, ids, mask, max_new_tokens)`` -> (cache,
 first logits, next cache index) and ``decode_step(params, plan, cache, tokens, index)`` -> (logits,
-cache). The cache has three parts: ``self`` (per decoded row: the per-slot keys/values, updated in place,
-reordered by beam search), ``static`` (per input row, never reordered: cross-attention
+cache). The cache has three parts: ``self`` (per input row and plan slot: keys/values in beam slots, written
+in place; see ``layers.empty_decode_cache``), ``static`` (per input row: cross-attention
 keys/values, masks) and ``shared`` (no batch axis). Beam search starts decoding once per input
-row (the encoder runs once, as in HF) and then repeats only ``self`` for each beam:
-``decode_step`` takes input rows x beams tokens (a row's beams consecutive) and shares each
-input row's static part among its beams. The whole loop is one ``lax.while_loop``: no Python per
-token.
+row (the encoder runs once, as in HF), then gives each row's cache one slot per beam and adds
+``ancestry`` (which slot holds each beam's entry at each position) in place of reordering the
+cache; ``decode_step`` takes input rows x beams tokens, a row's beams consecutive. The whole
+loop is one ``lax.while_loop``: no Python per token.
 
 Semantics follow Hugging Face ``generate`` (transformers 5.x) so results are token-identical:
 
@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from modjax.layers import add_beam_slots
 from modjax.plan import Plan
 
 _NEG = -1.0e9
@@ -171,10 +172,17 @@ def _beam(
 ):
   b, k = input_ids.shape[0], num_beams
   cache, logits, index = model.start_decoding(params, plan, input_ids, input_mask, max_new)
-  # Only the self-attention cache becomes per beam; static parts stay per input row.
-  cache = dict(cache, self=jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache["self"]))
+  # Each input row's cache gets a slot per beam; static parts stay per input row. Beams never
+  # move cache entries: ``ancestry`` tracks which slot holds each beam's history.
+  length = cache["self"][0]["k"].shape[-1]
+  cache = dict(
+    cache,
+    self=tuple(add_beam_slots(layer, k) for layer in cache["self"]),
+    ancestry=jnp.zeros((b, k, length), jnp.int32),
+  )
   logits = jnp.repeat(logits, k, axis=0)
   top_mask = jnp.arange(2 * k) < k
+  slots = jnp.arange(k, dtype=jnp.int32)[None, :, None]
 
   def update(s, logits, t):
     """One HF beam step on logits of the running beams; returns the new state and its tokens."""
@@ -216,8 +224,7 @@ def _beam(
       open=still_open,
       all_hit=jnp.all(hits),
     )
-    flat_src = (src + jnp.arange(b)[:, None] * k).reshape(b * k)
-    return new, run_seq[:, :, t].reshape(b * k), flat_src
+    return new, run_seq[:, :, t].reshape(b * k), src
 
   seq0 = jnp.full((b, k, max_new), pad_id, jnp.int32)
   state = dict(
@@ -237,8 +244,12 @@ def _beam(
 
   def body(carry):
     t, s, cache, tok, src = carry
-    cache = dict(cache, self=jax.tree.map(lambda x: jnp.take(x, src, axis=0), cache["self"]))
-    logits, cache = model.decode_step(params, plan, cache, tok, index + t - 1)
+    position = index + t - 1
+    # Each beam inherits its parent's ancestry and writes this position into its own slot.
+    ancestry = jax.lax.dynamic_update_slice_in_dim(
+      _gather(cache["ancestry"], src), jnp.broadcast_to(slots, (b, k, 1)), position, axis=2
+    )
+    logits, cache = model.decode_step(params, plan, dict(cache, ancestry=ancestry), tok, position)
     s, tok, src = update(s, logits, t)
     return t + 1, s, cache, tok, src
 

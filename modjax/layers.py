@@ -275,41 +275,107 @@ class Block(nn.Module):
     y, _ = self.self_attn.attend(self.self_attn.project_q(h), k, v, self_bias_BHLL, deterministic)
     return self._ffn_residual(x_BLD + y, deterministic), k, v
 
-  def decode_step(self, x_B1D, cache, index, self_bias_BH1T, cross_bias_BH1S=None):
-    """One token per row; writes position ``index`` of the self-attention k/v (BHTK) in ``cache``.
+  def decode_step(self, x_R1D, cache, index, self_bias, cross_bias_BH1S=None):
+    """One token for each of R = B*G rows (B input rows, G beams each, consecutive; G = 1 for
+    greedy); writes position ``index`` of every beam slot of the self-attention cache.
 
-    ``cache`` also holds ``cross_kT`` (BHKS) and ``cross_v`` (BHSK), one row per input row; with beam
-    search x has that many rows times the beam count (see ``_shared_cross_attention``).
+    ``cache``: ``k`` [B, H, K, G*T] and ``v`` [B, H, G*T, K] (see :func:`empty_decode_cache`);
+    for cross-attention also ``cross_kT`` (BHKS) and ``cross_v`` (BHSK), one row per input row.
+    ``self_bias`` is [B or 1, H or 1, G, G*T] (:func:`beam_self_bias`).
     """
-    h = self.self_attn_norm(x_B1D)
-    q, k_new, v_new = self.self_attn.project_qkv(h)
-    k = jax.lax.dynamic_update_slice_in_dim(
-      cache["k"], k_new.astype(cache["k"].dtype), index, axis=2
-    )
-    v = jax.lax.dynamic_update_slice_in_dim(
-      cache["v"], v_new.astype(cache["v"].dtype), index, axis=2
-    )
-    y, _ = self.self_attn.attend(q, k, v, self_bias_BH1T, True)
-    x_B1D = x_B1D + y
+    batch = cache["k"].shape[0]
+    h = self.self_attn_norm(x_R1D)
+    q, k_new, v_new = (_rows_to_beams(a, batch) for a in self.self_attn.project_qkv(h))  # BHGK
+    beams = q.shape[2]
+    length = cache["k"].shape[-1] // beams
+    k, v = cache["k"], cache["v"]
+    k_new, v_new = jnp.swapaxes(k_new, 2, 3).astype(k.dtype), v_new.astype(v.dtype)
+    for slot in range(beams):  # one in-place write per slot, into the cache the matmuls read
+      at = slot * length + index
+      k = jax.lax.dynamic_update_slice_in_dim(k, k_new[..., slot : slot + 1], at, axis=3)
+      v = jax.lax.dynamic_update_slice_in_dim(v, v_new[:, :, slot : slot + 1], at, axis=2)
+    y, _ = self.self_attn.attend(q, k, v, self_bias, True, keys_transposed=True)
+    x_R1D = x_R1D + _beams_to_rows(y)
     new_cache = dict(cache, k=k, v=v)
     if self.spec.has_cross_attention:
-      q_RH1K = self.cross_attn.project_q(self.cross_attn_norm(x_B1D))
-      y = self._shared_cross_attention(q_RH1K, cache["cross_kT"], cache["cross_v"], cross_bias_BH1S)
-      x_B1D = x_B1D + y
-    return self._ffn_residual(x_B1D, True), new_cache
+      q = _rows_to_beams(self.cross_attn.project_q(self.cross_attn_norm(x_R1D)), batch)
+      y, _ = self.cross_attn.attend(
+        q, cache["cross_kT"], cache["cross_v"], cross_bias_BH1S, True, keys_transposed=True
+      )
+      x_R1D = x_R1D + _beams_to_rows(y)
+    return self._ffn_residual(x_R1D, True), new_cache
 
-  def _shared_cross_attention(self, q_RH1K, k_BHKS, v_BHSK, bias_BH1S):
-    """Cross-attention of R = B*G decoded rows (G beams per input row, consecutive) against
-    their input row's keys: each row's G queries go in one [G, S] attention, so the encoder
-    keys and values are stored and read once per input row, not once per beam."""
-    rows, heads, _, head_dim = q_RH1K.shape
-    batch = k_BHKS.shape[0]
-    if rows % batch:
-      raise ValueError(f"{rows} decoded rows do not split into beams of {batch} input rows")
-    group = rows // batch
-    q_BHGK = jnp.swapaxes(q_RH1K.reshape(batch, group, heads, head_dim), 1, 2)
-    y_BGD, _ = self.cross_attn.attend(q_BHGK, k_BHKS, v_BHSK, bias_BH1S, True, keys_transposed=True)
-    return y_BGD.reshape(rows, 1, y_BGD.shape[-1])
+
+# ---- decoding cache layout ------------------------------------------------------------------
+# Beam search keeps each input row's G beams in G slots of T positions in one per-row cache:
+# keys transposed, [B, H, K, G*T] (the per-token score matmul is then a plain
+# [G, K] x [K, G*T] product, which XLA:CPU runs several times faster than against a transposed
+# operand), values [B, H, G*T, K]. Slot j at position t holds the entry written at step t by
+# the beam then in slot j. A beam does not move its history when it changes parent:
+# ``ancestry`` [B, G, T] records, per beam and position, the slot holding its ancestor's entry,
+# and the attention mask follows it. Each row's G queries attend over its G*T entries in one
+# matmul, and no step copies the cache (reordering [B*G, H, T, K] caches would move every
+# layer's keys and values each step). Greedy decoding is the one-slot case.
+
+
+def empty_decode_cache(batch: int, heads: int, head_dim: int, length: int, dtype):
+  """Self-attention cache of one layer: ``batch`` rows, one slot of ``length`` positions."""
+  return {
+    "k": jnp.zeros((batch, heads, head_dim, length), dtype),
+    "v": jnp.zeros((batch, heads, length, head_dim), dtype),
+  }
+
+
+def decode_cache_from_prefill(k_BHTK, v_BHTK, length: int):
+  """A one-slot cache of ``length`` positions holding prefilled keys/values at the front."""
+  pad = length - k_BHTK.shape[2]
+  return {
+    "k": jnp.pad(jnp.swapaxes(k_BHTK, 2, 3), ((0, 0), (0, 0), (0, 0), (0, pad))),
+    "v": jnp.pad(v_BHTK, ((0, 0), (0, 0), (0, pad), (0, 0))),
+  }
+
+
+def add_beam_slots(layer_cache, beams: int):
+  """Widens a one-slot cache to ``beams`` slots; slot 0 keeps what was written so far (the
+  ancestry of every beam starts there), the others start empty."""
+  extra = (beams - 1) * layer_cache["k"].shape[-1]
+  return {
+    "k": jnp.pad(layer_cache["k"], ((0, 0), (0, 0), (0, 0), (0, extra))),
+    "v": jnp.pad(layer_cache["v"], ((0, 0), (0, 0), (0, extra), (0, 0))),
+  }
+
+
+def decode_cache_length(layer_cache, rows: int) -> int:
+  """Positions per beam slot of a cache decoding ``rows`` rows."""
+  k = layer_cache["k"]
+  return k.shape[-1] // (rows // k.shape[0])
+
+
+def beam_self_bias(bias_xH1T, ancestry_BGT=None):
+  """Self-attention bias [B or 1, H or 1, G, G*T] over beam slots from a per-position bias.
+
+  The position bias (relative positions, causal and padding masks) repeats for every slot; a
+  beam sees position t only in the slot ``ancestry[b, g, t]``. Without ancestry (greedy) there
+  is one slot and the bias is returned as is.
+  """
+  if ancestry_BGT is None:
+    return bias_xH1T
+  batch, beams, length = ancestry_BGT.shape
+  own_BGJT = ancestry_BGT[:, :, None, :] == jnp.arange(beams)[None, None, :, None]
+  own = jnp.where(own_BGJT, 0.0, NEG_INF).reshape(batch, 1, beams, beams * length)
+  return jnp.tile(bias_xH1T, (1, 1, 1, beams)) + own
+
+
+def _rows_to_beams(x_RH1K, batch: int):
+  """[B*G, H, 1, K] rows (a row's beams consecutive) -> [B, H, G, K]: beams become queries."""
+  rows, heads, _, head_dim = x_RH1K.shape
+  if rows % batch:
+    raise ValueError(f"{rows} decoded rows do not split into beams of {batch} input rows")
+  return jnp.swapaxes(x_RH1K.reshape(batch, rows // batch, heads, head_dim), 1, 2)
+
+
+def _beams_to_rows(y_BGD):
+  return y_BGD.reshape(-1, 1, y_BGD.shape[-1])
 
 
 class Embed(nn.Module):

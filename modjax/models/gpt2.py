@@ -19,7 +19,9 @@ from modjax.layers import (
   BlockSpec,
   Embed,
   Norm,
+  beam_self_bias,
   causal_bias,
+  decode_cache_from_prefill,
   head_logits,
   key_padding_bias,
   segment_bias,
@@ -165,13 +167,12 @@ class GPT2:
     x = self._embed(params, prompt_ids_BP, positions)
     bias = causal_bias(p) + key_padding_bias(prompt_mask_BP)
     block = Block(self.block_spec())
-    pad = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0))  # BHTK: grow the T axis
     layers = []
     for slot in plan.decoder:
       x, k, v = block.apply(
         {"params": slot_params(params["decoder"], slot)}, x, bias, method="prefill"
       )
-      layers.append({"k": jnp.pad(k, pad), "v": jnp.pad(v, pad)})
+      layers.append(decode_cache_from_prefill(k, v, total))
     key_mask = jnp.concatenate(
       [prompt_mask_BP, jnp.ones((b, max_new_tokens), prompt_mask_BP.dtype)], axis=1
     )
@@ -191,13 +192,14 @@ class GPT2:
   def decode_step(self, params, plan: Plan, cache, token_ids_B, index):
     block = Block(self.block_spec())
     # Static entries have one row per prompt; beam search decodes that many rows times its beams.
-    beams = token_ids_B.shape[0] // cache["static"]["key_mask"].shape[0]
-    static = jax.tree.map(lambda x: jnp.repeat(x, beams, axis=0), cache["static"])
-    positions = (index + static["position_offset"])[:, None]
+    static = cache["static"]
+    beams = token_ids_B.shape[0] // static["key_mask"].shape[0]
+    positions = (index + jnp.repeat(static["position_offset"], beams))[:, None]
     x = self._embed(params, token_ids_B[:, None], positions)
     keys = jnp.arange(static["key_mask"].shape[1])
     ok = static["key_mask"] & (keys <= index)[None, :]
     bias = jnp.where(ok, 0.0, NEG_INF)[:, None, None, :].astype(jnp.float32)
+    bias = beam_self_bias(bias, cache.get("ancestry"))
     new_self = []
     for slot, layer_cache in zip(plan.decoder, cache["self"], strict=True):
       x, updated = block.apply(

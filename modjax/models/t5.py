@@ -32,7 +32,10 @@ from modjax.layers import (
   Norm,
   Projection,
   RelativePositionBias,
+  beam_self_bias,
   causal_bias,
+  decode_cache_length,
+  empty_decode_cache,
   head_logits,
   key_padding_bias,
   segment_bias,
@@ -256,15 +259,14 @@ class T5:
   def init_decode_state(self, params, plan: Plan, input_ids_BS, input_mask_BS, max_length: int):
     """Runs the encoder once and precomputes cross-attention keys/values of every slot.
 
-    Returns a cache: ``self`` (per slot k/v of shape BHTK, updated in place as tokens are
-    generated; reordered by beam search), ``static`` (per row, never reordered: cross k/v and the
+    Returns a cache: ``self`` (per slot k/v, see ``layers.empty_decode_cache``; written in place
+    as tokens are generated), ``static`` (per row, never reordered: cross k/v and the
     encoder mask) and ``shared`` (no batch axis: the transposed tied head).
     """
     c = self.config
     enc, _ = self.encode(params, plan, input_ids_BS, input_mask_BS=input_mask_BS)
     block, spec = Block(self.block_spec(True)), self.block_spec(True)
     b, dt = input_ids_BS.shape[0], to_dtype(c.dtype)
-    zeros = jnp.zeros((b, spec.num_heads, max_length, spec.head_dim), dt)
     cross = tuple(
       block.apply({"params": slot_params(params["decoder"], slot)}, enc, method="cross_kv")
       for slot in plan.decoder
@@ -272,7 +274,9 @@ class T5:
     if input_mask_BS is None:
       input_mask_BS = input_ids_BS != c.pad_token_id
     return {
-      "self": tuple({"k": zeros, "v": zeros} for _ in plan.decoder),
+      "self": tuple(
+        empty_decode_cache(b, spec.num_heads, spec.head_dim, max_length, dt) for _ in plan.decoder
+      ),
       "static": {"cross": cross, "cross_bias": key_padding_bias(input_mask_BS)},
       # The tied head transposed once per call (see layers.head_logits); None when untied.
       "shared": {"head_DV": tied_head(params, c)},
@@ -293,10 +297,11 @@ class T5:
     m = self._modules()
     spec = self.block_spec(True)
     block = Block(spec)
-    max_length = cache["self"][0]["k"].shape[2]
+    max_length = decode_cache_length(cache["self"][0], token_ids_B.shape[0])
     keys = jnp.arange(max_length)
     bias = m["dec_relpos"].apply({"params": params["decoder"]["relpos_bias"]}, index[None], keys)
     bias = bias + jnp.where(keys <= index, 0.0, NEG_INF)[None, None, None, :]
+    bias = beam_self_bias(bias, cache.get("ancestry"))
     x = m["embed"].apply({"params": params["token_embedding"]}, token_ids_B[:, None])
     new_self = []
     for slot, layer_cache, (ck, cv) in zip(
