@@ -43,6 +43,7 @@ import transformers
 
 from modjax.decode import generate
 from modjax.interop.hf import import_checkpoint
+from modjax.layers import add_beam_slots
 from modjax.models import architecture_for
 
 try:
@@ -84,30 +85,33 @@ def build(shape: dict, seed: int, directory: str):
   return hf, architecture_for(config), jax.device_put(params)
 
 
-def xla_costs(model, params, rows: int, input_length: int, new: int, beams: int) -> dict:
-  """XLA's FLOPs and bytes accessed for the prefill (encoder + first step) and one decode step.
-
-  The step includes beam search's reordering of the self-attention cache; the per-step bookkeeping
-  over scores (top-k of k*V candidates) is not counted.
-  """
+def xla_costs(model, params, batch: int, beams: int, input_length: int, new: int) -> dict:
+  """XLA's FLOPs and bytes accessed for the prefill (encoder + first step, once per input row)
+  and one decode step of batch * beams rows (with beam search's ancestry mask over beam slots).
+  The per-step bookkeeping over scores (top-k of k*V candidates) is not counted."""
   plan = model.identity_plan()
-  ids = jax.ShapeDtypeStruct((rows, input_length), jnp.int32)
+  ids = jax.ShapeDtypeStruct((batch, input_length), jnp.int32)
 
   def start(p, ids, mask):
     return model.start_decoding(p, plan, ids, mask, new)
 
-  def step(p, cache, tok, index, src):
+  def step(p, cache, tok, index, ancestry):
     if beams > 1:
-      cache = dict(cache, self=jax.tree.map(lambda x: jnp.take(x, src, axis=0), cache["self"]))
+      cache = dict(
+        cache,
+        self=tuple(add_beam_slots(layer, beams) for layer in cache["self"]),
+        ancestry=ancestry,
+      )
     return model.decode_step(p, plan, cache, tok, index)
 
   cache, _, _ = jax.eval_shape(start, params, ids, ids)
-  tok = jax.ShapeDtypeStruct((rows,), jnp.int32)
+  tok = jax.ShapeDtypeStruct((batch * beams,), jnp.int32)
   index = jax.ShapeDtypeStruct((), jnp.int32)
+  ancestry = jax.ShapeDtypeStruct((batch, beams, new), jnp.int32)
   out = {}
   for name, fn, args in (
     ("prefill", start, (params, ids, ids)),
-    ("step", step, (params, cache, tok, index, tok)),
+    ("step", step, (params, cache, tok, index, ancestry)),
   ):
     cost = jax.jit(fn).lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -115,21 +119,22 @@ def xla_costs(model, params, rows: int, input_length: int, new: int, beams: int)
   return out
 
 
-def step_bytes(config, rows: int, input_length: int, new: int) -> dict:
+def step_bytes(config, batch: int, beams: int, input_length: int, new: int) -> dict:
   """Bytes one decode step must read: decoder weights once (the tied embedding as LM head) and
-  the KV caches (modjax's self cache has a fixed length ``new``; cross k/v are precomputed)."""
+  the KV caches (a fixed length ``new`` per beam; cross k/v once per input row)."""
   c = config
   d, hk, layers = c.d_model, c.num_heads * c.d_kv, c.num_decoder_layers
   ffn = (3 if c.is_gated else 2) * d * c.d_ff
   per_layer = 2 * d * hk + 2 * d * hk + ffn + 3 * d  # self q,k,v,o minus k,v of cross; q,o of cross
   weights = 4 * (layers * per_layer + c.vocab_size * d)
-  self_kv = 4 * 2 * layers * rows * new * hk
-  cross_kv = 4 * 2 * layers * rows * input_length * hk
+  self_kv = 4 * 2 * layers * batch * beams * new * hk
+  cross_kv = 4 * 2 * layers * batch * input_length * hk
   return {"weights": weights, "kv_cache": self_kv + cross_kv}
 
 
-def useful_flops(config, rows: int, input_length: int, new: int) -> float:
-  """Matmul and attention FLOPs of one generate call with a growing cache (no padding waste)."""
+def useful_flops(config, batch: int, beams: int, input_length: int, new: int) -> float:
+  """Matmul and attention FLOPs of one generate call with a growing cache (no padding waste):
+  the encoder and cross k/v once per input row, the decoder once per beam and token."""
   c = config
   d, hk, s = c.d_model, c.num_heads * c.d_kv, input_length
   ffn = (3 if c.is_gated else 2) * d * c.d_ff
@@ -137,7 +142,7 @@ def useful_flops(config, rows: int, input_length: int, new: int) -> float:
   cross_kv = c.num_decoder_layers * s * 2 * 2 * d * hk
   per_token = c.num_decoder_layers * 2 * (6 * d * hk + ffn) + 2 * d * c.vocab_size
   attention = c.num_decoder_layers * sum(4 * hk * (t + 1) + 4 * hk * s for t in range(new))
-  return float(rows * (encoder + cross_kv + new * per_token + attention))
+  return float(batch * (encoder + cross_kv) + batch * beams * (new * per_token + attention))
 
 
 def run_case(
@@ -188,10 +193,10 @@ def run_case(
 
   mj_tokens, hf_tokens = np.asarray(mj_out.tokens), hf_out.numpy()[:, 1:]
   same = [np.array_equal(a, b) for a, b in zip(mj_tokens, hf_tokens, strict=True)]
-  rows, c = batch * beams, model.config
-  costs = xla_costs(model, params, rows, input_length, new, beams)
+  c = model.config
+  costs = xla_costs(model, params, batch, beams, input_length, new)
   xla_flops = costs["prefill"]["flops"] + (new - 1) * costs["step"]["flops"]
-  moved = step_bytes(c, rows, input_length, new)
+  moved = step_bytes(c, batch, beams, input_length, new)
   per_step = moved["weights"] + moved["kv_cache"]
   peak_bw = limits["peak_bytes_per_s"]
   return {
@@ -211,13 +216,13 @@ def run_case(
     "xla_gflop_prefill": costs["prefill"]["flops"] / 1e9,
     "xla_gflop_step": costs["step"]["flops"] / 1e9,
     "xla_mb_step": costs["step"]["bytes"] / 1e6,
-    "useful_gflop": useful_flops(c, rows, input_length, new) / 1e9,
+    "useful_gflop": useful_flops(c, batch, beams, input_length, new) / 1e9,
     "mb_step": per_step / 1e6,
     "mb_step_weights": moved["weights"] / 1e6,
     "mb_step_kv": moved["kv_cache"] / 1e6,
     "modjax_gflop_s": xla_flops / mj_s / 1e9,
     "modjax_pct_peak_flops": 100 * xla_flops / mj_s / limits["peak_flops"],
-    "hf_useful_gflop_s": useful_flops(c, rows, input_length, new) / hf_s / 1e9,
+    "hf_useful_gflop_s": useful_flops(c, batch, beams, input_length, new) / hf_s / 1e9,
     "modjax_gb_s": per_step * new / mj_s / 1e9,
     "modjax_pct_peak_bw": 100 * per_step * new / mj_s / peak_bw,
   }
