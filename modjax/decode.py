@@ -2,13 +2,13 @@
 
 An architecture provides ``start_decoding(params, plan, ids, mask, max_new_tokens)`` -> (cache,
 first logits, next cache index) and ``decode_step(params, plan, cache, tokens, index)`` -> (logits,
-cache). The cache has three parts: ``self`` (per input row and plan slot: keys/values in beam slots, written
-in place; see ``layers.empty_decode_cache``), ``static`` (per input row: cross-attention
-keys/values, masks) and ``shared`` (no batch axis). Beam search starts decoding once per input
-row (the encoder runs once, as in HF), then gives each row's cache one slot per beam and adds
-``ancestry`` (which slot holds each beam's entry at each position) in place of reordering the
-cache; ``decode_step`` takes input rows x beams tokens, a row's beams consecutive. The whole
-loop is one ``lax.while_loop``: no Python per token.
+cache). The cache has three parts: ``self`` (per input row and plan slot: keys/values, written in
+place; see ``layers.empty_decode_cache``), ``static`` (per input row: cross-attention keys/values,
+masks) and ``shared`` (no batch axis). Beam search starts decoding once per input row (the encoder
+runs once, as in HF), then gives each row's cache one slot per beam and adds ``ancestry`` (which
+slot holds each beam's entry at each position) instead of reordering the cache every step;
+``decode_step`` then takes input rows x beams tokens, a row's beams consecutive. The whole loop is
+one ``lax.while_loop``: no Python per token.
 
 Semantics follow Hugging Face ``generate`` (transformers 5.x) so results are token-identical:
 

@@ -177,7 +177,8 @@ class Attention(nn.Module):
   def attend(self, q_BHLK, k_BHTK, v_BHTK, bias_BHLT, deterministic: bool, keys_transposed=False):
     """Returns (output_BLD, probabilities_BHLT); bias holds masks and position bias.
 
-    With ``keys_transposed`` the keys come as BHKT (see ``Block.cross_kv``).
+    With ``keys_transposed`` the keys come as BHKT, as decoding stores them (see the decoding
+    cache layout below).
     """
     scores = "bhlk,bhkt->bhlt" if keys_transposed else "bhlk,bhtk->bhlt"
     logits = jnp.einsum(scores, q_BHLK, k_BHTK, preferred_element_type=jnp.float32)

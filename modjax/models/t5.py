@@ -260,8 +260,8 @@ class T5:
     """Runs the encoder once and precomputes cross-attention keys/values of every slot.
 
     Returns a cache: ``self`` (per slot k/v, see ``layers.empty_decode_cache``; written in place
-    as tokens are generated), ``static`` (per row, never reordered: cross k/v and the
-    encoder mask) and ``shared`` (no batch axis: the transposed tied head).
+    as tokens are generated), ``static`` (per input row, shared by its beams: cross k/v and
+    the encoder mask) and ``shared`` (no batch axis: the transposed tied head).
     """
     c = self.config
     enc, _ = self.encode(params, plan, input_ids_BS, input_mask_BS=input_mask_BS)
