@@ -60,8 +60,13 @@ def generate(
   eos_id: int | None = None,
   pad_id: int | None = None,
   length_penalty: float = 1.0,
+  prepared=None,
 ) -> DecodeResult:
-  """Decodes a batch. ``input_ids`` are T5 encoder inputs, or left-padded GPT-2 prompts."""
+  """Decodes a batch. ``input_ids`` are T5 encoder inputs, or left-padded GPT-2 prompts.
+
+  ``prepared``: :func:`prepare` of these weights, when decoding them repeatedly (otherwise
+  each call derives those constants itself).
+  """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if num_beams < 1:
@@ -77,13 +82,40 @@ def generate(
     if num_beams == 1
     else functools.partial(_beam, num_beams=num_beams, length_penalty=length_penalty)
   )
-  return fn(model, params, plan, input_ids, input_mask, max_new_tokens, eos_id, pad_id)
+  if prepared is not None:
+    _check_prepared(model, params, prepared)
+  return fn(model, params, plan, input_ids, input_mask, max_new_tokens, eos_id, pad_id, prepared)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def prepare(model, params):
+  """Decoding constants of a set of weights (today: the tied LM head transposed to [D, V]),
+  computed once and passed to :func:`generate` as ``prepared=`` across calls, as a serving
+  process lays its weights out once at load. Valid only for these ``params``: ``generate``
+  checks shapes and dtypes, not values."""
+  return model.decoding_constants(params)
+
+
+def _check_prepared(model, params, prepared):
+  want = jax.eval_shape(model.decoding_constants, params)
+  got = jax.eval_shape(lambda x: x, prepared)
+  if jax.tree.structure(got) != jax.tree.structure(want) or any(
+    (a.shape, a.dtype) != (b.shape, b.dtype)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+  ):
+    shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype)), want)
+    raise ValueError(
+      f"prepared= does not match these weights (expected {shapes}); "
+      "pass decode.prepare(model, params) of the same model and params"
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 5, 6, 7))
-def _greedy(model, params, plan, input_ids, input_mask, max_new, eos_id, pad_id):
+def _greedy(model, params, plan, input_ids, input_mask, max_new, eos_id, pad_id, prepared):
   b = input_ids.shape[0]
-  cache, logits, index = model.start_decoding(params, plan, input_ids, input_mask, max_new)
+  cache, logits, index = model.start_decoding(
+    params, plan, input_ids, input_mask, max_new, shared=prepared
+  )
 
   def pick(logits, done, tokens, score, t):
     tok = _argmax(logits)
@@ -168,10 +200,23 @@ def _gather(x, idx):
   jax.jit, static_argnums=(0, 2, 5, 6, 7), static_argnames=("num_beams", "length_penalty")
 )
 def _beam(
-  model, params, plan, input_ids, input_mask, max_new, eos_id, pad_id, *, num_beams, length_penalty
+  model,
+  params,
+  plan,
+  input_ids,
+  input_mask,
+  max_new,
+  eos_id,
+  pad_id,
+  prepared,
+  *,
+  num_beams,
+  length_penalty,
 ):
   b, k = input_ids.shape[0], num_beams
-  cache, logits, index = model.start_decoding(params, plan, input_ids, input_mask, max_new)
+  cache, logits, index = model.start_decoding(
+    params, plan, input_ids, input_mask, max_new, shared=prepared
+  )
   # Each input row's cache gets a slot per beam; static parts stay per input row. Beams never
   # move cache entries: ``ancestry`` tracks which slot holds each beam's history.
   length = cache["self"][0]["k"].shape[-1]

@@ -302,3 +302,27 @@ def test_chunked_top_k_equals_lax_top_k(kind):
     values, index = _top_k(jnp.asarray(x), k, chunk=chunk)
     np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
     np.testing.assert_array_equal(np.asarray(index), np.asarray(want_index))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prepared_weights_decode_like_unprepared(case, kind):
+  """``prepare`` once, then ``generate(prepared=...)``: same rows and scores as HF, greedy and
+  beam."""
+  from modjax.decode import prepare
+
+  c = case(kind)
+  prepared = prepare(c.model, c.params)
+  for beams, want in ((1, c.greedy), (BEAMS, c.beam)):
+    out = _run(c, num_beams=beams, prepared=prepared)
+    _assert_rows(out, want["rows"], c.eos)
+    np.testing.assert_allclose(out.scores, want["scores"], rtol=0, atol=1e-4)
+
+
+def test_prepared_constants_of_another_shape_are_refused(case):
+  from modjax.decode import prepare
+
+  c = case("t5_v1_0")
+  head = prepare(c.model, c.params)["head_DV"]
+  for wrong in ({"head_DV": head[:, :-1]}, {"head_DV": head.astype(jnp.bfloat16)}, {"head": head}):
+    with pytest.raises(ValueError, match=r"prepared= does not match these weights"):
+      _run(c, prepared=wrong)

@@ -149,8 +149,17 @@ class GPT2:
     return self._logits(params, x), ({"decoder": inter} if collect else None)
 
   # ---- cached decoding ----------------------------------------------------------------------
-  def start_decoding(self, params, plan: Plan, prompt_ids_BP, prompt_mask_BP, max_new_tokens: int):
-    """Runs the (left-padded) prompt once, filling the cache.
+  def decoding_constants(self, params):
+    """Batch-free decoding inputs derived from the weights alone (``cache["shared"]``): the tied
+    head transposed to [D, V] (see layers.head_logits)."""
+    embedding = params["token_embedding"]["embedding"]
+    return {"head_DV": embedding.T.astype(to_dtype(self.config.dtype))}
+
+  def start_decoding(
+    self, params, plan: Plan, prompt_ids_BP, prompt_mask_BP, max_new_tokens: int, shared=None
+  ):
+    """Runs the (left-padded) prompt once, filling the cache. ``shared``: precomputed
+    :meth:`decoding_constants` (computed here when None).
 
     Returns (cache, logits of the first new token BV, index of the next cache position).
     Positions follow HF's generate: ``cumsum(mask) - 1`` over the prompt, then +1 per token.
@@ -182,10 +191,7 @@ class GPT2:
         "key_mask": key_mask.astype(bool),
         "position_offset": jnp.sum(prompt_mask_BP, 1) - p,
       },
-      # The tied head transposed once per call (see layers.head_logits).
-      "shared": {
-        "head_DV": params["token_embedding"]["embedding"].T.astype(to_dtype(self.config.dtype))
-      },
+      "shared": self.decoding_constants(params) if shared is None else shared,
     }
     return cache, self._logits(params, x[:, -1:], cache["shared"]["head_DV"])[:, 0], jnp.int32(p)
 

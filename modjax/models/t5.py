@@ -256,7 +256,16 @@ class T5:
     return m["lm_head"].apply({"params": params["lm_head"]}, x_BLD.astype(jnp.float32))
 
   # ---- cached decoding ----------------------------------------------------------------------
-  def init_decode_state(self, params, plan: Plan, input_ids_BS, input_mask_BS, max_length: int):
+  def decoding_constants(self, params):
+    """Batch-free decoding inputs derived from the weights alone (``cache["shared"]``): the tied
+    head transposed to [D, V] (see layers.head_logits), None when untied. ``decode.prepare``
+    computes them once per set of weights; otherwise each decoding call does (~25 ms at
+    t5-small's vocabulary on CPU)."""
+    return {"head_DV": tied_head(params, self.config)}
+
+  def init_decode_state(
+    self, params, plan: Plan, input_ids_BS, input_mask_BS, max_length: int, shared=None
+  ):
     """Runs the encoder once and precomputes cross-attention keys/values of every slot.
 
     Returns a cache: ``self`` (per slot k/v, see ``layers.empty_decode_cache``; written in place
@@ -278,16 +287,20 @@ class T5:
         empty_decode_cache(b, spec.num_heads, spec.head_dim, max_length, dt) for _ in plan.decoder
       ),
       "static": {"cross": cross, "cross_bias": key_padding_bias(input_mask_BS)},
-      # The tied head transposed once per call (see layers.head_logits); None when untied.
-      "shared": {"head_DV": tied_head(params, c)},
+      "shared": self.decoding_constants(params) if shared is None else shared,
     }
 
-  def start_decoding(self, params, plan: Plan, input_ids_BS, input_mask_BS, max_new_tokens: int):
-    """Encodes once and feeds the decoder start token.
+  def start_decoding(
+    self, params, plan: Plan, input_ids_BS, input_mask_BS, max_new_tokens: int, shared=None
+  ):
+    """Encodes once and feeds the decoder start token. ``shared``: precomputed
+    :meth:`decoding_constants` (computed here when None).
 
     Returns (cache, logits of the first new token BV, index of the next cache position).
     """
-    cache = self.init_decode_state(params, plan, input_ids_BS, input_mask_BS, max_new_tokens)
+    cache = self.init_decode_state(
+      params, plan, input_ids_BS, input_mask_BS, max_new_tokens, shared
+    )
     start_B = jnp.full((input_ids_BS.shape[0],), self.config.decoder_start_token_id, jnp.int32)
     logits, cache = self.decode_step(params, plan, cache, start_B, jnp.int32(0))
     return cache, logits, jnp.int32(1)
