@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from modjax.layers import add_beam_slots
+from modjax.layers import add_beam_slots, decode_cache_length
 from modjax.plan import Plan
 
 _NEG = -1.0e9
@@ -219,7 +219,7 @@ def _beam(
   )
   # Each input row's cache gets a slot per beam; static parts stay per input row. Beams never
   # move cache entries: ``ancestry`` tracks which slot holds each beam's history.
-  length = cache["self"][0]["k"].shape[-1]
+  length = decode_cache_length(cache["self"][0], b)
   cache = dict(
     cache,
     self=tuple(add_beam_slots(layer, k) for layer in cache["self"]),

@@ -163,8 +163,6 @@ class Attention(nn.Module):
     XLA hoists it out of a decoding loop.
     """
     projections = (self.query, self.key, self.value)
-    if any(not p.has_variable("params", "kernel") for p in projections):  # initialising
-      return self.project_q(x_BLD), *self.project_kv(x_BLD)
     dt = to_dtype(self.spec.dtype)
     kernel = jnp.concatenate([p.get_variable("params", "kernel") for p in projections], axis=1)
     y = jnp.einsum("bld,dhk->blhk", x_BLD.astype(dt), kernel.astype(dt))
@@ -287,11 +285,10 @@ class Block(nn.Module):
     batch = cache["k"].shape[0]
     h = self.self_attn_norm(x_R1D)
     q, k_new, v_new = (_rows_to_beams(a, batch) for a in self.self_attn.project_qkv(h))  # BHGK
-    beams = q.shape[2]
-    length = cache["k"].shape[-1] // beams
+    length = decode_cache_length(cache, x_R1D.shape[0])
     k, v = cache["k"], cache["v"]
     k_new, v_new = jnp.swapaxes(k_new, 2, 3).astype(k.dtype), v_new.astype(v.dtype)
-    for slot in range(beams):  # one in-place write per slot, into the cache the matmuls read
+    for slot in range(q.shape[2]):  # one in-place write per beam slot, into the array read below
       at = slot * length + index
       k = jax.lax.dynamic_update_slice_in_dim(k, k_new[..., slot : slot + 1], at, axis=3)
       v = jax.lax.dynamic_update_slice_in_dim(v, v_new[:, :, slot : slot + 1], at, axis=2)
