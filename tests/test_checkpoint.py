@@ -117,8 +117,7 @@ def test_save_while_previous_async_save_in_flight(tmp_path):
 
 
 def test_restore_onto_different_mesh(tmp_path):
-  if jax.device_count() < 8:
-    pytest.skip("needs 8 devices: jax was initialised before this module set XLA_FLAGS")
+  assert jax.device_count() >= 8, "tests/conftest.py sets 8 fake CPU devices before JAX starts"
   devices = np.array(jax.devices()[:8])
   mesh_2x4 = Mesh(devices.reshape(2, 4), ("data", "model"))
   mesh_4x2 = Mesh(devices.reshape(4, 2), ("data", "model"))

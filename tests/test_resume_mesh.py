@@ -3,15 +3,13 @@ where an uninterrupted 1-device run ends: checkpoints restore onto a different m
 
 import jax
 import numpy as np
-import pytest
 from train_helpers import micro_config
 
 from modjax.train.loop import train
 
 
 def test_resume_on_a_different_mesh(tmp_path):
-  if jax.device_count() < 8:
-    pytest.skip("needs 8 (fake) devices; tests/conftest.py sets them")
+  assert jax.device_count() >= 8, "tests/conftest.py sets 8 fake CPU devices before JAX starts"
   sharded = micro_config(
     tmp_path / "moved", train__num_steps=10, mesh__data=2, mesh__fsdp=2, mesh__tensor=2
   )

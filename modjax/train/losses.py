@@ -38,14 +38,13 @@ def seq2seq_loss(model, plan, *, label_smoothing=0.0, z_loss=0.0):
       deterministic=rng is None,
       dropout_rng=rng,
     )
-    total, weight = cross_entropy(
+    return cross_entropy(
       logits,
       batch["decoder_target_tokens"],
       batch["decoder_loss_weights"],
       label_smoothing=label_smoothing,
       z_loss=z_loss,
     )
-    return total, weight
 
   return loss_fn
 
