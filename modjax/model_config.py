@@ -70,8 +70,12 @@ class T5Config:
 
   @property
   def activation(self) -> str:
-    """Name of the FFN nonlinearity ('relu', or 'gelu_new': GELU, tanh approximation)."""
-    return "relu" if self.feed_forward_proj.endswith("relu") else "gelu_new"
+    """Hugging Face's name (``dense_act_fn``) of the FFN nonlinearity, derived as transformers'
+    T5Config does: the part after 'gated-', except that 'gated-gelu' means 'gelu_new' (tanh
+    approximation) while plain 'gelu' is the exact erf GELU."""
+    if self.feed_forward_proj == "gated-gelu":
+      return "gelu_new"
+    return self.feed_forward_proj.split("-")[-1]
 
 
 @dataclasses.dataclass(frozen=True)

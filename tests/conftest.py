@@ -49,8 +49,11 @@ TINY_GPT2 = dict(
 # "t5_v1_0": ReLU FFN, tied head, decoder output rescaled by d_model**-0.5.
 # "t5_v1_1": gated-GELU; transformers 5.x turns tie_word_embeddings=False into a tied head
 #            with scale_decoder_outputs=False.
+# "t5_gelu": non-gated FFN with the exact (erf) GELU, which HF keeps apart from gated-gelu's tanh
+#            approximation (gelu_new).
 HF_KINDS = {
   "t5_v1_0": ("t5", dict(feed_forward_proj="relu")),
+  "t5_gelu": ("t5", dict(feed_forward_proj="gelu")),
   "t5_v1_1": ("t5", dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
   "gpt2": ("gpt2", {}),
 }

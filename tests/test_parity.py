@@ -20,7 +20,11 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from conftest import TINY_T5  # noqa: E402
 
-from modjax.interop.hf import export_checkpoint, import_checkpoint  # noqa: E402
+from modjax.interop.hf import (  # noqa: E402
+  HFInteropError,
+  export_checkpoint,
+  import_checkpoint,
+)
 from modjax.model_config import T5Config  # noqa: E402
 from modjax.models import GPT2, T5, architecture_for  # noqa: E402
 from modjax.plan import Plan, Slot  # noqa: E402
@@ -109,12 +113,14 @@ def _rms_norm(x, scale, eps):
 
 
 @pytest.mark.parametrize(
-  "kind, gated, scaled", [("t5_v1_0", False, True), ("t5_v1_1", True, False)]
+  "kind, gated, scaled",
+  [("t5_v1_0", False, True), ("t5_v1_1", True, False), ("t5_gelu", False, True)],
 )
 def test_t5_logits_match_hf_with_encoder_padding(hf_checkpoint, kind, gated, scaled):
   directory, hf_model = hf_checkpoint(kind)
   config, params = import_checkpoint(directory)
   assert config.is_gated == gated and config.scale_decoder_outputs == scaled
+  assert config.activation == hf_model.config.dense_act_fn
   assert config.tie_word_embeddings
   # 20 encoder tokens > relative_attention_max_distance=12: long-distance buckets are used.
   enc, mask, dec = _t5_batch(config.vocab_size)
@@ -142,6 +148,36 @@ def test_t5_untied_head_export_matches_hf(tmp_path):
   ref = _hf_t5(hf_model, enc, mask, dec).logits.numpy()
   ours, _ = _ours_t5(config, params, enc, mask, dec)
   _assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("ffn", ["gelu", "gated-gelu"])
+def test_t5_gelu_export_matches_hf(tmp_path, ffn):
+  """HF reads modjax's exported activation back as the same function (erf GELU for 'gelu', tanh
+  for 'gated-gelu'), and modjax imports its own export unchanged."""
+  config = T5Config(**TINY_T5, feed_forward_proj=ffn)
+  params = T5(config).init(jax.random.key(3))
+  export_checkpoint(config, params, str(tmp_path / ffn))
+  hf_model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / ffn).eval()
+  assert hf_model.config.dense_act_fn == {"gelu": "gelu", "gated-gelu": "gelu_new"}[ffn]
+  assert import_checkpoint(str(tmp_path / ffn))[0] == config
+  enc, mask, dec = _t5_batch(config.vocab_size, seed=3)
+  ref = _hf_t5(hf_model, enc, mask, dec).logits.numpy()
+  ours, _ = _ours_t5(config, params, enc, mask, dec)
+  _assert_close(ours, ref)
+
+
+def test_t5_import_rejects_a_dense_act_fn_it_cannot_run(hf_checkpoint, tmp_path):
+  """transformers lets a stored dense_act_fn override feed_forward_proj; modjax cannot, so it
+  refuses rather than silently running another activation."""
+  import json
+  import shutil
+
+  directory = shutil.copytree(hf_checkpoint("t5_gelu")[0], tmp_path / "ckpt")
+  raw = json.load(open(directory / "config.json"))
+  raw["dense_act_fn"] = "gelu_new"
+  json.dump(raw, open(directory / "config.json", "w"))
+  with pytest.raises(HFInteropError, match="dense_act_fn='gelu_new'.*feed_forward_proj='gelu'"):
+    import_checkpoint(str(directory))
 
 
 def test_gpt2_logits_match_hf_with_right_padding(hf_checkpoint):

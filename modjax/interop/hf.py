@@ -221,14 +221,14 @@ def read_config(directory: str, **dtypes) -> T5Config | GPT2Config:
     kw["scale_decoder_outputs"] = raw.get(
       "scale_decoder_outputs", kw.get("tie_word_embeddings", True)
     )
-    if raw.get("feed_forward_proj") == "gated-gelu" and raw.get("dense_act_fn") not in (
-      None,
-      "gelu_new",
-    ):
+    config = T5Config(**kw, **dtypes)
+    # transformers derives dense_act_fn from feed_forward_proj, but a stored one takes precedence.
+    if raw.get("dense_act_fn") not in (None, config.activation):
       raise HFInteropError(
-        f"{path}: dense_act_fn={raw['dense_act_fn']!r} is not supported (only gelu_new)"
+        f"{path}: dense_act_fn={raw['dense_act_fn']!r} is not supported with feed_forward_proj="
+        f"{config.feed_forward_proj!r} (only {config.activation!r})"
       )
-    return T5Config(**kw, **dtypes)
+    return config
   if "GPT2LMHeadModel" in archs or (not archs and raw.get("model_type") == "gpt2"):
     if raw.get("activation_function", "gelu_new") != "gelu_new":
       raise HFInteropError(
