@@ -160,12 +160,14 @@ class Checkpointer:
     """Restores the newest readable step as `(step, state, metadata)`, or None if there is none.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` with the
-    structure of the saved state; arrays come back with those shardings. Damaged steps are
+    structure of the saved state; arrays come back with those shardings. With None, every array
+    comes back as saved on this process's first device (reading a run without its config). Damaged steps are
     logged, moved aside and skipped. Raises CheckpointError if a tensor's shape or dtype differs
     from the checkpoint, or a tensor is missing from either side.
     """
     self._manager.wait_until_finished()
-    _check_abstract_has_shardings(abstract_state, self.directory)
+    if abstract_state is not None:
+      _check_abstract_has_shardings(abstract_state, self.directory)
     self._manager.reload()
     for step in sorted(self._manager.all_steps(), reverse=True):
       restored, problem = self._try_restore_step(step, abstract_state)
@@ -191,6 +193,8 @@ class Checkpointer:
     saved_tree = getattr(saved, "tree", saved)
     if saved_tree is None:
       return None, "array metadata missing"
+    if abstract_state is None:
+      abstract_state = _on_first_device(saved_tree)
     _check_matches_saved(saved_tree, abstract_state, step_dir)
     try:
       restored = self._manager.restore(
@@ -290,11 +294,7 @@ def restore_pytree(path: epath.PathLike, abstract_tree: Any = None) -> Any:
         "write it again."
       )
     if abstract_tree is None:
-      device_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      abstract_tree = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device_sharding),
-        saved_tree,
-      )
+      abstract_tree = _on_first_device(saved_tree)
     else:
       _check_abstract_has_shardings(abstract_tree, path)
       _check_matches_saved(saved_tree, abstract_tree, path)
@@ -305,6 +305,15 @@ def restore_pytree(path: epath.PathLike, abstract_tree: Any = None) -> Any:
         f"cannot read the arrays of {path} ({_one_line(e)}); the files are damaged or "
         "incomplete: write it again."
       ) from e
+
+
+def _on_first_device(saved_tree: Any) -> Any:
+  """Abstract arrays shaped as saved, placed on this process's first device."""
+  device_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+    lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device_sharding),
+    saved_tree,
+  )
 
 
 def array_checksums(tree: Any) -> dict[str, int]:

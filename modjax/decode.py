@@ -82,6 +82,7 @@ def generate(
     if num_beams == 1
     else functools.partial(_beam, num_beams=num_beams, length_penalty=length_penalty)
   )
+  plan.validate(params, model.stacks)
   if prepared is not None:
     _check_prepared(model, params, prepared)
   return fn(model, params, plan, input_ids, input_mask, max_new_tokens, eos_id, pad_id, prepared)

@@ -218,9 +218,13 @@ class FeedForward(nn.Module):
 
   def __call__(self, x_BLD, deterministic: bool):
     act = activation_fn(self.spec.activation)
-    h_BLF = act(self.pre_activation(x_BLD))
+    pre_BLF = self.pre_activation(x_BLD)
+    self.sow("intermediates", "ffn_pre", pre_BLF)  # kept only when the caller asks for it
+    h_BLF = act(pre_BLF)
     if self.spec.gated_ffn:
-      h_BLF = h_BLF * self.wi_1(x_BLD)
+      linear_BLF = self.wi_1(x_BLD)
+      self.sow("intermediates", "ffn_linear", linear_BLF)
+      h_BLF = h_BLF * linear_BLF
     h_BLF = self.dropout(h_BLF, deterministic=deterministic)
     return self.wo(h_BLF)
 

@@ -14,6 +14,7 @@ FFN (tied weights; gradients from every position add up).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 
 
@@ -71,6 +72,8 @@ class Plan:
         continue
       if not slots:
         raise PlanError(f"plan has no {stack} slots; give at least one block")
+      if not isinstance(params.get(stack), Mapping) or "blocks" not in params[stack]:
+        raise PlanError(f"the bank has no {stack} blocks; give a bank of a model with a {stack}")
       blocks = params[stack]["blocks"]
       ffns = params[stack].get("ffns", {})
       for i, slot in enumerate(slots):
@@ -86,6 +89,40 @@ class Plan:
           )
     return self
 
+  def to_dict(self) -> dict:
+    """JSON-able form: ``{"encoder": [{"block": "0"}, {"block": "3", "ffn": "shared"}], ...}``."""
+    return {
+      stack: [{"block": s.block, **({"ffn": s.ffn} if s.ffn else {})} for s in getattr(self, stack)]
+      for stack in ("encoder", "decoder")
+    }
+
+  @classmethod
+  def from_dict(cls, data) -> Plan:
+    """Inverse of :meth:`to_dict`; a malformed value is a PlanError naming what is wrong."""
+    if not isinstance(data, Mapping):
+      raise PlanError(f"a plan must be a JSON object with 'encoder'/'decoder' lists, got {data!r}")
+    unknown = set(data) - {"encoder", "decoder"}
+    if unknown:
+      raise PlanError(f"unknown plan keys {sorted(unknown)}; a plan has 'encoder' and 'decoder'")
+    stacks = {}
+    for stack in ("encoder", "decoder"):
+      slots = data.get(stack, [])
+      if not isinstance(slots, list):
+        raise PlanError(f"plan {stack!r} must be a list of slots, got {slots!r}")
+      stacks[stack] = tuple(_slot_from_json(stack, i, s) for i, s in enumerate(slots))
+    return cls(**stacks)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=1)
+
+  @classmethod
+  def from_json(cls, text: str) -> Plan:
+    try:
+      data = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise PlanError(f"a plan file is not valid JSON ({e})") from e
+    return cls.from_dict(data)
+
   def describe(self) -> str:
     def fmt(slots):
       return " ".join(s.block if s.ffn is None else f"{s.block}+ffn:{s.ffn}" for s in slots)
@@ -95,6 +132,19 @@ class Plan:
       parts.append(f"encoder[{fmt(self.encoder)}]")
     parts.append(f"decoder[{fmt(self.decoder)}]")
     return " ".join(parts)
+
+
+def _slot_from_json(stack: str, index: int, value) -> Slot:
+  if isinstance(value, str):
+    return Slot(value)
+  if not isinstance(value, Mapping) or "block" not in value or set(value) - {"block", "ffn"}:
+    raise PlanError(
+      f"{stack} slot {index} is {value!r}; write a block name or {{'block': name, 'ffn': name}}"
+    )
+  try:
+    return Slot(value["block"], value.get("ffn"))
+  except PlanError as e:
+    raise PlanError(f"{stack} slot {index}: {e}") from e
 
 
 def _natural(name: str):

@@ -33,8 +33,8 @@ def test_frozen_encoder_does_not_move(tmp_path):
   trainable, frozen = partition_params(bank, lambda path: path[0] != "encoder")
   base = losses.seq2seq_loss(model, model.identity_plan())
 
-  def loss_fn(params, frozen_part, batch, rng):
-    return base(merge_params(params, frozen_part), {}, batch, rng)
+  def loss_fn(params, frozen_part, batch, rng, step):
+    return base(merge_params(params, frozen_part), {}, batch, rng, step)
 
   result = train(cfg, loss_fn=loss_fn, init_params=trainable, frozen=frozen, model=model)
   assert "encoder" not in result.state.params

@@ -64,6 +64,11 @@ class GPT2:
       dtype=c.dtype,
     )
 
+  def stack_block_spec(self, stack: str) -> BlockSpec:
+    if stack not in self.stacks:
+      raise ValueError(f"GPT-2 has no stack {stack!r}; it has {self.stacks}")
+    return self.block_spec()
+
   def identity_plan(self) -> Plan:
     return Plan.identity(0, self.config.n_layer)
 
@@ -123,6 +128,7 @@ class GPT2:
     collect=False,
   ):
     """Logits (float32, BLV). Positions default to 0..L-1 (as HF's forward does)."""
+    plan.validate(params, self.stacks)
     length = input_ids_BL.shape[1]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(length), input_ids_BL.shape)
@@ -164,6 +170,7 @@ class GPT2:
     Returns (cache, logits of the first new token BV, index of the next cache position).
     Positions follow HF's generate: ``cumsum(mask) - 1`` over the prompt, then +1 per token.
     """
+    plan.validate(params, self.stacks)
     b, p = prompt_ids_BP.shape
     if prompt_mask_BP is None:
       prompt_mask_BP = jnp.ones_like(prompt_ids_BP)

@@ -13,16 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from modjax.bank import slot_params
 from modjax.layers import Block, BlockSpec
 from modjax.plan import Slot
-
-
-def slot_params(stack_params: Mapping, slot: Slot) -> dict:
-  """Parameters of the block at ``slot``, with its FFN replaced by the slot's shared entry."""
-  params = stack_params["blocks"][slot.block]
-  if slot.ffn is None:
-    return params
-  return {**params, "ffn": stack_params["ffns"][slot.ffn]}
 
 
 def init_block(spec: BlockSpec, rng, width: int = 8):
@@ -39,6 +32,27 @@ def split_boxed(boxed):
   return nn.unbox(boxed), nn.get_partition_spec(boxed)
 
 
+# What ``collect`` can select, per slot: the hidden state after the slot, the self- and
+# cross-attention probabilities (BHLT), the FFN pre-activation fed to the nonlinearity (BLF; the
+# gate branch ``wi_0`` for gated FFNs) and, for gated FFNs, the linear branch ``wi_1`` (BLF).
+INTERMEDIATES = ("hidden", "self_attn", "cross_attn", "ffn_pre", "ffn_linear")
+DEFAULT_COLLECT = frozenset({"hidden", "self_attn", "cross_attn"})
+
+
+def collect_selection(collect) -> frozenset[str]:
+  """``collect`` as a set of names: False/None = nothing, True = hidden states and attention
+  probabilities, or any iterable of :data:`INTERMEDIATES`."""
+  if collect is None or collect is False:
+    return frozenset()
+  if collect is True:
+    return DEFAULT_COLLECT
+  names = frozenset([collect] if isinstance(collect, str) else collect)
+  unknown = names - set(INTERMEDIATES)
+  if unknown:
+    raise ValueError(f"cannot collect {sorted(unknown)}; choose from {INTERMEDIATES}")
+  return names
+
+
 def run_stack(
   stack_params: Mapping,
   slots: tuple[Slot, ...],
@@ -50,21 +64,27 @@ def run_stack(
   *,
   deterministic: bool = True,
   dropout_rng=None,
-  collect: bool = False,
+  collect=False,
 ):
   """Applies ``slots`` in order. Returns (x_BLD, intermediates or None).
 
-  With ``collect``, intermediates hold per slot the hidden state after the slot
-  (``hidden``), the self-attention probabilities (``self_attn``) and, for blocks with
-  cross-attention, the cross-attention probabilities (``cross_attn``).
+  ``collect`` selects intermediates (see :func:`collect_selection`); the result maps each
+  selected name to a tuple with one array per slot. Nothing unselected is computed or kept
+  (``cross_attn`` is left out for stacks without cross-attention, ``ffn_linear`` for ungated FFNs).
   """
+  selected = collect_selection(collect)
+  if not spec.has_cross_attention:
+    selected -= {"cross_attn"}
+  if not spec.gated_ffn:
+    selected -= {"ffn_linear"}
+  sown = sorted(selected & {"ffn_pre", "ffn_linear"})
   block = Block(spec)
-  hidden, self_probs, cross_probs = [], [], []
+  out = {name: [] for name in selected}
   for position, slot in enumerate(slots):
     rngs = {}
     if not deterministic and dropout_rng is not None:
       rngs["dropout"] = jax.random.fold_in(dropout_rng, position)
-    x_BLD, s_probs, c_probs = block.apply(
+    result = block.apply(
       {"params": slot_params(stack_params, slot)},
       x_BLD,
       self_bias,
@@ -72,15 +92,14 @@ def run_stack(
       cross_bias,
       deterministic=deterministic,
       rngs=rngs,
+      mutable=["intermediates"] if sown else False,
     )
-    if collect:
-      hidden.append(x_BLD)
-      self_probs.append(s_probs)
-      if spec.has_cross_attention:
-        cross_probs.append(c_probs)
+    (x_BLD, s_probs, c_probs), sown_vars = result if sown else (result, {})
+    found = {"hidden": x_BLD, "self_attn": s_probs, "cross_attn": c_probs}
+    for name in sown:
+      found[name] = sown_vars["intermediates"]["ffn"][name][0]
+    for name in selected:
+      out[name].append(found[name])
   if not collect:
     return x_BLD, None
-  out = {"hidden": tuple(hidden), "self_attn": tuple(self_probs)}
-  if spec.has_cross_attention:
-    out["cross_attn"] = tuple(cross_probs)
-  return x_BLD, out
+  return x_BLD, {name: tuple(values) for name, values in out.items()}

@@ -80,6 +80,12 @@ class T5:
       dtype=c.dtype,
     )
 
+  def stack_block_spec(self, stack: str) -> BlockSpec:
+    """The spec every block of ``stack`` ("encoder" or "decoder") has."""
+    if stack not in self.stacks:
+      raise ValueError(f"T5 has no stack {stack!r}; it has {self.stacks}")
+    return self.block_spec(stack == "decoder")
+
   def identity_plan(self) -> Plan:
     return Plan.identity(self.config.num_layers, self.config.num_decoder_layers)
 
@@ -155,6 +161,7 @@ class T5:
     collect=False,
   ):
     """Encoder output (after its final norm) and optional per-slot intermediates."""
+    plan.validate(params, self.stacks)
     m, c = self._modules(), self.config
     s = input_ids_BS.shape[1]
     positions = jnp.arange(s)

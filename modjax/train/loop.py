@@ -17,12 +17,18 @@ import time
 from collections.abc import Callable
 
 import jax
-import numpy as np
 from etils import epath
 
-from modjax import checkpoint, sharding
+from modjax import bank, bank_io, checkpoint, sharding
+from modjax.plan import PlanError
 from modjax.train import experiment, losses, optim, plots
-from modjax.train.step import TrainState, init_state, jit_train_step, make_train_step
+from modjax.train.step import (
+  RESERVED_METRICS,
+  TrainState,
+  init_state,
+  jit_train_step,
+  make_train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +55,22 @@ def default_loss_fn(cfg, model):
 
 
 def train(
-  cfg, *, loss_fn: Callable | None = None, init_params=None, frozen=None, model=None
+  cfg,
+  *,
+  loss_fn: Callable | None = None,
+  init_params=None,
+  frozen=None,
+  model=None,
+  plans: dict | None = None,
+  meta: dict | None = None,
 ) -> TrainResult:
   """Trains per ``cfg``; returns the final state. ``init_params``/``frozen``/``loss_fn`` let a
-  method train part of a bank against a fixed rest (the defaults fine-tune the whole model)."""
+  method train part of a bank against a fixed rest (the defaults fine-tune the whole model).
+
+  The workdir becomes a bank (``modjax.bank_io``): the model config, ``plans`` (name -> Plan;
+  by default the identity plan as "default") and entry metadata ``meta`` are written at the
+  start, the frozen part once to ``frozen/``, so ``modjax.evaluate`` restores the trained bank
+  from the workdir alone."""
   experiment.validate_config(cfg)
   experiment.maybe_initialize_distributed(cfg)
   root = experiment.workdir(cfg)
@@ -67,16 +85,15 @@ def train(
   loss_fn = loss_fn or default_loss_fn(cfg, model)
   frozen = {} if frozen is None else frozen
 
-  axes = model.param_axes()
   if init_params is None:
-    param_shardings = sharding.shardings_for(
-      axes, jax.eval_shape(model.init, jax.random.key(0)), mesh
-    )
+    param_shardings = bank.shardings(model, jax.eval_shape(model.init, jax.random.key(0)), mesh)
   else:
-    param_shardings = _bank_shardings(axes, init_params, mesh)
+    param_shardings = bank.shardings(model, init_params, mesh)
+  frozen_shardings = bank.shardings(model, frozen, mesh)
+  plans = {bank_io.DEFAULT_PLAN: model.identity_plan()} if plans is None else plans
   state, state_shardings = _initial_state(cfg, model, optimizer, init_params, param_shardings, mesh)
-  frozen_shardings = _bank_shardings(axes, frozen, mesh)
   frozen = jax.device_put(frozen, frozen_shardings)
+  _write_run_bank(root, model, state.params, frozen, plans, meta)
 
   ckpt = checkpoint.Checkpointer(
     str(root / "checkpoints"),
@@ -139,22 +156,18 @@ def _as_dict(state: TrainState) -> dict:
   return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
 
-def _bank_shardings(axes, params, mesh):
-  """Shardings of a (partial) bank by the model's logical axes. Entries the model does not
-  define (e.g. added by a method) are replicated."""
-
-  def walk(node_axes, node):
-    if isinstance(node, dict):
-      return {
-        k: walk(node_axes.get(k) if isinstance(node_axes, dict) else None, v)
-        for k, v in node.items()
-      }
-    if isinstance(node_axes, jax.sharding.PartitionSpec) and len(node_axes) == np.ndim(node):
-      spec = sharding.logical_to_mesh_spec(node_axes, np.shape(node), mesh)
-      return jax.sharding.NamedSharding(mesh, spec)
-    return sharding.replicated(mesh)
-
-  return walk(axes, params)
+def _write_run_bank(root, model, params, frozen, plans, meta) -> None:
+  """The workdir's bank description and frozen part, written once (a resumed run keeps them)."""
+  full = bank.merge_params(jax.eval_shape(lambda p: p, params), frozen)
+  for name, plan in plans.items():
+    try:
+      plan.validate(full, model.stacks)
+    except PlanError as e:
+      raise PlanError(f"plan {name!r} does not fit the bank being trained: {e}") from e
+  if not (root / "model.json").exists():
+    bank_io.write_description(root, model, meta=meta, plans=plans)
+  if frozen and not (root / "frozen").exists():
+    checkpoint.save_pytree(root / "frozen", frozen)
 
 
 def _initial_state(cfg, model, optimizer, init_params, param_shardings, mesh):
@@ -221,11 +234,13 @@ class _MetricsLogger:
       rate = self.window_tokens / max(now - self.window_t, 1e-9)
       steps_per_s = (step - self.start) / max(now - self.t0, 1e-9)
       eta = (total - step) / max(steps_per_s, 1e-9)
+      aux = "".join(f"  {k} {v:.4g}" for k, v in values.items() if k not in RESERVED_METRICS)
       log.info(
-        "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.0f tokens/s  ETA %s",
+        "step %d/%d  loss %.4f%s  grad_norm %.3f  lr %.2e  %.0f tokens/s  ETA %s",
         step,
         total,
         values["loss"],
+        aux,
         values["grad_norm"],
         values.get("learning_rate", float("nan")),
         rate,

@@ -1,4 +1,5 @@
-"""Loss functions. Each returns sums, so microbatches and devices add up exactly."""
+"""Loss functions. Each returns sums, so microbatches and devices add up exactly; each follows
+the step contract of ``modjax.train.step`` (``loss_fn(params, frozen, batch, rng, step)``)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def cross_entropy(
 def seq2seq_loss(model, plan, *, label_smoothing=0.0, z_loss=0.0):
   """Task loss of an encoder-decoder on seqio ``EncDecFeatureConverter`` batches."""
 
-  def loss_fn(params, frozen, batch, rng):
-    del frozen
+  def loss_fn(params, frozen, batch, rng, step=None):
+    del frozen, step
     logits, _ = model(
       params,
       plan,
@@ -52,8 +53,8 @@ def seq2seq_loss(model, plan, *, label_smoothing=0.0, z_loss=0.0):
 def lm_loss(model, plan, *, label_smoothing=0.0, z_loss=0.0):
   """Next-token loss of a decoder-only model on ``DecoderFeatureConverter`` batches."""
 
-  def loss_fn(params, frozen, batch, rng):
-    del frozen
+  def loss_fn(params, frozen, batch, rng, step=None):
+    del frozen, step
     logits, _ = model(
       params,
       plan,

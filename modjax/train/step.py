@@ -1,9 +1,19 @@
 """A generic train step: any loss function, a trainable and a frozen part of the parameters.
 
-``loss_fn(params, frozen, batch, rng) -> (loss_sum, weight_sum)``; the step differentiates the
-sum with respect to ``params`` only, so ``frozen`` (a teacher, the fixed part of a bank) costs
-no optimizer memory, and divides by the total weight across microbatches and devices, which makes
-gradient accumulation exact. Jitted with in/out shardings and a donated state (pjit semantics).
+The step contract: ``loss_fn(params, frozen, batch, rng, step)`` returns ``(loss_sum, weight_sum)``
+or ``(loss_sum, weight_sum, aux)``.
+
+* ``step`` is the step number as a traced int32 scalar (the update about to be made, 0-based),
+  so a curriculum or a ramp is an ordinary function of it and ONE compiled step serves the
+  whole run.
+* ``aux`` is a dict of named float scalars (loss terms, a replacement rate, a router load...),
+  reported beside the loss in the progress line, TensorBoard and ``metrics/train.jsonl``. With
+  microbatches each is averaged over them, so return per-token means, not sums.
+* The step differentiates ``loss_sum`` with respect to ``params`` only, so ``frozen`` (a teacher,
+  the fixed part of a bank) costs no optimizer memory, and divides by the total weight across
+  microbatches and devices, which makes gradient accumulation exact.
+
+Jitted with in/out shardings and a donated state (pjit semantics).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from modjax import sharding
+from modjax.bank import merge_params, partition_params  # noqa: F401 (re-exported)
 
 
 @flax.struct.dataclass
@@ -47,30 +58,33 @@ def make_train_step(
   num_microbatches: int = 1,
   schedule: Callable | None = None,
 ):
-  """The (unjitted) step ``(state, frozen, batch, rng) -> (state, metrics)``.
+  """The (unjitted) step ``(state, frozen, batch, rng) -> (state, metrics)`` for a ``loss_fn``
+  that follows the step contract (module docstring).
 
   ``rng`` is the run's base key; the step folds in its step number, so dropout is the same
   whether or not a run was interrupted and resumed.
   """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(_with_aux(loss_fn), has_aux=True)
 
   def step_fn(state: TrainState, frozen, batch: Mapping, rng):
     step_rng = jax.random.fold_in(rng, state.step)
     if num_microbatches == 1:
-      (loss_sum, weight), grads = grad_fn(state.params, frozen, batch, step_rng)
+      (loss_sum, (weight, aux)), grads = grad_fn(state.params, frozen, batch, step_rng, state.step)
     else:
 
       def accumulate(carry, inputs):
         index, micro = inputs
-        (loss, weight), grad = grad_fn(
-          state.params, frozen, micro, jax.random.fold_in(step_rng, index)
+        (loss, (weight, aux)), grad = grad_fn(
+          state.params, frozen, micro, jax.random.fold_in(step_rng, index), state.step
         )
         loss_acc, weight_acc, grad_acc = carry
-        return (loss_acc + loss, weight_acc + weight, jax.tree.map(jnp.add, grad_acc, grad)), None
+        carry = (loss_acc + loss, weight_acc + weight, jax.tree.map(jnp.add, grad_acc, grad))
+        return carry, aux
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       micro = (jnp.arange(num_microbatches), _split_microbatches(batch, num_microbatches))
-      (loss_sum, weight, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro)
+      (loss_sum, weight, grads), aux = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro)
+      aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), aux)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -83,9 +97,35 @@ def make_train_step(
     }
     if schedule is not None:
       metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    metrics.update(aux)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step_fn
+
+
+RESERVED_METRICS = ("loss", "tokens", "grad_norm", "param_norm", "learning_rate")
+
+
+def _with_aux(loss_fn: Callable) -> Callable:
+  """``loss_fn`` normalised to ``(loss_sum, (weight_sum, aux))`` for ``value_and_grad``."""
+
+  def wrapped(params, frozen, batch, rng, step):
+    out = loss_fn(params, frozen, batch, rng, step)
+    if not isinstance(out, tuple) or len(out) not in (2, 3):
+      raise TypeError(
+        "loss_fn must return (loss_sum, weight_sum) or (loss_sum, weight_sum, aux_dict), got "
+        f"{type(out).__name__}"
+      )
+    loss_sum, weight_sum, aux = out if len(out) == 3 else (*out, {})
+    if not isinstance(aux, Mapping):
+      raise TypeError(f"loss_fn's aux must be a dict of scalars, got {type(aux).__name__}")
+    clash = sorted(set(aux) & set(RESERVED_METRICS))
+    if clash:
+      raise ValueError(f"loss_fn's aux names {clash} are reserved; rename them")
+    aux = {k: jnp.asarray(v, jnp.float32).reshape(()) for k, v in aux.items()}
+    return loss_sum, (weight_sum, aux)
+
+  return wrapped
 
 
 def jit_train_step(step_fn, mesh, state_shardings, frozen_shardings):
@@ -98,40 +138,3 @@ def jit_train_step(step_fn, mesh, state_shardings, frozen_shardings):
     out_shardings=(state_shardings, rep),
     donate_argnums=(0,),
   )
-
-
-def partition_params(params, is_trainable: Callable[[tuple[str, ...]], bool]):
-  """Splits a nested dict into (trainable, frozen) by a predicate on each leaf's key path."""
-
-  def walk(node, path):
-    if not isinstance(node, Mapping):
-      return (node, None) if is_trainable(path) else (None, node)
-    trainable, frozen = {}, {}
-    for key, child in node.items():
-      t, f = walk(child, path + (key,))
-      if not _empty(t):
-        trainable[key] = t
-      if not _empty(f):
-        frozen[key] = f
-    return trainable, frozen
-
-  return walk(params, ())
-
-
-def _empty(node) -> bool:
-  return node is None or (isinstance(node, Mapping) and not node)
-
-
-def merge_params(a: Mapping, b: Mapping) -> dict:
-  """Deep union of two disjoint nested dicts (the inverse of :func:`partition_params`)."""
-  out = dict(a)
-  for key, value in b.items():
-    if key in out:
-      if not (isinstance(out[key], Mapping) and isinstance(value, Mapping)):
-        raise ValueError(
-          f"parameter {key!r} is in both parts; trainable and frozen must be disjoint"
-        )
-      out[key] = merge_params(out[key], value)
-    else:
-      out[key] = value
-  return out
