@@ -4,10 +4,12 @@ one-line errors with a non-zero exit for every known kind of bad input."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from modjax.checkpoint import CheckpointError
 from modjax.data import DataError
@@ -31,16 +33,48 @@ USER_ERRORS = (
 EXIT_BAD_INPUT = 2
 
 
+class ConfigFileError(Exception):
+  """The --config file is missing or fails to load. Deliberately not a ValueError: absl would
+  rewrap that as an IllegalFlagValueError carrying ml_collections' traceback text."""
+
+
+class _EagerConfigFileParser(ConfigFileFlagParser):
+  """ml_collections' parser, but a file that is missing, does not compile or whose get_config
+  raises fails while the flags are parsed. The stock parser defers a missing file to the first
+  access of the config (so a run without --config.x= overrides died later with a traceback) and
+  embeds a traceback in the message of a get_config ValueError."""
+
+  def parse(self, path):
+    file = path.split(":", 1)[0]
+    if not os.path.isfile(file):
+      raise ConfigFileError(
+        f"config file {file!r} not found; give --config an existing file, e.g. configs/tiny.py"
+      )
+    try:
+      config = super().parse(path)
+      getattr(config, "lock", None)  # a deferred load failure raises on first attribute access
+    except Exception as e:  # noqa: BLE001 -- whatever the file raises is the user's to fix
+      if "Error whilst parsing config file" in str(e) and e.__context__ is not None:
+        e = e.__context__  # ml_collections' rewrap of a ValueError/TypeError: report the original
+      raise ConfigFileError(
+        f"config file {path!r} failed to load: {type(e).__name__}: {e}; fix the file"
+      ) from None
+    if config is None:
+      raise ConfigFileError(f"{file}: get_config() returned None; make it return the ConfigDict")
+    return config
+
+
 def define_config_flag() -> None:
   config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file, optionally with :arg.", lock_config=True
   )
+  flags.FLAGS["config"].parser = _EagerConfigFileParser("config", lock_config=True)
 
 
 def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
+  except (ConfigFileError, flags.Error) as e:
     message = " ".join(str(e).split())
   except (AttributeError, KeyError) as e:  # ml_collections: an override of a key that is not there
     while isinstance(e, BaseException) and e.args:  # AttributeError(KeyError("'key'\nDid you..."))

@@ -20,6 +20,7 @@ import jax
 from etils import epath
 
 from modjax import bank, bank_io, checkpoint, sharding
+from modjax.interop import hf
 from modjax.plan import PlanError
 from modjax.train import experiment, losses, optim, plots
 from modjax.train.step import (
@@ -71,16 +72,20 @@ def train(
   by default the identity plan as "default") and entry metadata ``meta`` are written at the
   start, the frozen part once to ``frozen/``, so ``modjax.evaluate`` restores the trained bank
   from the workdir alone."""
+  # Everything that can be checked without writing comes before the vocabulary (which may be
+  # trained into the workdir): a rejected run leaves no new file behind.
   experiment.validate_config(cfg)
   experiment.maybe_initialize_distributed(cfg)
   root = experiment.workdir(cfg)
+  mesh = experiment.build_mesh(cfg)
+  sharding.check_batch(cfg.train.batch_size, mesh, cfg.train.num_microbatches)
+  if model is None and cfg.model.init_from:
+    hf.read_config(cfg.model.init_from)
   vocabulary = experiment.build_vocabulary(cfg)
   task = experiment.build_task(cfg, vocabulary)
   if model is None:
     model, hf_params = experiment.build_model(cfg, vocabulary.vocab_size)
     init_params = hf_params if init_params is None else init_params
-  mesh = experiment.build_mesh(cfg)
-  sharding.check_batch(cfg.train.batch_size, mesh, cfg.train.num_microbatches)
   optimizer, schedule = optim.make_optimizer(cfg.optimizer, cfg.train.num_steps)
   loss_fn = loss_fn or default_loss_fn(cfg, model)
   frozen = {} if frozen is None else frozen
