@@ -136,7 +136,7 @@ class Plan:
 
 def _slot_from_json(stack: str, index: int, value) -> Slot:
   if isinstance(value, str):
-    return Slot(value)
+    value = {"block": value}
   if not isinstance(value, Mapping) or "block" not in value or set(value) - {"block", "ffn"}:
     raise PlanError(
       f"{stack} slot {index} is {value!r}; write a block name or {{'block': name, 'ffn': name}}"

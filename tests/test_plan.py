@@ -1,5 +1,6 @@
 """Plans: validation, identity plans, hashing, and one compilation per distinct plan under jit."""
 
+import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -59,10 +60,6 @@ def test_plan_rejects_bad_stacks(kwargs):
     Plan(**kwargs)
 
 
-def test_plan_error_is_a_value_error():
-  assert issubclass(PlanError, ValueError)
-
-
 def test_identity_plan():
   plan = Plan.identity(2, 3)
   assert plan.encoder == _slots("0", "1")
@@ -116,6 +113,49 @@ def test_validate_accepts_a_fitting_plan_and_returns_it():
 def test_validate_names_the_missing_entry_and_stack(plan, pattern):
   with pytest.raises(PlanError, match=pattern):
     plan.validate(_bank(), ("encoder", "decoder"))
+
+
+@pytest.mark.parametrize(
+  "plan, pattern",
+  [
+    # Decoder block "2" (the decoder has 3 blocks, the encoder 2) used in the encoder.
+    (
+      Plan(encoder=_slots("0", "2"), decoder=_slots("0")),
+      r"encoder slot 1 names block '2', which the bank lacks \(has \['0', '1'\]\)",
+    ),
+    # A block only the decoder has, by a non-numeric name.
+    (
+      Plan(encoder=_slots("cross"), decoder=_slots("cross")),
+      r"encoder slot 0 names block 'cross'.*\(has \['0', '1'\]\)",
+    ),
+    # The decoder's shared ffn used in the encoder, which has none.
+    (
+      Plan(encoder=(Slot("1"), Slot("0", ffn="shared")), decoder=_slots("0")),
+      r"encoder slot 1 names ffn 'shared'",
+    ),
+  ],
+)
+def test_validate_rejects_an_entry_of_the_other_stack(plan, pattern):
+  bank = _bank(decoder_blocks=("0", "1", "2", "cross"))
+  with pytest.raises(PlanError, match=pattern):
+    plan.validate(bank, ("encoder", "decoder"))
+
+
+@pytest.mark.parametrize(
+  "bad",
+  [["0"], {"name": "0"}, 3, None, ""],
+  ids=["list", "dict", "int", "none", "empty"],
+)
+@pytest.mark.parametrize("form", ["bare", "object"])
+def test_from_dict_rejects_a_block_name_that_is_not_a_string_naming_the_slot(bad, form):
+  """A plan file's block names must be non-empty strings (hashable, and the bank's keys); the
+  error says which slot of which stack is wrong."""
+  slot = bad if form == "bare" else {"block": bad}
+  data = {"encoder": ["0"], "decoder": ["0", slot]}
+  with pytest.raises(PlanError, match=r"^decoder slot 1"):
+    Plan.from_dict(data)
+  with pytest.raises(PlanError, match=r"^decoder slot 1"):
+    Plan.from_json(json.dumps(data))
 
 
 def test_validate_rejects_encoder_slots_for_a_decoder_only_model():
