@@ -5,7 +5,8 @@ A ``python -m modjax.train`` subprocess is SIGKILLed at a random step between tw
 (seeded here; progress is read from the metrics JSONL) and restarted with the same command: every
 step's loss and the final parameters must equal an uninterrupted in-process run's. That holds
 exactly because batches are a deterministic function of the data position stored in the
-checkpoint and the step folds its number into the dropout key. The subprocesses see as many fake
+checkpoint and the step folds its number into the dropout key; the runs use dropout (rate 0.1) so
+that the second claim is tested too. The subprocesses see as many fake
 CPU devices as this process and use the first one, like the reference run: XLA:CPU splits its
 work by the device count, so another count would change the float rounding (not the resumption).
 """
@@ -24,16 +25,24 @@ from train_helpers import (
   jsonl_losses,
   kill,
   losses_in_order,
+  micro_config,
   micro_flags,
   run_module,
   start_module,
 )
 
 from modjax import checkpoint
+from modjax.train.loop import train
 
 NUM_STEPS = 30
 EVERY = 5
-SETTINGS = dict(mesh__num_devices=1, train__num_steps=NUM_STEPS, checkpoint__every_steps=EVERY)
+DROPOUT = 0.1
+SETTINGS = dict(
+  mesh__num_devices=1,
+  train__num_steps=NUM_STEPS,
+  checkpoint__every_steps=EVERY,
+  model__dropout_rate=DROPOUT,
+)
 KILL_SEED = 20240611
 TIMEOUT_S = 240
 DEVICES = jax.device_count  # the subprocesses' fake device count: the same as here
@@ -46,15 +55,14 @@ def _shared_compilation_cache(jax_compilation_cache_dir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(micro_run):
-  """(losses, final state as numpy) of a run that was never stopped (conftest's micro run: the
-  same settings as the subprocess runs here)."""
-  cfg, result = micro_run
-  assert (cfg.train.num_steps, cfg.checkpoint.every_steps, cfg.mesh.num_devices) == (
-    NUM_STEPS,
-    EVERY,
-    1,
-  )
+def uninterrupted(tmp_path_factory, micro_run):
+  """(losses, final state as numpy) of an in-process run that was never stopped, with the
+  settings of the subprocess runs here."""
+  result = train(micro_config(tmp_path_factory.mktemp("uninterrupted"), **SETTINGS))
+  assert result.model.config.dropout_rate == DROPOUT
+  # Dropout is really on: the losses differ from conftest's micro run, the same run without it.
+  _, without_dropout = micro_run
+  assert not np.array_equal(losses_in_order(result.losses), losses_in_order(without_dropout.losses))
   state = {
     "step": result.state.step,
     "params": result.state.params,
