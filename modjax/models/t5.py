@@ -159,8 +159,13 @@ class T5:
     deterministic=True,
     dropout_rng=None,
     collect=False,
+    stack_fns=None,
   ):
-    """Encoder output (after its final norm) and optional per-slot intermediates."""
+    """Encoder output (after its final norm) and optional per-slot intermediates.
+
+    ``stack_fns`` (``{"encoder": fn, "decoder": fn}``, either optional) replaces ``run_stack``
+    for a stack, with its signature: how a method runs a stack's blocks differently per step
+    (Modular Transformers' module replacing) while embeddings, masks and head stay this code."""
     plan.validate(params, self.stacks)
     m, c = self._modules(), self.config
     s = input_ids_BS.shape[1]
@@ -170,7 +175,7 @@ class T5:
     x = m["embed"].apply({"params": params["token_embedding"]}, input_ids_BS)
     rngs = _split(dropout_rng, 3)
     x = _dropout(x, c.dropout_rate, deterministic, rngs[0])
-    x, inter = run_stack(
+    x, inter = (stack_fns or {}).get("encoder", run_stack)(
       params["encoder"],
       plan.encoder,
       self.block_spec(False),
@@ -197,8 +202,10 @@ class T5:
     deterministic=True,
     dropout_rng=None,
     collect=False,
+    stack_fns=None,
   ):
-    """Teacher-forced logits (float32, BLV) and, with ``collect``, intermediates per stack."""
+    """Teacher-forced logits (float32, BLV) and, with ``collect``, intermediates per stack
+    (``stack_fns``: see :meth:`encode`)."""
     m, c = self._modules(), self.config
     enc_rng, dec_rng = _split(dropout_rng, 2)
     enc, enc_inter = self.encode(
@@ -210,6 +217,7 @@ class T5:
       deterministic=deterministic,
       dropout_rng=enc_rng,
       collect=collect,
+      stack_fns=stack_fns,
     )
     length = decoder_input_ids.shape[1]
     positions = jnp.arange(length)
@@ -228,7 +236,7 @@ class T5:
     rngs = _split(dec_rng, 3)
     x = m["embed"].apply({"params": params["token_embedding"]}, decoder_input_ids)
     x = _dropout(x, c.dropout_rate, deterministic, rngs[0])
-    x, dec_inter = run_stack(
+    x, dec_inter = (stack_fns or {}).get("decoder", run_stack)(
       params["decoder"],
       plan.decoder,
       self.block_spec(True),
