@@ -256,9 +256,28 @@ def test_bad_arguments_raise_clear_errors(case):
     generate(c.model, c.params, plan, ids, mask, max_new_tokens=too_many)
 
 
-def test_bfloat16_compute_decodes(case):
-  c = case("t5_v1_1")
+# bfloat16 keeps 8 significant bits, so through a few layers logits move by up to a few percent of
+# the largest one: where HF's two highest float32 logits are closer than this fraction of the
+# step's largest |logit|, bfloat16 may pick the other token, and the row diverges from there.
+BF16_MARGIN = 0.05
+
+
+@pytest.mark.parametrize("kind", ["t5_v1_0", "gpt2"])
+def test_bfloat16_compute_decodes_like_hf_float32_where_the_choice_is_clear(case, kind):
+  """Greedy decoding with bfloat16 compute (float32 parameters) picks HF's float32 tokens in
+  every row up to its first step whose top two float32 logits are within BF16_MARGIN of the
+  step's largest |logit|, and whole rows (EOS included) where no step is that close. The
+  sharpened t5_v1_1 is left out: its logits reach ~200 and bfloat16 moves them by more than
+  their gaps (HF's bfloat16 too)."""
+  import transformers
+
+  c = case(kind)
+  hf_class = transformers.T5ForConditionalGeneration if c.is_t5 else transformers.GPT2LMHeadModel
+  hf = hf_class.from_pretrained(c.directory).float().eval()
+  new, hf_out = _hf_generate(hf, c.ids, c.mask, c.is_t5, c.eos, 1)
+  logits_TBV = np.stack([s.float().numpy() for s in hf_out.scores])  # greedy: unprocessed
   config, params = import_checkpoint(c.directory, dtype="bfloat16")
+  assert config.dtype == "bfloat16" and config.param_dtype == "float32"
   model = architecture_for(dataclasses.replace(config, eos_token_id=c.eos, pad_token_id=PAD))
   out = generate(
     model,
@@ -267,15 +286,21 @@ def test_bfloat16_compute_decodes(case):
     jnp.asarray(c.ids),
     jnp.asarray(c.mask),
     max_new_tokens=NEW,
-    num_beams=BEAMS,
   )
   out = jax.tree.map(np.asarray, out)
-  assert out.tokens.shape == (len(PROMPT_LENGTHS), NEW)
-  assert np.all((out.tokens >= 0) & (out.tokens < c.vocab))
-  assert np.all((out.lengths >= 1) & (out.lengths <= NEW))
-  for b, n in enumerate(out.lengths):
-    assert n == NEW or out.tokens[b, n - 1] == c.eos
-    assert np.all(out.tokens[b, n:] == PAD)
+  rows = _rows(new, c.eos)
+  compared = 0
+  for b, row in enumerate(rows):
+    steps_TV = logits_TBV[: len(row), b]
+    top2 = np.sort(steps_TV, axis=-1)[:, -2:]
+    close = np.flatnonzero(top2[:, 1] - top2[:, 0] < BF16_MARGIN * np.abs(steps_TV).max(-1))
+    n = int(close[0]) if len(close) else len(row)
+    np.testing.assert_array_equal(out.tokens[b, :n], row[:n], err_msg=f"row {b}")
+    if n == len(row):
+      assert out.lengths[b] == len(row), f"row {b}"
+    compared += n
+  total = sum(len(r) for r in rows)
+  assert compared >= total / 2, f"only {compared} of {total} steps have a clear choice"
   assert np.all(np.isfinite(out.scores)) and np.all(out.scores <= 0)
 
 
