@@ -238,5 +238,13 @@ def test_evaluate_cli_writes_predictions_and_rouge(one_device_run, evaluation):
   with open(stem + ".metrics.json") as f:
     scores = json.load(f)
   assert scores["step"] == NUM_STEPS and scores["examples"] == cfg.eval.max_examples
-  for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
-    assert 0.0 <= scores[key] <= 100.0, (key, scores)
+  # The scores are rouge-score's F-measures (stemmed) of the written predictions, averaged, x100.
+  from rouge_score import rouge_scorer
+
+  types = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+  scorer = rouge_scorer.RougeScorer(list(types), use_stemmer=True)
+  each = [scorer.score(p["target"], p["prediction"]) for p in predictions]
+  for key in types:
+    expected = 100.0 * np.mean([s[key].fmeasure for s in each])
+    assert scores[key] == pytest.approx(expected, rel=1e-9, abs=1e-9), (key, scores)
+  assert scores["rouge1"] > 0, "no prediction shares a word with its target: nothing was compared"
