@@ -364,6 +364,25 @@ def test_checkpoint_is_untouched_by_a_mismatched_resume(cases):
   assert error.count("float32[") == 2, error  # the saved and the requested shape
 
 
+TF_STARTUP_NOISE = (
+  "cuInit",
+  "oneDNN",
+  "TF_ENABLE_ONEDNN_OPTS",
+  "cuda drivers",
+  "absl::InitializeLog",
+)
+
+
+def test_a_real_subprocess_prints_no_tensorflow_startup_noise(cases):
+  """The real subprocess reads a data file, so it imports TensorFlow (the forking driver imported
+  it before forking): its stderr starts with modjax's error line, without TF's start-up lines."""
+  real, _, _ = cases["real_subprocess"]
+  lines = real["stderr"].splitlines()
+  noise = [line for line in lines if any(word in line for word in TF_STARTUP_NOISE)]
+  assert not noise, real["stderr"][-3000:]
+  assert lines and lines[0].startswith("error: data file"), real["stderr"][-3000:]
+
+
 def test_a_real_subprocess_agrees_with_the_forking_driver(cases):
   """The driver runs modules as the interpreter does: same exit code and error line."""
   forked, _, _ = cases[REAL_SUBPROCESS_CASE]

@@ -228,6 +228,9 @@ def run_cli_cases(cases: list[dict], results_path: str, timeout: float = 120) ->
   import modjax.cli  # noqa: F401
   import modjax.evaluate  # noqa: F401
   import modjax.train.loop  # noqa: F401
+  from modjax.data import tf_setup
+
+  tf_setup.load()  # TensorFlow and seqio are imported on first use: import them once, here
 
   results = []
   for case in cases:

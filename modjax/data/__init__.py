@@ -6,7 +6,8 @@
                            batch_size=64, pack=True, seed=0)
     batch = next(batches)  # int32 numpy arrays; batches.position goes into the checkpoint
 
-TensorFlow is used for the input pipeline only and never sees a GPU (see `tf_setup`).
+TensorFlow is used for the input pipeline only, imported on first use, and never sees a GPU (see
+`tf_setup`): importing this package does not import it.
 """
 
 from modjax.data.embedded import embedded_corpus_texts
@@ -18,7 +19,7 @@ from modjax.data.pipeline import (
   make_batches,
   make_eval_examples,
 )
-from modjax.data.sources import InMemoryPairSource, TextFileSource, jsonl_source, tsv_source
+from modjax.data.sources import jsonl_source, tsv_source
 from modjax.data.tasks import KNOWN_TASKS, TFDS_TASKS, get_task
 from modjax.data.vocab import load_vocabulary, train_sentencepiece
 
@@ -40,3 +41,12 @@ __all__ = [
   "train_sentencepiece",
   "tsv_source",
 ]
+
+
+def __getattr__(name: str):
+  """The seqio source classes load with TensorFlow on first use (see ``seqio_sources``)."""
+  if name in ("InMemoryPairSource", "TextFileSource"):
+    from modjax.data import seqio_sources
+
+    return getattr(seqio_sources, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

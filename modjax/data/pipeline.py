@@ -30,13 +30,14 @@ differ in size. With num_epochs=None (training) that never matters; with a finit
 processes can run out after different numbers of batches, so evaluate with `make_eval_examples`.
 """
 
+from __future__ import annotations
+
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-import seqio
 
 from modjax.data.errors import DataError
-from modjax.data.tf_setup import tf
+from modjax.data.tf_setup import seqio, tf
 
 MODEL_TYPES = ("encdec", "lm")
 
@@ -53,7 +54,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     self.position = start_batch
     self._numpy_batches = dataset.as_numpy_iterator()
 
-  def __iter__(self) -> "BatchIterator":
+  def __iter__(self) -> BatchIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:

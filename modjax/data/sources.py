@@ -1,4 +1,7 @@
 """seqio data sources for in-memory text pairs: the user's own JSONL/TSV files and embedded data.
+The reading and validation are here; the `seqio.DataSource` classes themselves
+(`InMemoryPairSource`, `TextFileSource`) are in `seqio_sources`, loaded with TensorFlow on first
+use (`jsonl_source`, `tsv_source`, or the names from this module).
 
 A split is read, validated and held in memory on first use (the DDTP summaries, ~48k examples,
 load in well under a second), so every malformed line is reported before any tf.data pipeline
@@ -17,149 +20,37 @@ Formats (one example per line, blank lines skipped, `.gz` files are decompressed
   escapes). Use JSONL for text that contains tabs or newlines.
 """
 
+from __future__ import annotations
+
 import gzip
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
-
-import seqio
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from modjax.data.errors import DataError
 from modjax.data.tf_setup import tf
 
+if TYPE_CHECKING:
+  from modjax.data.seqio_sources import TextFileSource
+
 TextPair = tuple[str, str]
 FileSpec = Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]]
-
-
-class InMemoryPairSource(seqio.DataSource):
-  """A `seqio.DataSource` over (inputs, targets) string pairs held in memory.
-
-  Yields `{"inputs": tf.string, "targets": tf.string}`. Supports arbitrary sharding by example
-  and performs its own full shuffle, so tasks over it need no shuffle buffer.
-  """
-
-  def __init__(self, load_split: Callable[[str], Sequence[TextPair]], splits: Sequence[str]):
-    """Args: load_split reads one split's pairs (called once per split); splits names them."""
-    super().__init__(splits=splits, performs_internal_shuffling=True)
-    self._load_split = load_split
-    self._loaded: dict[str, tuple[TextPair, ...]] = {}
-
-  @property
-  def supports_arbitrary_sharding(self) -> bool:
-    return True
-
-  def list_shards(self, split: str) -> Sequence[str]:
-    return [split]
-
-  def num_input_examples(self, split: str) -> int | None:
-    """Deliberately None: a known small size makes seqio cache the source, which would freeze the
-    first epoch's shuffle order for every later epoch. Use `count_examples` for the size."""
-    return None
-
-  def count_examples(self, split: str) -> int:
-    """Number of examples in `split` (loads and validates it)."""
-    return len(self.examples(split))
-
-  def examples(self, split: str) -> tuple[TextPair, ...]:
-    """All (inputs, targets) pairs of `split` in file order, loaded and validated once."""
-    self._check_split(split)
-    if split not in self._loaded:
-      self._loaded[split] = tuple(self._load_split(split))
-    return self._loaded[split]
-
-  def _check_split(self, split: str) -> None:
-    if split not in self.splits:
-      raise DataError(f"this data source has no split {split!r}; use one of {list(self.splits)}")
-
-  def get_dataset(
-    self,
-    split: str = "train",
-    shuffle: bool = True,
-    seed: int | None = None,
-    shard_info: seqio.ShardInfo | None = None,
-    *,
-    sequence_length: Mapping[str, int] | None = None,  # unused, part of seqio's interface
-    use_cached: bool = False,  # unused
-    num_epochs: int | None = 1,  # unused: seqio's Task repeats
-  ) -> tf.data.Dataset:
-    """The split's examples (one shard of them), optionally shuffled from `seed`."""
-    pairs = self.examples(split)
-    if shard_info is not None:
-      if not 0 <= shard_info.index < shard_info.num_shards:
-        raise DataError(
-          f"shard index {shard_info.index} is outside 0..{shard_info.num_shards - 1}; "
-          "pass 0 <= index < num_shards"
-        )
-      pairs = pairs[shard_info.index :: shard_info.num_shards]
-    inputs = [inputs_text for inputs_text, _ in pairs]
-    targets = [targets_text for _, targets_text in pairs]
-    dataset = tf.data.Dataset.from_tensor_slices(
-      {
-        "inputs": tf.constant(inputs, dtype=tf.string, shape=[len(inputs)]),
-        "targets": tf.constant(targets, dtype=tf.string, shape=[len(targets)]),
-      }
-    )
-    if shuffle and len(pairs) > 1:
-      dataset = dataset.shuffle(len(pairs), seed=seed, reshuffle_each_iteration=True)
-    return dataset
-
-
-class TextFileSource(InMemoryPairSource):
-  """Examples from the user's JSONL or TSV files, given as a mapping split -> path(s)/glob(s).
-
-  Paths may be local or anything `tf.io.gfile` reads (gs://). A split whose pattern matches
-  several files reads them in sorted order. Patterns are checked at construction (missing files
-  fail at once); file contents are validated when a split is first used.
-  """
-
-  def __init__(
-    self,
-    files: FileSpec,
-    file_format: str,
-    inputs_field: str = "inputs",
-    targets_field: str = "targets",
-  ):
-    if file_format not in _READERS:
-      raise DataError(f"unknown file format {file_format!r}; use one of {sorted(_READERS)}")
-    if not files:
-      raise DataError("no data files given; pass files={'train': path, 'validation': path}")
-    self.file_format = file_format
-    self.inputs_field = inputs_field
-    self.targets_field = targets_field
-    self._file_signatures: dict[str, tuple] = {}
-    self.patterns = {split: as_patterns(split, spec) for split, spec in files.items()}
-    for split in self.patterns:
-      resolve_files(split, self.patterns[split])
-    super().__init__(load_split=self._read_split, splits=tuple(self.patterns))
-
-  def examples(self, split: str) -> tuple[TextPair, ...]:
-    """Like the parent, but re-reads a split whose files changed since it was loaded."""
-    self._check_split(split)
-    signature = _files_signature(resolve_files(split, self.patterns[split]))
-    if self._file_signatures.get(split) != signature:
-      self._loaded.pop(split, None)
-      self._file_signatures[split] = signature
-    return super().examples(split)
-
-  def _read_split(self, split: str) -> list[TextPair]:
-    pairs: list[TextPair] = []
-    for path in resolve_files(split, self.patterns[split]):
-      pairs.extend(_READERS[self.file_format](path, self.inputs_field, self.targets_field))
-    return pairs
-
-  def __repr__(self) -> str:
-    return f"TextFileSource({self.file_format}, {self.patterns})"
 
 
 def jsonl_source(
   files: FileSpec, inputs_field: str = "inputs", targets_field: str = "targets"
 ) -> TextFileSource:
   """A source over JSONL(.gz) files, one JSON object per line with the two string fields."""
+  from modjax.data.seqio_sources import TextFileSource
+
   return TextFileSource(files, "jsonl", inputs_field=inputs_field, targets_field=targets_field)
 
 
 def tsv_source(files: FileSpec) -> TextFileSource:
   """A source over TSV(.gz) files, two tab-separated columns (inputs, targets) per line."""
+  from modjax.data.seqio_sources import TextFileSource
+
   return TextFileSource(files, "tsv")
 
 
@@ -274,3 +165,12 @@ def _read_tsv(path: str, inputs_field: str, targets_field: str) -> list[TextPair
 
 
 _READERS = {"jsonl": _read_jsonl, "tsv": _read_tsv}
+
+
+def __getattr__(name: str):
+  """The seqio source classes (``seqio_sources``) load with TensorFlow on first use."""
+  if name in ("InMemoryPairSource", "TextFileSource"):
+    from modjax.data import seqio_sources
+
+    return getattr(seqio_sources, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

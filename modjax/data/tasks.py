@@ -25,17 +25,17 @@ shard instead of failing before TFDS gets the chance to prepare it; multi-proces
 shards by example.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import functools
 import hashlib
 import json
 from collections.abc import Callable, Mapping
 
-import seqio
-
 from modjax.data import embedded, sources
 from modjax.data.errors import DataError
-from modjax.data.tf_setup import tf
+from modjax.data.tf_setup import seqio, tf
 
 SUMMARIZE_PREFIX = embedded.SUMMARIZE_PREFIX
 
@@ -49,35 +49,6 @@ class TfdsTaskSpec:
   default_prefix: str
   format_example: Callable[[Mapping[str, tf.Tensor], str], dict[str, tf.Tensor]]
   keep_example: Callable[[Mapping[str, tf.Tensor]], tf.Tensor] | None = None
-
-
-class PinnedTfdsSource(seqio.TfdsDataSource):
-  """`seqio.TfdsDataSource` that tolerates missing split metadata (see the module docstring)."""
-
-  def num_input_examples(self, split: str) -> int | None:
-    try:
-      return super().num_input_examples(split)
-    except KeyError:  # tfds: "splits is empty", the data set is not prepared (or is mocked)
-      return None
-
-  def list_shards(self, split: str) -> list[str]:
-    try:
-      return list(super().list_shards(split))
-    except KeyError:
-      return [split]
-
-  def get_dataset(self, split: str | None = None, *args, **kwargs) -> tf.data.Dataset:
-    """seqio's TFDS read; a missing manual download becomes a one-line DataError."""
-    try:
-      return super().get_dataset(split, *args, **kwargs)
-    except AssertionError as error:
-      if "Manual directory" not in str(error):
-        raise
-      first_line = str(error).strip().splitlines()[0]
-      raise DataError(
-        f"TFDS {self.tfds_dataset.name} needs a manual download ({first_line}); download it as "
-        "described in modjax.data.tasks and pass tfds_data_dir="
-      ) from error
 
 
 def _summarize(document_key: str, summary_key: str):
@@ -145,7 +116,7 @@ def get_task(
   inputs_field: str = "inputs",
   targets_field: str = "targets",
   tfds_data_dir: str | None = None,
-  shuffle_buffer_size: int = seqio.SHUFFLE_BUFFER_SIZE,
+  shuffle_buffer_size: int | None = None,
 ) -> seqio.Task:
   """Registers (once) and returns the seqio Task `name` tokenized with `vocabulary`.
 
@@ -157,7 +128,8 @@ def get_task(
       For squad_question_generation it replaces "generate question: ".
     inputs_field, targets_field: jsonl only: the JSON fields holding the texts.
     tfds_data_dir: TFDS data directory (None: TFDS's default); for xsum it holds the manual files.
-    shuffle_buffer_size: TFDS tasks: the Task's shuffle buffer (in-memory sources shuffle fully).
+    shuffle_buffer_size: TFDS tasks: the Task's shuffle buffer (None: seqio's default; in-memory
+      sources shuffle fully).
 
   Returns:
     The registered `seqio.Task`; the same object for the same arguments.
@@ -171,6 +143,8 @@ def get_task(
     raise DataError(f"task {name!r} reads your files; pass files={{'train': path, ...}}")
   if name not in FILE_TASKS and files:
     raise DataError(f"task {name!r} takes no files; use name='jsonl' or 'tsv' for your own files")
+  if shuffle_buffer_size is None:
+    shuffle_buffer_size = seqio.SHUFFLE_BUFFER_SIZE
   spec = {
     "name": name,
     "vocabulary": _vocabulary_fingerprint(vocabulary),
@@ -188,6 +162,8 @@ def get_task(
   if name in TFDS_TASKS:
     task_spec = TFDS_TASKS[name]
     prefix = task_spec.default_prefix if inputs_prefix is None else inputs_prefix
+    from modjax.data.seqio_sources import PinnedTfdsSource
+
     source = PinnedTfdsSource(
       tfds_name=task_spec.tfds_name, tfds_data_dir=tfds_data_dir, splits=task_spec.splits
     )
@@ -229,7 +205,9 @@ def get_task(
 
 def embedded_lead_source() -> sources.InMemoryPairSource:
   """The in-memory source of `embedded_lead` (raw article/lead pairs, no prefix)."""
-  return sources.InMemoryPairSource(
+  from modjax.data.seqio_sources import InMemoryPairSource
+
+  return InMemoryPairSource(
     embedded.embedded_lead_examples, splits=tuple(embedded.EMBEDDED_SPLIT_SIZES)
   )
 
@@ -278,3 +256,12 @@ def _files_fingerprint(files: sources.FileSpec | None) -> dict | None:
   if not files:
     return None
   return {split: sources.as_patterns(split, spec) for split, spec in sorted(files.items())}
+
+
+def __getattr__(name: str):
+  """``PinnedTfdsSource`` (in ``seqio_sources``) loads with TensorFlow on first use."""
+  if name == "PinnedTfdsSource":
+    from modjax.data import seqio_sources
+
+    return seqio_sources.PinnedTfdsSource
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,15 +5,16 @@ silently return a stub vocabulary offline (see DESIGN.md, "Pitfalls"). Always pa
 expect (32100 for T5's default model with 100 extra ids) so a wrong file fails loudly.
 """
 
+from __future__ import annotations
+
 import os
 import re
 from collections.abc import Iterable
 
 import sentencepiece as spm
-import seqio
 
 from modjax.data.errors import DataError
-from modjax.data.tf_setup import tf
+from modjax.data.tf_setup import seqio, tf
 
 T5_PAD_ID, T5_EOS_ID, T5_UNK_ID, T5_BOS_ID = 0, 1, 2, -1
 SENTENCEPIECE_SEED = 0
