@@ -1,118 +1,259 @@
-"""Decode a split with a trained (or imported) model and score it.
+"""Score a bank under a plan: teacher-forced cross-entropy and perplexity, and/or decoding with
+ROUGE/BLEU.
 
   python -m modjax.evaluate --config configs/tiny.py --config.workdir=/tmp/modjax/tiny
+  python -m modjax.evaluate --config configs/tiny.py --config.workdir=/tmp/modjax/tiny \\
+      --plan short.json --config.eval.metrics=perplexity,rouge
 
-Parameters come from the latest good checkpoint in ``workdir/checkpoints`` (or, with none, from
-``model.init_from``). Writes ``workdir/eval/<split>_step<N>.predictions.jsonl`` (input, target,
-prediction per example) and ``.metrics.json`` (ROUGE-1/2/L/Lsum with newline-split sentences for
-Lsum, and/or sacreBLEU on detokenised text).
+What is scored comes from a directory alone, never from the training config or its optimizer:
+``--bank DIR`` (a saved bank or a training workdir; default ``config.workdir``, whose latest good
+checkpoint is merged with its frozen part) or ``--hf DIR`` (a ``save_pretrained`` directory; also
+used when the workdir holds no bank and ``model.init_from`` is set). ``--plan`` is a plan saved in
+the bank (by name) or a JSON plan file; default: the bank's "default" plan, else the identity.
+The data and vocabulary come from the config (``data.vocab_path``, else the bank's or workdir's
+trained ``vocab/spm.model``).
+
+Metrics (``eval.metrics``, comma-separated): ``perplexity`` (mean cross-entropy per target token
+over the first ``eval.max_examples`` examples, its exp, and the token count; T5 and GPT-2, which
+reads the task's targets as text), ``rouge`` (1/2/L/Lsum, Lsum with newline-split sentences) and
+``bleu`` (sacreBLEU on detokenised text); the last two decode and need an encoder-decoder.
+Writes ``workdir/eval/<split>_step<N>[_plan-<name>].metrics.json`` (with the plan) and, when
+decoding, ``.predictions.jsonl`` (input, target, prediction per example). The scoring itself is
+``modjax.scoring`` (pure functions over model, params, plan and batches), re-exported here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
-import time
+import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from modjax import checkpoint, decode, metrics
-from modjax.data import make_eval_examples
-from modjax.train import experiment, optim
-from modjax.train.step import init_state
+from modjax import bank_io, metrics
+from modjax.checkpoint import CheckpointError
+from modjax.data import make_eval_examples, vocab
+from modjax.interop import hf
+from modjax.models import architecture_for
+from modjax.plan import Plan, PlanError
+from modjax.scoring import make_eval_batches, predict, teacher_forced_metrics
+from modjax.train import experiment
+
+__all__ = [
+  "evaluate",
+  "load_eval_vocabulary",
+  "load_scored",
+  "make_eval_batches",
+  "predict",
+  "teacher_forced_metrics",
+]
 
 log = logging.getLogger("modjax.evaluate")
 
+DECODED_METRICS = ("rouge", "bleu")
+TEACHER_FORCED_METRICS = ("perplexity",)
 
-def load_trained_params(cfg, model, hf_params=None):
-  """(step, params) from the latest good checkpoint, else the imported HF parameters."""
-  optimizer, _ = optim.make_optimizer(cfg.optimizer, cfg.train.num_steps)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  shapes = jax.eval_shape(lambda: init_state(model.init(jax.random.key(0)), optimizer))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-  ckpt = checkpoint.Checkpointer(
-    str(experiment.workdir(cfg) / "checkpoints"),
-    max_to_keep=None,
-    save_interval_steps=1,
-    async_save=False,
-  )
+
+# ---- what is scored: bank, plan, vocabulary --------------------------------------------------
+
+
+@dataclasses.dataclass
+class Scored:
+  """A model with its parameters and the plan to run, and where they came from."""
+
+  model: object
+  params: dict
+  plan: Plan
+  plan_name: str  # a saved plan's name, "identity", or the plan file as given
+  step: int | None  # training step of a workdir; 0 for an HF checkpoint; None for a saved bank
+  origin: str  # the bank or HF directory
+  vocab_dir: epath.Path | None  # where a trained vocab/spm.model may be
+  default_plan: bool  # the plan is the bank's default (output names carry no plan suffix)
+
+
+def load_scored(cfg, *, bank: str | None = None, hf_dir: str | None = None, plan=None) -> Scored:
+  """The bank (``bank``, else ``hf_dir``, else the config's workdir, else ``model.init_from``)
+  and the plan (a saved name or a JSON file; None: the default). Reads, never writes."""
+  if bank and hf_dir:
+    raise experiment.ConfigError("give --bank or --hf, not both")
+  root = epath.Path(bank) if bank else None if hf_dir else experiment.workdir(cfg)
+  if root is not None and not bank_io.is_bank(root) and not bank and cfg.model.init_from:
+    root, hf_dir = None, cfg.model.init_from  # a workdir not trained yet: score the HF weights
+  file_plan = _plan_file(plan, root)
+  if root is None:
+    return _load_hf(cfg, hf_dir, plan, file_plan)
+  if not bank_io.is_bank(root):
+    raise CheckpointError(
+      f"no checkpoint in {root}: it holds no model.json (not a modjax bank or training "
+      "workdir); train first, or give --bank DIR or --hf DIR"
+    )
+  stored = bank_io.load_bank(root)
+  if file_plan is not None:
+    chosen = _validated(file_plan, stored.params, stored.model, plan)
+  else:
+    chosen = stored.plan(plan)
+  name = plan or (bank_io.DEFAULT_PLAN if bank_io.DEFAULT_PLAN in stored.plans else "identity")
+  default = plan in (None, bank_io.DEFAULT_PLAN) or chosen == stored.plan()
+  return Scored(stored.model, stored.params, chosen, name, stored.step, str(root), root, default)
+
+
+def _plan_file(value, root) -> Plan | None:
+  """The plan in file ``value``, or None when ``value`` names a plan saved in the bank."""
+  if value is None:
+    return None
+  saved = sorted(p.stem for p in (root / "plans").glob("*.json")) if root is not None else []
+  if value in saved:
+    return None
+  if not os.path.isfile(value):
+    raise PlanError(
+      f"--plan {value!r} is neither a plan saved in the bank (it has {saved}) nor a JSON file"
+    )
   try:
-    restored = ckpt.restore_latest(
-      {"step": abstract.step, "params": abstract.params, "opt_state": abstract.opt_state}
+    return bank_io.read_plan_file(value)
+  except PlanError as e:
+    raise PlanError(f"--plan {value}: {e}") from None
+
+
+def _validated(plan: Plan, params, model, label) -> Plan:
+  try:
+    return plan.validate(params, model.stacks)
+  except PlanError as e:
+    raise PlanError(
+      f"--plan {label} does not fit the bank: {e}{_stack_hint(plan, params)}"
+    ) from None
+
+
+def _stack_hint(plan: Plan, params) -> str:
+  """Names a block the plan puts in one stack that only the other stack has."""
+  for stack, other in (("encoder", "decoder"), ("decoder", "encoder")):
+    mine = params.get(stack, {}).get("blocks", {})
+    theirs = params.get(other, {}).get("blocks", {})
+    for slot in plan.stack(stack):
+      if slot.block not in mine and slot.block in theirs:
+        article = "an" if other == "encoder" else "a"
+        return (
+          f" ({slot.block!r} is {article} {other} block; each stack's slots name its own blocks)"
+        )
+  return ""
+
+
+def _load_hf(cfg, hf_dir, plan_label, file_plan) -> Scored:
+  config, params = hf.import_checkpoint(hf_dir, cfg.model.param_dtype, cfg.model.dtype)
+  model = architecture_for(config)
+  params = jax.tree.map(jnp.asarray, params)
+  chosen = model.identity_plan() if file_plan is None else file_plan
+  chosen = _validated(chosen, params, model, plan_label)
+  name = plan_label or "identity"
+  return Scored(model, params, chosen, name, 0, hf_dir, None, chosen == model.identity_plan())
+
+
+def load_eval_vocabulary(cfg, vocab_dir=None):
+  """``data.vocab_path``, else the ``vocab/spm.model`` trained into the bank or the workdir.
+  Never trains one: a new vocabulary would not match the model's embeddings."""
+  d = cfg.data
+  if d.vocab_path:
+    return vocab.load_vocabulary(
+      d.vocab_path, extra_ids=d.extra_ids, expected_size=d.expected_vocab_size or None
     )
-  finally:
-    ckpt.close()
-  if restored is not None:
-    step, state, _ = restored
-    return step, state["params"]
-  if hf_params is not None:
-    return 0, jax.tree.map(jnp.asarray, hf_params)
+  for root in (vocab_dir, experiment.workdir(cfg)):
+    if root is not None and (epath.Path(root) / "vocab" / "spm.model").exists():
+      return vocab.load_vocabulary(os.fspath(epath.Path(root) / "vocab" / "spm.model"), extra_ids=0)
   raise experiment.ConfigError(
-    f"no checkpoint in {experiment.workdir(cfg) / 'checkpoints'} and no model.init_from; train first"
+    "config.data.vocab_path is empty and neither the bank nor the workdir holds vocab/spm.model; "
+    "set --config.data.vocab_path to the SentencePiece model the bank was trained with"
   )
 
 
-def predict(
-  model, params, vocabulary, examples, *, batch_size, inputs_length, max_new_tokens, num_beams
-):
-  """Decoded texts for ``examples`` (dicts with ``inputs_ids``), in order. Inputs are padded to
-  ``inputs_length`` and batches to ``batch_size`` so decoding compiles once."""
-  plan = model.identity_plan()
-  texts = []
-  start = time.perf_counter()
-  for i in range(0, len(examples), batch_size):
-    chunk = examples[i : i + batch_size]
-    ids = np.zeros((batch_size, inputs_length), np.int32)
-    for row, ex in enumerate(chunk):
-      seq = np.asarray(ex["inputs_ids"][:inputs_length])
-      ids[row, : len(seq)] = seq
-    result = decode.generate(
-      model,
-      params,
-      plan,
-      jnp.asarray(ids),
-      jnp.asarray(ids > 0),
-      max_new_tokens=max_new_tokens,
-      num_beams=num_beams,
+def _check_fit(cfg, names, model, vocabulary) -> None:
+  if experiment.model_type(model) != "encdec" and set(names) & set(DECODED_METRICS):
+    raise experiment.ConfigError(
+      f"config.eval.metrics={cfg.eval.metrics!r}: rouge/bleu decode an encoder-decoder, and the "
+      "bank holds a decoder-only model; use --config.eval.metrics=perplexity"
     )
-    tokens, lengths = jax.device_get((result.tokens, result.lengths))
-    for row in range(len(chunk)):
-      out = [int(t) for t in tokens[row, : lengths[row]] if t != model.config.eos_token_id]
-      texts.append(vocabulary.decode(out))
-    done = min(i + batch_size, len(examples))
-    rate = done / max(time.perf_counter() - start, 1e-9)
-    log.info(
-      "decoded %d/%d examples (%.1f examples/s, ETA %.0fs)",
-      done,
-      len(examples),
-      rate,
-      (len(examples) - done) / rate,
+  if model.config.vocab_size < vocabulary.vocab_size:
+    raise experiment.ConfigError(
+      f"the vocabulary ({vocabulary.vocab_size} pieces) is larger than the model's "
+      f"({model.config.vocab_size}); set config.data.vocab_path to the bank's own vocabulary"
     )
-  return texts
+  positions = getattr(model.config, "n_positions", None)
+  if positions is not None and cfg.data.targets_length > positions:
+    raise experiment.ConfigError(
+      f"config.data.targets_length={cfg.data.targets_length} exceeds the model's "
+      f"{positions} positions; use a length up to {positions}"
+    )
 
 
-def evaluate(cfg) -> dict:
-  """Decodes ``cfg.data.eval_split`` and writes predictions and metrics; returns the metrics."""
+# ---- the run ---------------------------------------------------------------------------------
+
+
+def evaluate(cfg, *, bank: str | None = None, hf_dir: str | None = None, plan=None) -> dict:
+  """Scores ``cfg.data.eval_split`` with the bank and plan (see the module docstring), writes
+  the metrics (and predictions when decoding) under ``workdir/eval``; returns the metrics."""
   experiment.validate_config(cfg)
-  vocabulary = experiment.build_vocabulary(cfg)
+  names = [n.strip() for n in cfg.eval.metrics.split(",") if n.strip()]
+  if not names:
+    raise experiment.ConfigError("config.eval.metrics is empty; name rouge, bleu or perplexity")
+  scored = load_scored(cfg, bank=bank, hf_dir=hf_dir, plan=plan)
+  vocabulary = load_eval_vocabulary(cfg, scored.vocab_dir)
+  _check_fit(cfg, names, scored.model, vocabulary)
   task = experiment.build_task(cfg, vocabulary)
-  model, hf_params = experiment.build_model(cfg, vocabulary.vocab_size)
-  if experiment.model_type(model) != "encdec":
-    raise experiment.ConfigError(
-      "modjax.evaluate scores encoder-decoder tasks; the configured model is decoder-only"
-    )
-  step, params = load_trained_params(cfg, model, hf_params)
-  split, e = cfg.data.eval_split, cfg.eval
-  examples = make_eval_examples(task, split, e.max_examples or None)
+  scored.params = jax.device_put(scored.params)
+  log.info(
+    "evaluating %s with plan %s: %s", scored.origin, scored.plan_name, scored.plan.describe()
+  )
+  scores, examples, predictions = {}, [], None
+  if set(names) & set(TEACHER_FORCED_METRICS):
+    scores.update(_teacher_forced_scores(cfg, scored, task))
+  if set(names) & set(DECODED_METRICS):
+    decoded, examples, predictions = _decoded_scores(cfg, names, scored, task, vocabulary)
+    scores.update(decoded)
+  summary = {
+    "step": scored.step,
+    "split": cfg.data.eval_split,
+    "task": cfg.data.task,
+    "bank": scored.origin,
+    "plan_name": scored.plan_name,
+    "plan": scored.plan.to_dict(),
+    **scores,
+  }
+  if jax.process_index() == 0:
+    _write(cfg, scored, summary, examples, predictions)
+  return summary
+
+
+def _teacher_forced_scores(cfg, scored: Scored, task) -> dict:
+  model = scored.model
+  batches = make_eval_batches(
+    task,
+    cfg.data.eval_split,
+    feature_lengths=experiment.feature_lengths(cfg, model),
+    batch_size=cfg.eval.batch_size,
+    max_examples=cfg.eval.max_examples or None,
+    model_type=experiment.model_type(model),
+  )
+  if not batches:
+    raise _no_examples(cfg)
+  scores = teacher_forced_metrics(model, scored.params, scored.plan, batches)
+  scores["examples"] = sum(int(np.any(b["decoder_loss_weights"], axis=1).sum()) for b in batches)
+  return scores
+
+
+def _decoded_scores(cfg, names, scored: Scored, task, vocabulary):
+  """(ROUGE/BLEU scores, examples, predicted texts)."""
+  e = cfg.eval
+  examples = make_eval_examples(task, cfg.data.eval_split, e.max_examples or None)
   if not examples:
-    raise experiment.ConfigError(
-      f"split {split!r} of task {cfg.data.task!r} has no examples to evaluate"
-    )
+    raise _no_examples(cfg)
   predictions = predict(
-    model,
-    params,
+    scored.model,
+    scored.params,
+    scored.plan,
     vocabulary,
     examples,
     batch_size=e.batch_size,
@@ -121,45 +262,71 @@ def evaluate(cfg) -> dict:
     num_beams=e.num_beams,
   )
   references = [ex["targets"] for ex in examples]
-  names = [n.strip() for n in e.metrics.split(",") if n.strip()]
   scores = {}
-  for name in names:
+  for name in (n for n in names if n in DECODED_METRICS):
     kwargs = {"tokenize": e.bleu_tokenize} if name == "bleu" else {}
     scores.update(getattr(metrics, name)(predictions, references, **kwargs))
-  summary = {
-    "step": step,
-    "split": split,
-    "task": cfg.data.task,
-    "examples": len(examples),
-    "num_beams": e.num_beams,
-    **scores,
-  }
-  if jax.process_index() == 0:
-    out = experiment.workdir(cfg) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{split}_step{step}"
+  scores.update(examples=len(examples), num_beams=e.num_beams)
+  return scores, examples, predictions
+
+
+def _no_examples(cfg):
+  return experiment.ConfigError(
+    f"split {cfg.data.eval_split!r} of task {cfg.data.task!r} has no examples to evaluate"
+  )
+
+
+def output_stem(split: str, scored: Scored) -> str:
+  """``<split>[_step<N>][_plan-<name>]``: a file plan is named by its file and a digest."""
+  stem = split if scored.step is None else f"{split}_step{scored.step}"
+  if scored.default_plan:
+    return stem
+  label = scored.plan_name
+  if os.path.isfile(label):
+    digest = hashlib.sha256(scored.plan.to_json().encode()).hexdigest()[:8]
+    label = f"{epath.Path(label).stem}-{digest}"
+  return f"{stem}_plan-{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}"
+
+
+def _write(cfg, scored, summary, examples, predictions) -> None:
+  out = experiment.workdir(cfg) / "eval"
+  out.mkdir(parents=True, exist_ok=True)
+  stem = output_stem(summary["split"], scored)
+  if predictions is not None:
     with (out / f"{stem}.predictions.jsonl").open("w") as f:
       for ex, pred in zip(examples, predictions, strict=True):
         f.write(
           json.dumps({"inputs": ex["inputs"], "target": ex["targets"], "prediction": pred}) + "\n"
         )
-    (out / f"{stem}.metrics.json").write_text(json.dumps(summary, indent=2))
-    log.info(
-      "metrics at step %d on %d %s examples: %s",
-      step,
-      len(examples),
-      split,
-      {k: round(v, 2) for k, v in scores.items() if isinstance(v, float)},
-    )
-  return summary
+  (out / f"{stem}.metrics.json").write_text(json.dumps(summary, indent=2))
+  log.info(
+    "metrics (step %s, plan %s) -> %s: %s",
+    scored.step,
+    scored.plan_name,
+    out / f"{stem}.metrics.json",
+    {k: round(v, 4) for k, v in summary.items() if isinstance(v, float)},
+  )
+
+
+def define_flags() -> None:
+  """``--bank``, ``--hf`` and ``--plan`` beside ``--config`` (defined when run as a program)."""
+  from absl import flags
+
+  flags.DEFINE_string("bank", None, "A saved bank or training workdir (default: config.workdir).")
+  flags.DEFINE_string("hf", None, "A Hugging Face save_pretrained directory to score instead.")
+  flags.DEFINE_string("plan", None, "A plan saved in the bank (by name) or a JSON plan file.")
 
 
 def main(config):
-  evaluate(config)
+  from absl import flags
+
+  f = flags.FLAGS
+  evaluate(config, bank=f.bank, hf_dir=f.hf, plan=f.plan)
 
 
 if __name__ == "__main__":
   from modjax import cli
 
   cli.define_config_flag()
+  define_flags()
   cli.run(main)

@@ -267,7 +267,10 @@ def validate_config(cfg) -> None:
   )
   for name in filter(None, cfg.eval.metrics.split(",")):
     need(
-      name.strip() in ("rouge", "bleu"), "eval.metrics", cfg.eval.metrics, "use rouge and/or bleu"
+      name.strip() in ("rouge", "bleu", "perplexity"),
+      "eval.metrics",
+      cfg.eval.metrics,
+      "use rouge, bleu and/or perplexity",
     )
   for key in ("train_files", "validation_files"):
     pattern = d[key]

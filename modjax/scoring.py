@@ -1,0 +1,144 @@
+"""Scoring a model under a plan: pure functions over (model, params, plan, batches or examples),
+so methods can score windows, plans and pools in Python without the ``modjax.evaluate`` program.
+
+* :func:`teacher_forced_metrics`: mean cross-entropy per target token, perplexity, token count
+  (T5 on seqio EncDec batches, GPT-2 on Decoder batches), with the training loss functions.
+* :func:`make_eval_batches`: every example of a split (up to a limit) as fixed-shape batches.
+* :func:`predict`: cached decoding of examples into texts, for ROUGE/BLEU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from modjax import decode
+from modjax.data import DataError
+from modjax.plan import Plan
+from modjax.train import experiment, losses
+
+if TYPE_CHECKING:
+  import seqio
+
+log = logging.getLogger("modjax.evaluate")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _loss_sums(model, plan: Plan, params, batch):
+  """(weighted CE sum, weight sum) of one batch; compiled once per (model, plan, batch shape)."""
+  make = losses.seq2seq_loss if experiment.model_type(model) == "encdec" else losses.lm_loss
+  return make(model, plan)(params, None, batch, None)
+
+
+def teacher_forced_metrics(model, params, plan: Plan, batches) -> dict:
+  """Mean cross-entropy per target token over ``batches`` (seqio EncDec batches for T5,
+  Decoder batches for GPT-2), its exp (perplexity) and the number of tokens.
+
+  Tokens count by ``decoder_loss_weights``, so padding (and whole padding rows) adds nothing:
+  the result does not depend on how the examples were cut into batches. Sums are carried across
+  batches in float64 on the host."""
+  plan.validate(params, model.stacks)
+  total, tokens = 0.0, 0.0
+  for batch in batches:
+    loss_sum, weight_sum = jax.device_get(_loss_sums(model, plan, params, _as_jax(batch)))
+    total += float(loss_sum)
+    tokens += float(weight_sum)
+  if tokens <= 0:
+    raise DataError("the batches hold no target tokens to score; check the split and lengths")
+  cross_entropy = total / tokens
+  return {"cross_entropy": cross_entropy, "perplexity": math.exp(cross_entropy), "tokens": tokens}
+
+
+def _as_jax(batch) -> dict:
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def make_eval_batches(
+  task: seqio.Task, split: str, *, feature_lengths, batch_size, max_examples=None, model_type
+) -> list[dict]:
+  """The first ``max_examples`` examples of ``split`` (file order, every one of them) through
+  seqio's unpacked feature converter, in batches of ``batch_size`` rows; the last batch is
+  filled with all-zero rows (weight 0) so every batch has one shape and compiles once."""
+  import seqio  # already imported (with TF's GPUs hidden) by the data layer that made ``task``
+
+  dataset = task.get_dataset(
+    sequence_length=dict(feature_lengths), split=split, shuffle=False, seed=None, num_epochs=1
+  )
+  if max_examples:
+    dataset = dataset.take(max_examples)
+  converter = (
+    seqio.EncDecFeatureConverter(pack=False)
+    if model_type == "encdec"
+    else seqio.DecoderFeatureConverter(pack=False)
+  )
+  dataset = converter(dataset, dict(feature_lengths)).batch(batch_size, drop_remainder=False)
+  out = []
+  for batch in dataset.as_numpy_iterator():
+    rows = next(iter(batch.values())).shape[0]
+    out.append(
+      {
+        k: np.pad(np.asarray(v, np.int32), [(0, batch_size - rows), (0, 0)])
+        for k, v in batch.items()
+      }
+    )
+  return out
+
+
+# ---- decoding --------------------------------------------------------------------------------
+
+
+def predict(
+  model,
+  params,
+  plan: Plan,
+  vocabulary,
+  examples,
+  *,
+  batch_size,
+  inputs_length,
+  max_new_tokens,
+  num_beams,
+):
+  """Decoded texts for ``examples`` (dicts with ``inputs_ids``) under ``plan``, in order. Inputs
+  are padded to ``inputs_length`` and batches to ``batch_size`` so decoding compiles once."""
+  plan.validate(params, model.stacks)
+  prepared = decode.prepare(model, params)
+  texts = []
+  start = time.perf_counter()
+  for i in range(0, len(examples), batch_size):
+    chunk = examples[i : i + batch_size]
+    ids = np.zeros((batch_size, inputs_length), np.int32)
+    for row, ex in enumerate(chunk):
+      seq = np.asarray(ex["inputs_ids"][:inputs_length])
+      ids[row, : len(seq)] = seq
+    result = decode.generate(
+      model,
+      params,
+      plan,
+      jnp.asarray(ids),
+      jnp.asarray(ids > 0),
+      max_new_tokens=max_new_tokens,
+      num_beams=num_beams,
+      prepared=prepared,
+    )
+    tokens, lengths = jax.device_get((result.tokens, result.lengths))
+    for row in range(len(chunk)):
+      out = [int(t) for t in tokens[row, : lengths[row]] if t != model.config.eos_token_id]
+      texts.append(vocabulary.decode(out))
+    done = min(i + batch_size, len(examples))
+    rate = done / max(time.perf_counter() - start, 1e-9)
+    log.info(
+      "decoded %d/%d examples (%.1f examples/s, ETA %.0fs)",
+      done,
+      len(examples),
+      rate,
+      (len(examples) - done) / rate,
+    )
+  return texts
