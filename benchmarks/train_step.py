@@ -1,28 +1,48 @@
-"""Training-step throughput of modjax's jitted train step on this machine (CPU by default).
+"""Training-step throughput: modjax's jitted train step vs transformers' PyTorch T5, on CPU.
 
-For each preset the step that ``modjax.train`` runs (``make_train_step`` + ``jit_train_step``:
-Adafactor with global-norm clipping, the seq2seq cross-entropy, dropout as the preset sets it,
-the state donated) is compiled for one device and called on random token batches of fixed shape:
+For each shape, three steps run on the same shapes in the same process:
 
-* ``tiny``: configs/tiny.py's shapes (vocabulary 240 -> 256 rows, batch 32 x inputs 64 / targets 24)
-* ``t5-small``: vocabulary 32128, batch 8 x inputs 128 / targets 32
+* ``modjax/adafactor``: the step ``modjax.train`` runs by default (``make_train_step`` +
+  ``jit_train_step``: optax Adafactor with parameter-scaled steps, global-norm clipping at 1.0,
+  the rsqrt schedule, the seq2seq cross-entropy, the state donated), compiled for one device;
+* ``modjax/adamw``: the same step with ``optimizer.name = "adamw"`` (``optax.adamw``, clipping
+  at 1.0, weight decay 0), the optimizer the PyTorch side uses;
+* ``hf/adamw``: ``transformers.T5ForConditionalGeneration`` built from the same config (random
+  init, ``train()`` so dropout is on), ``torch.optim.AdamW`` with PyTorch's defaults for the
+  implementation (weight decay 0, as modjax's), as a user would write the loop: forward with
+  ``labels``, ``loss.backward()``, ``clip_grad_norm_(1.0)``, ``optimizer.step()``,
+  ``zero_grad()``.
 
-Reported per preset: the median of ``--steps`` timed steps after the first call (steady state);
-compile time as the first call minus that median; tokens/s counting encoder and decoder tokens
-(batch x (inputs + targets)) and target tokens/s; model FLOPs per step from XLA's cost analysis
-of the compiled step and from the shapes (6 x parameters x the tokens that pass through them:
-encoder parameters x encoder tokens, decoder parameters and the output projection x decoder
-tokens; attention scores not counted); achieved FLOP/s (XLA's count / median step time) and its
-share of the machine's peak float32 matmul FLOP/s, measured in the same run by
-``benchmarks/hardware.py``.
+Shapes (dropout applies on both sides, with the same rate):
+
+* ``micro`` (``--quick``): the 2+2-layer test preset, batch 4 x inputs 32 / targets 16,
+  dropout 0.1;
+* ``tiny``: configs/tiny.py's model (vocabulary 256 rows), batch 32 x inputs 64 / targets 24,
+  dropout 0 (the preset's);
+* ``t5-small``: vocabulary 32128, batch 8 x inputs 256 / targets 64, dropout 0.1.
+
+Timing: each side's first call is untimed (modjax's compile time = first call - median); then
+``--rounds`` rounds each time ``--steps / --rounds`` consecutive steps of every side in turn,
+with a pause between sides (``hardware.settle``: one framework's spinning threads slow the
+other). Reported per side: the median step over all rounds (and the minimum), tokens/s counting
+encoder and decoder tokens (batch x (inputs + targets)) and target tokens/s. Both frameworks use
+every core (``torch.set_num_threads``; XLA's default). ``ratio_vs_hf`` (per shape) is modjax's
+AdamW step against HF's AdamW step in tokens/s; ``ratio_vs_hf_adafactor`` uses modjax's default
+Adafactor step instead.
+
+FLOPs: XLA's cost analysis of each compiled modjax step, and from the shapes (6 x parameters x
+the tokens that pass through them; attention scores not counted). Achieved FLOP/s divide XLA's
+count of the modjax AdamW step (the same model math as HF's step) by each side's median step;
+``pct_peak`` quotes them against the machine's peak float32 matmul FLOP/s, measured in the same
+run by ``benchmarks/hardware.py``.
 
 Run from the repository root:
 
-    python -m benchmarks.train_step                    # tiny and t5-small, a few minutes on CPU
-    python -m benchmarks.train_step --quick            # tiny only, 3 steps: a smoke test
-    python -m benchmarks.train_step --presets tiny --steps 20 --out /tmp/train_step.json
+    python -m benchmarks.train_step                    # tiny and t5-small, ~10 minutes on CPU
+    python -m benchmarks.train_step --quick            # micro, 3 steps per side: a smoke test
+    python -m benchmarks.train_step --presets t5-small --steps 12 --out /tmp/train_step.json
 
-On a shared machine the numbers are noisy: compare within one run.
+On a shared machine the numbers are noisy: compare within one run, and over several runs.
 """
 
 from __future__ import annotations
@@ -35,6 +55,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import torch
+import transformers
 
 from modjax import sharding
 from modjax.models import architecture_for
@@ -48,35 +70,44 @@ try:
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
   import hardware
 
-# preset -> (vocabulary rows, batch, inputs length, targets length)
+# shape -> (preset, vocabulary rows, batch, inputs length, targets length, dropout)
 SHAPES = {
-  "tiny": (256, 32, 64, 24),
-  "t5-small": (32128, 8, 128, 32),
+  "micro": ("micro", 256, 4, 32, 16, 0.1),  # --quick: a smoke test of every side
+  "tiny": ("tiny", 256, 32, 64, 24, 0.0),
+  "t5-small": ("t5-small", 32128, 8, 256, 64, 0.1),
 }
+MODJAX_OPTIMIZERS = ("adafactor", "adamw")
+HF_OPTIMIZER = "torch.optim.AdamW (PyTorch defaults, weight_decay=0), clip_grad_norm_(1.0)"
+HF_LEARNING_RATE = 1e-3
 TABLE = [
   "preset",
-  "params_m",
+  "side",
   "batch",
   "inputs",
   "targets",
   "compile_s",
   "step_ms",
   "tokens_per_s",
-  "target_tokens_per_s",
-  "gflop_xla",
-  "gflop_6nt",
   "gflops_per_s",
   "pct_peak",
+  "ratio_vs_hf",
 ]
 
 
-def build_step(preset: str, vocab_size: int, num_steps: int):
-  """(jitted step, initial state, model) for one CPU device, as modjax.train builds them."""
-  model = architecture_for(dataclasses.replace(get_preset(preset), vocab_size=vocab_size))
+def model_config(shape: str):
+  preset, vocab_size, _, _, _, dropout = SHAPES[shape]
+  return dataclasses.replace(get_preset(preset), vocab_size=vocab_size, dropout_rate=dropout)
+
+
+def build_step(config, optimizer_name: str, num_steps: int):
+  """(jitted step, initial state) for one CPU device, as modjax.train builds them."""
+  model = architecture_for(config)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
   param_shardings = sharding.shardings_for(model.param_axes(), shapes, mesh)
-  optimizer, schedule = optim.make_optimizer(base_config().optimizer, num_steps)
+  cfg = base_config().optimizer
+  cfg.name = optimizer_name
+  optimizer, schedule = optim.make_optimizer(cfg, num_steps)
   params = jax.jit(model.init, out_shardings=param_shardings)(jax.random.key(0))
   state = jax.jit(lambda p: init_state(p, optimizer))(params)
   state_shardings = TrainState(
@@ -88,22 +119,21 @@ def build_step(preset: str, vocab_size: int, num_steps: int):
   step = jit_train_step(
     make_train_step(loss_fn, optimizer, schedule=schedule), mesh, state_shardings, {}
   )
-  return step, state, model
+  return step, state
 
 
 def random_batch(vocab_size: int, batch: int, inputs: int, targets: int, seed: int) -> dict:
-  """An encoder-decoder batch of random tokens (no padding, every target weighted)."""
+  """An encoder-decoder batch of random tokens (numpy; no padding, every target weighted)."""
   rng = np.random.default_rng(seed)
   enc = rng.integers(2, vocab_size, (batch, inputs), dtype=np.int32)
   tgt = rng.integers(2, vocab_size, (batch, targets), dtype=np.int32)
   dec_in = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
-  batch_arrays = {
+  return {
     "encoder_input_tokens": enc,
     "decoder_input_tokens": dec_in,
     "decoder_target_tokens": tgt,
     "decoder_loss_weights": np.ones_like(tgt),
   }
-  return {k: jnp.asarray(v) for k, v in batch_arrays.items()}
 
 
 def shape_flops(params, batch: int, inputs: int, targets: int) -> float:
@@ -126,89 +156,188 @@ def xla_flops(step, state, batch, rng) -> float:
   return float(cost.get("flops", float("nan")))
 
 
-def run_preset(preset: str, steps: int, limits: dict, seed: int) -> dict:
-  vocab_size, batch, inputs, targets = SHAPES[preset]
-  step, state, model = build_step(preset, vocab_size, num_steps=steps + 1)
-  data = random_batch(vocab_size, batch, inputs, targets, seed)
-  rng = jax.random.key(seed)
-  params_count = sum(x.size for x in jax.tree.leaves(state.params))
-  flops_shapes = shape_flops(state.params, batch, inputs, targets)
+@dataclasses.dataclass
+class Side:
+  """One framework's step on one shape: ``call()`` runs a step and returns its loss."""
 
-  start = time.perf_counter()
-  state, metrics = step(state, {}, data, rng)
-  jax.block_until_ready(metrics)
-  first = time.perf_counter() - start
-  seconds = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = step(state, {}, data, rng)
-    jax.block_until_ready(metrics)
-    seconds.append(time.perf_counter() - start)
-  median = hardware.median(seconds)
-  flops_xla = xla_flops(step, state, data, rng)  # after the calls: reuses their executable
-  loss = float(metrics["loss"])
-  assert np.isfinite(loss), f"{preset}: loss {loss}"
-  achieved = flops_xla / median
-  return {
-    "preset": preset,
-    "params_m": params_count / 1e6,
-    "batch": batch,
-    "inputs": inputs,
-    "targets": targets,
-    "vocab": vocab_size,
-    "dropout": getattr(model.config, "dropout_rate", 0.0),
-    "compile_s": max(first - median, 0.0),
-    "first_call_s": first,
-    "step_ms": 1e3 * median,
-    "step_ms_min": 1e3 * min(seconds),
-    "step_ms_all": [1e3 * s for s in seconds],
-    "tokens_per_s": batch * (inputs + targets) / median,
-    "target_tokens_per_s": batch * targets / median,
-    "gflop_xla": flops_xla / 1e9,
-    "gflop_6nt": flops_shapes / 1e9,
-    "gflops_per_s": achieved / 1e9,
-    "pct_peak": 100.0 * achieved / limits["peak_flops"],
-    "final_loss": loss,
+  name: str
+  call: object
+  info: dict
+  flops: object = None  # modjax: () -> (XLA's FLOPs per step, 6 x params x tokens)
+  seconds: list = dataclasses.field(default_factory=list)
+  first_s: float = 0.0
+  loss: float = float("nan")
+
+
+def modjax_side(config, optimizer_name: str, data: dict, num_steps: int, seed: int) -> Side:
+  step, state = build_step(config, optimizer_name, num_steps)
+  batch = {k: jnp.asarray(v) for k, v in data.items()}
+  rng = jax.random.key(seed)
+  holder = {"state": state}
+
+  def call():
+    holder["state"], metrics = step(holder["state"], {}, batch, rng)
+    return float(hardware.block(metrics)["loss"])
+
+  def flops():  # after the timed calls: reuses their executable
+    rows, inputs = data["encoder_input_tokens"].shape
+    targets = data["decoder_target_tokens"].shape[1]
+    params = holder["state"].params
+    return xla_flops(step, holder["state"], batch, rng), shape_flops(params, rows, inputs, targets)
+
+  info = {
+    "params_m": sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
+    "optimizer": f"optax.{optimizer_name} via modjax.train.optim (clip_by_global_norm 1.0)",
   }
+  return Side(f"modjax/{optimizer_name}", call, info, flops=flops)
+
+
+def hf_config(config) -> transformers.T5Config:
+  """transformers' T5Config with the same architecture and dropout as a modjax T5Config."""
+  fields = [f.name for f in dataclasses.fields(config) if f.name not in ("param_dtype", "dtype")]
+  return transformers.T5Config(**{name: getattr(config, name) for name in fields})
+
+
+def hf_side(config, data: dict, seed: int) -> Side:
+  transformers.logging.set_verbosity_error()
+  torch.manual_seed(seed)
+  model = transformers.T5ForConditionalGeneration(hf_config(config)).float().train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=HF_LEARNING_RATE, weight_decay=0.0)
+  enc = torch.tensor(data["encoder_input_tokens"], dtype=torch.long)
+  dec = torch.tensor(data["decoder_input_tokens"], dtype=torch.long)
+  labels = torch.tensor(data["decoder_target_tokens"], dtype=torch.long)
+  mask = torch.ones_like(enc)
+
+  def call():
+    out = model(input_ids=enc, attention_mask=mask, decoder_input_ids=dec, labels=labels)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(out.loss.detach())
+
+  info = {
+    "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    "optimizer": HF_OPTIMIZER,
+    "torch_threads": torch.get_num_threads(),
+  }
+  return Side("hf/adamw", call, info)
+
+
+def time_sides(sides: list[Side], steps: int, rounds: int):
+  """First call of each side (untimed), then ``rounds`` rounds of steps/rounds steps per side."""
+  for side in sides:
+    start = time.perf_counter()
+    side.loss = side.call()
+    side.first_s = time.perf_counter() - start
+    hardware.settle()
+  per_round = max(steps // rounds, 1)
+  for _ in range(rounds):
+    for side in sides:
+      for _ in range(per_round):
+        start = time.perf_counter()
+        side.loss = side.call()
+        side.seconds.append(time.perf_counter() - start)
+      hardware.settle()
+
+
+def run_shape(shape: str, steps: int, rounds: int, limits: dict, seed: int, hf: bool) -> dict:
+  """Times every side on one shape; returns the shape's summary with one row per side."""
+  _, vocab_size, batch, inputs, targets, dropout = SHAPES[shape]
+  config = model_config(shape)
+  data = random_batch(vocab_size, batch, inputs, targets, seed)
+  sides = [modjax_side(config, name, data, steps + 1, seed) for name in MODJAX_OPTIMIZERS]
+  if hf:
+    sides.append(hf_side(config, data, seed))
+  time_sides(sides, steps, rounds)
+  tokens = batch * (inputs + targets)
+  flops = {side.name: side.flops() for side in sides if side.flops is not None}
+  model_flops = flops["modjax/adamw"][0]  # the HF step does the same model math
+  rows = []
+  for side in sides:
+    assert np.isfinite(side.loss), f"{shape} {side.name}: loss {side.loss}"
+    median = hardware.median(side.seconds)
+    row = {
+      "preset": shape,
+      "side": side.name,
+      "batch": batch,
+      "inputs": inputs,
+      "targets": targets,
+      "vocab": vocab_size,
+      "dropout": dropout,
+      **side.info,
+      "first_call_s": side.first_s,
+      "step_ms": 1e3 * median,
+      "step_ms_min": 1e3 * min(side.seconds),
+      "step_ms_all": [1e3 * s for s in side.seconds],
+      "tokens_per_s": tokens / median,
+      "target_tokens_per_s": batch * targets / median,
+      "gflops_per_s": model_flops / median / 1e9,
+      "pct_peak": 100.0 * model_flops / median / limits["peak_flops"],
+      "final_loss": side.loss,
+    }
+    if side.name in flops:
+      row["compile_s"] = max(side.first_s - median, 0.0)
+      row["gflop_xla"] = flops[side.name][0] / 1e9
+      row["gflop_6nt"] = flops[side.name][1] / 1e9
+    rows.append(row)
+  by_side = {row["side"]: row for row in rows}
+  summary = {"preset": shape, "batch": batch, "inputs": inputs, "targets": targets}
+  summary["dropout"] = dropout
+  if hf:
+    hf_rate = by_side["hf/adamw"]["tokens_per_s"]
+    for row in rows:
+      row["ratio_vs_hf"] = row["tokens_per_s"] / hf_rate
+    summary["ratio_vs_hf"] = by_side["modjax/adamw"]["ratio_vs_hf"]
+    summary["ratio_vs_hf_adafactor"] = by_side["modjax/adafactor"]["ratio_vs_hf"]
+  summary["pct_peak"] = {row["side"]: row["pct_peak"] for row in rows}
+  summary["rows"] = rows
+  return summary
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--presets", default=None, help="comma-separated (default tiny,t5-small)")
-  p.add_argument("--steps", type=int, default=None, help="timed steps per preset (default 10)")
+  p.add_argument("--presets", default=None, help="comma-separated shapes (default tiny,t5-small)")
+  p.add_argument("--steps", type=int, default=None, help="timed steps per side (default 12)")
+  p.add_argument("--rounds", type=int, default=None, help="rounds over the sides (default 3)")
+  p.add_argument("--no-hf", dest="hf", action="store_false", help="modjax's steps only")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=os.path.join("benchmarks", "results", "train_step.json"))
-  p.add_argument("--quick", action="store_true", help="tiny only, 3 steps: a smoke test")
+  p.add_argument("--quick", action="store_true", help="micro only, 3 steps per side: a smoke test")
   args = p.parse_args(argv)
-  args.presets = (args.presets or ("tiny" if args.quick else "tiny,t5-small")).split(",")
+  args.presets = (args.presets or ("micro" if args.quick else "tiny,t5-small")).split(",")
   unknown = [name for name in args.presets if name not in SHAPES]
   if unknown:
     p.error(f"unknown preset(s) {unknown}; choose from {sorted(SHAPES)}")
-  args.steps = args.steps or (3 if args.quick else 10)
+  args.steps = args.steps or (3 if args.quick else 12)
+  args.rounds = args.rounds or (1 if args.quick else 3)
   return args
 
 
 def main(argv=None):
   args = parse_args(argv)
+  torch.set_num_threads(os.cpu_count() or 1)
   print(
     f"JAX {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-    f"{os.cpu_count()} CPU cores"
+    f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+    f"{transformers.__version__}, {os.cpu_count()} CPU cores"
   )
   limits = hardware.measure_limits(512, 32 * 2**20) if args.quick else hardware.measure_limits()
   print(
     f"measured peak: {limits['peak_flops'] / 1e9:.1f} GFLOP/s (f32 {limits['matmul_n']}^2 "
     f"matmul); bandwidth {limits['peak_bytes_per_s'] / 1e9:.1f} GB/s"
   )
-  results = []
+  hardware.settle()
+  shapes = []
   for preset in args.presets:
-    print(f"{preset}: compiling and timing {args.steps} steps ...", flush=True)
-    results.append(run_preset(preset, args.steps, limits, args.seed))
+    print(f"{preset}: compiling and timing {args.steps} steps per side ...", flush=True)
+    shapes.append(run_shape(preset, args.steps, args.rounds, limits, args.seed, args.hf))
   print()
-  table = hardware.print_table(results, TABLE)
+  table = hardware.print_table([row for s in shapes for row in s["rows"]], TABLE)
   print(
-    "compile_s = first call - median step; tokens = batch x (inputs + targets); gflop_xla from "
-    "XLA's cost analysis, gflop_6nt = 6 x params x tokens through them; pct_peak = "
-    "gflops_per_s / measured peak matmul FLOP/s."
+    "tokens = batch x (inputs + targets); gflops_per_s = XLA's FLOPs of the modjax AdamW step / "
+    "each side's median step; pct_peak against this run's measured peak matmul FLOP/s; "
+    "ratio_vs_hf = tokens/s over HF's (AdamW) on the same shape."
   )
   path = hardware.write_json(
     args.out,
@@ -216,10 +345,15 @@ def main(argv=None):
       "benchmark": "train_step",
       "quick": args.quick,
       "steps": args.steps,
-      "optimizer": "adafactor (modjax.train.defaults)",
+      "rounds": args.rounds,
+      "optimizers": {
+        **{f"modjax/{n}": f"optax.{n} (modjax.train.optim, defaults)" for n in MODJAX_OPTIMIZERS},
+        "hf/adamw": HF_OPTIMIZER,
+      },
       "machine": hardware.machine(),
+      "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
       "limits": limits,
-      "results": results,
+      "results": shapes,
       "table": table,
     },
   )
