@@ -11,6 +11,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
+from modjax.bank import BankError
 from modjax.checkpoint import CheckpointError
 from modjax.data import DataError
 from modjax.interop.hf import HFInteropError
@@ -21,6 +22,7 @@ from modjax.train.experiment import ConfigError
 from modjax.train.optim import OptimizerConfigError
 
 USER_ERRORS = (
+  BankError,
   ConfigError,
   DataError,
   CheckpointError,
@@ -106,8 +108,9 @@ def configure_logging() -> None:
   logger.propagate = False
 
 
-def run(main) -> None:
-  """absl's app.run with one-line errors; ``main(config)`` gets the parsed, locked config."""
+def run(main, extra_errors: tuple = ()) -> None:
+  """absl's app.run with one-line errors; ``main(config)`` gets the parsed, locked config.
+  ``extra_errors``: further exception types that mean bad input (a method's own)."""
 
   def wrapped(argv):
     if len(argv) > 1:
@@ -123,7 +126,7 @@ def run(main) -> None:
     configure_logging()
     try:
       main(config)
-    except USER_ERRORS as e:
+    except USER_ERRORS + tuple(extra_errors) as e:
       print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
       sys.exit(EXIT_BAD_INPUT)
 

@@ -4,15 +4,28 @@ import logging
 import sys
 
 from modjax import cli
+from modjax.methods.modular.modules import ModularError
+from modjax.train.experiment import ConfigError
 from modjax.train.loop import NonFiniteLossError, train
 
 cli.define_config_flag()
 log = logging.getLogger("modjax.train")
 
 
+def run_method(config):
+  """The training the config's ``method`` names (methods sit above the training loop)."""
+  if config.method == "finetune":
+    return train(config)
+  if config.method == "modular":
+    from modjax.methods.modular.run import train_bank
+
+    return train_bank(config)
+  raise ConfigError(f"config.method={config.method!r} is unknown; use 'finetune' or 'modular'")
+
+
 def main(config):
   try:
-    result = train(config)
+    result = run_method(config)
   except NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
@@ -20,4 +33,4 @@ def main(config):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, extra_errors=(ModularError,))

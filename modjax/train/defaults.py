@@ -9,6 +9,9 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.workdir = ""  # checkpoints, summaries, vocabulary, metrics; local path or gs:// URL
+  # What `python -m modjax.train` runs: "finetune" (the task loss on the whole model) or a
+  # method's training, whose config section that method's defaults add (e.g. "modular").
+  c.method = "finetune"
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"  # modjax.presets.PRESETS

@@ -210,6 +210,12 @@ def validate_config(cfg) -> None:
   t, d, m, o, c = cfg.train, cfg.data, cfg.model, cfg.optimizer, cfg.checkpoint
   workdir(cfg)
   need(
+    cfg.method == "finetune" or cfg.method in cfg,
+    "method",
+    cfg.method,
+    "use 'finetune', or a method whose config section the config file adds (configs/modular_t5.py)",
+  )
+  need(
     m.preset in PRESETS or bool(m.init_from),
     "model.preset",
     m.preset,

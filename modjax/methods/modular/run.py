@@ -1,0 +1,95 @@
+"""Training a module bank: ``python -m modjax.train --config configs/modular_t5.py:<arg>``.
+
+Loads the teacher (a training workdir or a saved bank), adds the modules of every granularity,
+and trains them by multi-grained module replacing against the frozen teacher with the generic
+loop. The run's workdir is the bank: teacher entries (``frozen/``), modules (checkpoints),
+entry metadata, and plans ``default`` (the teacher) and ``all-g<g>`` (every slot at g).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from etils import epath
+
+from modjax import bank_io
+from modjax.methods.modular import config as modular_config
+from modjax.methods.modular.assembly import all_g_plan
+from modjax.methods.modular.losses import modular_loss
+from modjax.methods.modular.modules import (
+  ModularError,
+  add_modules,
+  bank_granularities,
+  split_trainable,
+)
+from modjax.model_config import T5Config
+from modjax.models import architecture_for
+from modjax.train import experiment
+from modjax.train.loop import TrainResult, train
+
+log = logging.getLogger(__name__)
+
+
+def load_teacher(cfg) -> bank_io.StoredBank:
+  """The teacher bank, with the run's dropout rate; its vocabulary becomes the run's."""
+  path = cfg.modular.teacher
+  if not path:
+    raise ModularError("config.modular.teacher is empty; give the teacher's workdir or bank dir")
+  if not bank_io.is_bank(path):
+    raise ModularError(
+      f"config.modular.teacher={path!r} holds no bank (no model.json); train the teacher first"
+    )
+  teacher = bank_io.load_bank(path)
+  if not isinstance(teacher.model.config, T5Config):
+    raise ModularError("Modular Transformers distils an encoder-decoder T5 teacher")
+  if cfg.model.dropout_rate >= 0:
+    config = dataclasses.replace(teacher.model.config, dropout_rate=cfg.model.dropout_rate)
+    teacher.model = architecture_for(config)
+  vocab = epath.Path(path) / "vocab" / "spm.model"
+  if not cfg.data.vocab_path and vocab.exists():
+    cfg.data.vocab_path = str(vocab)
+  return teacher
+
+
+def build_bank(cfg, teacher: bank_io.StoredBank):
+  """(model, params, meta, plans) of the bank before training."""
+  model = teacher.model
+  params, meta = add_modules(
+    model, teacher.params, teacher.meta, modular_config.granularities(cfg), init=cfg.modular.init
+  )
+  plans = {bank_io.DEFAULT_PLAN: model.identity_plan()}
+  shared = sorted(set.intersection(*(set(bank_granularities(meta, s)) for s in model.stacks)))
+  for g in shared:
+    plans[f"all-g{g}"] = all_g_plan(model, g, meta=meta)
+  return model, params, meta, plans
+
+
+def train_bank(cfg) -> TrainResult:
+  """Trains the modules of a new bank per ``cfg`` (see the module docstring)."""
+  experiment.validate_config(cfg)
+  teacher = load_teacher(cfg)
+  model, params, meta, plans = build_bank(cfg, teacher)
+  trainable, frozen = split_trainable(params, meta)
+  loss_fn = modular_loss(
+    model,
+    meta,
+    modular_config.curriculum(cfg),
+    modular_config.loss_weights(cfg),
+    remat=cfg.modular.remat,
+  )
+  log.info(
+    "module bank: %d module entries over %s; teacher %s",
+    len(meta) - len(teacher.meta),
+    {s: bank_granularities(meta, s) for s in model.stacks},
+    cfg.modular.teacher,
+  )
+  return train(
+    cfg,
+    loss_fn=loss_fn,
+    init_params=trainable,
+    frozen=frozen,
+    model=model,
+    plans=plans,
+    meta=meta,
+  )

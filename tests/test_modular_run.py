@@ -1,0 +1,97 @@
+"""Training a module bank through the training CLI's method dispatch: the workdir becomes a bank
+holding the frozen teacher unchanged, trained modules, span metadata and the all-g plans, which
+evaluate and export read without the training config."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from train_helpers import TRACEBACK, micro_config, micro_flags, run_module
+
+from modjax import bank_io, checkpoint, scoring
+from modjax.methods.modular import config as modular_config
+from modjax.methods.modular.modules import ModularError
+from modjax.methods.modular.run import train_bank
+from modjax.train import experiment
+
+BANK_STEPS = 6
+
+
+def _bank_config(workdir, teacher_dir, **overrides):
+  cfg = micro_config(workdir, mesh__num_devices=1, train__num_steps=BANK_STEPS, **overrides)
+  with cfg.unlocked():
+    modular_config.add_defaults(cfg)
+  cfg.modular.teacher = str(teacher_dir)
+  cfg.train.log_every = 2
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def bank_run(micro_run, tmp_path_factory):
+  teacher_cfg, _ = micro_run
+  workdir = tmp_path_factory.mktemp("modular_bank")
+  cfg = _bank_config(workdir, teacher_cfg.workdir)
+  return teacher_cfg, cfg, train_bank(cfg)
+
+
+def test_bank_workdir_holds_teacher_modules_and_plans(bank_run):
+  teacher_cfg, cfg, result = bank_run
+  teacher = bank_io.load_bank(teacher_cfg.workdir)
+  stored = bank_io.load_bank(cfg.workdir)
+  assert stored.step == BANK_STEPS
+  assert set(stored.plans) == {"default", "all-g2"}
+  frozen = checkpoint.restore_pytree(os.path.join(cfg.workdir, "frozen"))
+  jax.tree.map(np.testing.assert_array_equal, frozen, teacher.params)  # teacher bytes unchanged
+  module = stored.params["decoder"]["blocks"]["m2.0"]
+  assert stored.meta["decoder/blocks/m2.0"]["span"] == [0, 2]
+  first = teacher.params["decoder"]["blocks"]["0"]  # the module's initial value (R)
+  moved = [
+    float(np.abs(a - b).max())
+    for a, b in zip(jax.tree.leaves(module), jax.tree.leaves(first), strict=True)
+  ]
+  assert max(moved) > 0, "training must change the module"
+  with open(os.path.join(cfg.workdir, "metrics", "train.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert {"ce", "kd", "hidden", "attn", "p", "g_decoder"} <= set(records[-1])
+
+
+def test_assembled_plan_scores_from_the_workdir(bank_run):
+  teacher_cfg, cfg, _ = bank_run
+  stored = bank_io.load_bank(cfg.workdir)
+  vocabulary = experiment.build_vocabulary(teacher_cfg)
+  task = experiment.build_task(teacher_cfg, vocabulary)
+  batches = scoring.make_eval_batches(
+    task,
+    cfg.data.eval_split,
+    feature_lengths=experiment.feature_lengths(cfg, stored.model),
+    batch_size=8,
+    max_examples=16,
+    model_type="encdec",
+  )
+  teacher_ppl = scoring.teacher_forced_metrics(stored.model, stored.params, stored.plan(), batches)[
+    "perplexity"
+  ]
+  small = scoring.teacher_forced_metrics(
+    stored.model, stored.params, stored.plan("all-g2"), batches
+  )["perplexity"]
+  assert np.isfinite(small) and small != teacher_ppl
+
+
+def test_bad_teacher_is_a_one_line_error(tmp_path):
+  cfg = _bank_config(tmp_path / "run", tmp_path / "missing")
+  with pytest.raises(ModularError, match="holds no bank"):
+    train_bank(cfg)
+  assert not os.path.exists(tmp_path / "run")
+  result = run_module(
+    "modjax.train",
+    micro_flags(tmp_path / "cli")[:1]
+    + [os.path.join("configs", "modular_t5.py") + f":tiny,{tmp_path / 'missing'}"]
+    + micro_flags(tmp_path / "cli")[2:],
+    device_count=1,
+  )
+  assert result.returncode == 2, result.stderr
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "holds no bank" in lines[0] and TRACEBACK not in result.stderr
+  assert not os.path.exists(tmp_path / "cli")
