@@ -1,11 +1,14 @@
 """The CPU teacher: a small T5 trained from scratch on DDTP-summ (package description ->
 one-line synopsis), the headline-style summarisation corpus in ../shared/data/ddtp-summ.
-The compression issue distils this teacher. The arg is the corpus folder.
+The arg is the corpus folder, optionally followed by ``,6`` for the 6+6-layer teacher that
+Modular Transformers distils (configs/modular_t5.py:ddtp_summ).
 
   python -m modjax.train --config configs/ddtp_summ.py:../shared/data/ddtp-summ \\
       --config.workdir=runs/ddtp_summ
   python -m modjax.evaluate --config configs/ddtp_summ.py:../shared/data/ddtp-summ \\
       --config.workdir=runs/ddtp_summ --config.eval.max_examples=0
+  python -m modjax.train --config configs/ddtp_summ.py:../shared/data/ddtp-summ,6 \\
+      --config.workdir=runs/ddtp_summ6
 """
 
 import os
@@ -14,7 +17,7 @@ from modjax.train.defaults import base_config, lock
 
 
 def get_config(arg: str = "../shared/data/ddtp-summ"):
-  data_dir = arg or "../shared/data/ddtp-summ"
+  data_dir, _, layers = (arg or "../shared/data/ddtp-summ").partition(",")
   c = base_config()
   c.model.preset = "small-cpu"
   c.data.task = "jsonl"
@@ -36,4 +39,10 @@ def get_config(arg: str = "../shared/data/ddtp-summ"):
   c.eval.max_examples = 0  # the whole validation split (2,686)
   c.eval.max_new_tokens = 24
   c.eval.metrics = "rouge"
+  if layers == "6":  # the Modular Transformers teacher: 6+6 layers, ~0.8 epoch
+    c.model.preset = "small-cpu-6"
+    c.train.num_steps = 1200
+    c.checkpoint.every_steps = 200
+  elif layers:
+    raise ValueError(f"unknown teacher depth {layers!r}; use '<data dir>' or '<data dir>,6'")
   return lock(c)

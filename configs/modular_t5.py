@@ -2,8 +2,8 @@
 module replacing. The arg is ``<teacher recipe>[,<teacher dir>[,<data dir>]]``:
 
 * ``tiny``: the embedded quickstart; the teacher is configs/tiny.py's run (default runs/tiny).
-* ``ddtp_summ``: the DDTP-summ teacher of configs/ddtp_summ.py (default runs/ddtp_summ,
-  data ../shared/data/ddtp-summ).
+* ``ddtp_summ``: the 6+6-layer DDTP-summ teacher of configs/ddtp_summ.py:<data>,6 (default
+  runs/ddtp_summ6, data ../shared/data/ddtp-summ).
 
   python -m modjax.train --config configs/tiny.py --config.workdir=runs/tiny
   python -m modjax.train --config configs/modular_t5.py:tiny,runs/tiny --config.workdir=runs/tiny_bank
@@ -18,7 +18,7 @@ import os
 from modjax.methods.modular.config import add_defaults
 from modjax.train.defaults import lock
 
-RECIPES = {"tiny": ("tiny.py", "runs/tiny"), "ddtp_summ": ("ddtp_summ.py", "runs/ddtp_summ")}
+RECIPES = {"tiny": ("tiny.py", "runs/tiny"), "ddtp_summ": ("ddtp_summ.py", "runs/ddtp_summ6")}
 
 
 def _recipe_config(file_name: str, arg: str):

@@ -20,6 +20,9 @@ PRESETS: dict[str, T5Config | GPT2Config] = {
     # The CPU teacher for the ddtp-summ run (and the compression issue).
     "small-cpu": T5Config(vocab_size=8000, d_model=256, d_kv=64, d_ff=1024, num_heads=4,
                         num_layers=4, num_decoder_layers=4, dropout_rate=0.0),
+    # The 6+6-layer CPU teacher that Modular Transformers distils on ddtp-summ (L=6: {2,3,6}).
+    "small-cpu-6": T5Config(vocab_size=8000, d_model=256, d_kv=64, d_ff=1024, num_heads=4,
+                          num_layers=6, num_decoder_layers=6, dropout_rate=0.0),
     "t5-small": T5Config(d_model=512, d_kv=64, d_ff=2048, num_heads=8, num_layers=6, num_decoder_layers=6),
     "t5-base": T5Config(d_model=768, d_kv=64, d_ff=3072, num_heads=12, num_layers=12, num_decoder_layers=12),
     "t5-large": T5Config(d_model=1024, d_kv=64, d_ff=4096, num_heads=16, num_layers=24, num_decoder_layers=24),
