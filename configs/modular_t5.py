@@ -21,7 +21,7 @@ from modjax.train.defaults import lock
 RECIPES = {"tiny": ("tiny.py", "runs/tiny"), "ddtp_summ": ("ddtp_summ.py", "runs/ddtp_summ6")}
 
 
-def _recipe_config(file_name: str, arg: str):
+def recipe_config(file_name: str, arg: str):
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), file_name)
   spec = importlib.util.spec_from_file_location(f"modjax_configs_{file_name[:-3]}", path)
   module = importlib.util.module_from_spec(spec)
@@ -34,7 +34,7 @@ def get_config(arg: str = "tiny"):
   if recipe not in RECIPES:
     raise ValueError(f"unknown teacher recipe {recipe!r}; use one of {sorted(RECIPES)}")
   file_name, default_teacher = RECIPES[recipe]
-  c = _recipe_config(file_name, data_dir)
+  c = recipe_config(file_name, data_dir)
   with c.unlocked():
     add_defaults(c)
   c.modular.teacher = teacher or default_teacher

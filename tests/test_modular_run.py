@@ -95,3 +95,45 @@ def test_bad_teacher_is_a_one_line_error(tmp_path):
   lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "holds no bank" in lines[0] and TRACEBACK not in result.stderr
   assert not os.path.exists(tmp_path / "cli")
+
+
+def _baseline_config(workdir, teacher_dir, kind, decoder_layers):
+  from modjax.methods import baselines
+
+  cfg = micro_config(workdir, mesh__num_devices=1, train__num_steps=4)
+  with cfg.unlocked():
+    baselines.add_defaults(cfg)
+  cfg.baseline.kind = kind
+  cfg.baseline.decoder_layers = decoder_layers
+  cfg.modular.teacher = str(teacher_dir)
+  return cfg
+
+
+def test_kd_and_drop_baselines(micro_run, tmp_path):
+  from modjax.methods import baselines
+  from modjax.plan import Plan, PlanError, Slot
+
+  teacher_cfg, _ = micro_run
+  teacher = bank_io.load_bank(teacher_cfg.workdir)
+  kd_cfg = _baseline_config(tmp_path / "kd", teacher_cfg.workdir, "kd", "1")
+  result = baselines.run(kd_cfg)
+  assert set(result.state.params["decoder"]["blocks"]) == {"s1"}
+  assert set(result.state.params["encoder"]["blocks"]) == {"s0", "s1"}
+  stored = bank_io.load_bank(kd_cfg.workdir)
+  assert stored.plan() == Plan(encoder=(Slot("s0"), Slot("s1")), decoder=(Slot("s1"),))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    stored.params["decoder"]["blocks"]["1"],
+    teacher.params["decoder"]["blocks"]["1"],
+  )  # the teacher's own layer is frozen; the student's copy moved
+  moved = stored.params["decoder"]["blocks"]["s1"]["ffn"]["wi"]["kernel"]
+  assert np.abs(moved - teacher.params["decoder"]["blocks"]["1"]["ffn"]["wi"]["kernel"]).max() > 0
+  with open(os.path.join(kd_cfg.workdir, "compute.json")) as f:
+    compute = json.load(f)
+  assert compute["kind"] == "kd" and compute["training_flops"] > 0
+  drop_cfg = _baseline_config(tmp_path / "drop", teacher_cfg.workdir, "drop", "1")
+  assert baselines.run(drop_cfg) is None
+  drop = bank_io.load_bank(drop_cfg.workdir)
+  assert drop.plan() == Plan(encoder=(Slot("0"), Slot("1")), decoder=(Slot("1"),))
+  with pytest.raises(PlanError, match="decoder layers '7'"):
+    baselines.run(_baseline_config(tmp_path / "bad", teacher_cfg.workdir, "sft", "7"))

@@ -20,7 +20,13 @@ def run_method(config):
     from modjax.methods.modular.run import train_bank
 
     return train_bank(config)
-  raise ConfigError(f"config.method={config.method!r} is unknown; use 'finetune' or 'modular'")
+  if config.method == "baseline":
+    from modjax.methods import baselines
+
+    return baselines.run(config)
+  raise ConfigError(
+    f"config.method={config.method!r} is unknown; use 'finetune', 'modular' or 'baseline'"
+  )
 
 
 def main(config):
@@ -29,6 +35,9 @@ def main(config):
   except NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
+  if result is None:  # a method that trains nothing (layer drop) only writes its bank
+    log.info("wrote %s", config.workdir)
+    return
   log.info("finished at step %d; outputs in %s", result.last_step, config.workdir)
 
 

@@ -9,11 +9,13 @@ entry metadata, and plans ``default`` (the teacher) and ``all-g<g>`` (every slot
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
+import jax
 from etils import epath
 
-from modjax import bank_io
+from modjax import bank_io, cost
 from modjax.methods.modular import config as modular_config
 from modjax.methods.modular.assembly import all_g_plan
 from modjax.methods.modular.losses import modular_loss
@@ -84,7 +86,7 @@ def train_bank(cfg) -> TrainResult:
     {s: bank_granularities(meta, s) for s in model.stacks},
     cfg.modular.teacher,
   )
-  return train(
+  result = train(
     cfg,
     loss_fn=loss_fn,
     init_params=trainable,
@@ -93,3 +95,26 @@ def train_bank(cfg) -> TrainResult:
     plans=plans,
     meta=meta,
   )
+  write_compute(cfg, model, model.identity_plan(), kind="modular", with_teacher=True)
+  return result
+
+
+def write_compute(cfg, model, plan, *, kind: str, with_teacher: bool) -> dict:
+  """``workdir/compute.json``: steps and training FLOPs from the cost model (3 x the trained
+  forward per step, plus the frozen teacher's forward when it runs in the step). For the bank the
+  trained forward is costed at the teacher's depth: a replaced span runs one module instead of g
+  layers, so this is an upper bound."""
+  shapes = dict(
+    batch=cfg.train.batch_size,
+    input_length=cfg.data.inputs_length,
+    target_length=cfg.data.targets_length,
+  )
+  per_step = 3.0 * cost.plan_cost(model, plan, **shapes).forward_flops
+  if with_teacher:
+    per_step += cost.plan_cost(model, model.identity_plan(), **shapes).forward_flops
+  steps = cfg.train.num_steps if kind != "drop" else 0
+  record = {"kind": kind, "steps": steps, "training_flops": per_step * steps}
+  if jax.process_index() == 0:
+    (experiment.workdir(cfg) / "compute.json").write_text(json.dumps(record, indent=1))
+  log.info("training compute: %.3g FLOPs over %d steps", record["training_flops"], steps)
+  return record
