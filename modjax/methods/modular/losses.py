@@ -75,7 +75,11 @@ def modular_loss(
   remat: bool = True,
 ):
   """``loss_fn(params, frozen, batch, rng, step)`` for a bank split by ``split_trainable``:
-  ``params`` holds the modules, ``frozen`` the teacher; granularities come from ``meta``."""
+  ``params`` holds the modules, ``frozen`` the teacher; granularities come from ``meta``.
+
+  The draws come from the step's ``rng``, so with microbatches each microbatch draws its own
+  granularity and replacements (still one decision per slot for all of its examples). Without
+  ``rng`` (evaluation) there is no dropout and the draws follow the step number alone."""
   granularities = {s: bank_granularities(meta, s) for s in model.stacks}
   if not any(granularities.values()):
     raise ModularError("the bank metadata records no modules; call add_modules first")

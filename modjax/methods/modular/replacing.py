@@ -14,8 +14,12 @@ update because they are in the step's ``frozen`` part.
 
 Under ``jax.grad`` XLA keeps the residuals of BOTH branches of a cond (the untaken one as
 zeros), so a step taking the module can cost about as much as one taking the span; with
-``remat=True`` each branch is wrapped in ``jax.checkpoint`` and saves only its inputs, trading a
-second forward of the taken branch during the backward pass for that memory and traffic.
+``remat=True`` (the default) each branch is wrapped in ``jax.checkpoint`` and saves only its
+inputs, trading a second forward of the taken branch during the backward pass for that memory
+and traffic. Measured on XLA:CPU (jax 0.10.2; d_model 256, 4 + 4 layers, 16 x 64 tokens, the
+teacher forward and KD included): the step's temporary memory goes from 126 MiB without remat to
+54 MiB with it, against 89-105 MiB for a plain step of the same tiling with no cond, at about the
+same step time (within the run-to-run noise of a shared 2-core machine, roughly +-10%).
 """
 
 from __future__ import annotations
