@@ -49,8 +49,9 @@ def load_teacher(cfg) -> bank_io.StoredBank:
     config = dataclasses.replace(teacher.model.config, dropout_rate=cfg.model.dropout_rate)
     teacher.model = architecture_for(config)
   vocab = epath.Path(path) / "vocab" / "spm.model"
-  if not cfg.data.vocab_path and vocab.exists():
+  if not cfg.data.vocab_path and vocab.exists():  # trained on the teacher's texts: no sentinels
     cfg.data.vocab_path = str(vocab)
+    cfg.data.extra_ids = 0
   return teacher
 
 
