@@ -5,9 +5,9 @@ by default, or ROUGE on the first examples of the split (greedy decoding via
 ``scoring.predict``; ROUGE-Lsum, higher is better). The data come from a run config
 (``--config configs/x.py:arg``, as ``modjax.evaluate`` takes it): its task, split
 (``data.eval_split``), lengths, ``eval.max_examples``, ``eval.batch_size`` and vocabulary
-(``data.vocab_path``, else the bank's ``vocab/spm.model``). For a module bank the config it
-was trained with (``configs/modular_t5.py:<recipe>,<teacher>``) is the natural choice: it
-points at the teacher's vocabulary.
+(``data.vocab_path``, else the bank's ``vocab/spm.model``, else the one of the teacher a module
+bank config names in ``modular.teacher``). For a module bank the config it was trained with
+(``configs/modular_t5.py:<recipe>,<teacher>``) is the natural choice.
 
 * :func:`search`: score every candidate of ``strategies.search_candidates``, keep the Pareto
   front of quality vs the cost model's estimated cost, time at most ``max_timed`` of it on this
@@ -91,7 +91,7 @@ def load_quality_data(cfg, bank_dir, model, metric: str = "cross_entropy") -> di
     raise st.AssemblyError("assembly scores encoder-decoder (T5) banks; this bank is decoder-only")
   if not cfg.workdir:
     cfg.workdir = os.fspath(bank_dir)  # where load_eval_vocabulary looks after the bank
-  vocabulary = evaluate.load_eval_vocabulary(cfg, epath.Path(bank_dir))
+  vocabulary = evaluate.load_eval_vocabulary(cfg, _vocab_dir(cfg, bank_dir))
   if model.config.vocab_size < vocabulary.vocab_size:
     raise experiment.ConfigError(
       f"the vocabulary ({vocabulary.vocab_size} pieces) is larger than the bank's model "
@@ -123,6 +123,17 @@ def load_quality_data(cfg, bank_dir, model, metric: str = "cross_entropy") -> di
     raise experiment.ConfigError(f"split {split!r} of task {cfg.data.task!r} has no examples")
   data["examples_scored"] = count
   return data
+
+
+def _vocab_dir(cfg, bank_dir) -> epath.Path:
+  """The bank's directory, or, when it holds no ``vocab/spm.model``, the teacher's named by a
+  module-bank config (``modular.teacher``): a bank trained by ``configs/modular_t5.py`` reads
+  the teacher's vocabulary and keeps no copy."""
+  root = epath.Path(bank_dir)
+  teacher = cfg.modular.teacher if "modular" in cfg else ""
+  if not (root / "vocab" / "spm.model").exists() and teacher:
+    return epath.Path(teacher)
+  return root
 
 
 def score_all(quality: Quality, plans: Sequence[Plan]) -> list[float]:
