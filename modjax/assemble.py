@@ -27,7 +27,8 @@ are ``.sweep``.
   the Pareto front of quality vs measured latency as ``pareto-00`` (least compressed) ...
 * ``sweep``: every rung of ``--strategies`` measuring ``--min-speedup``..``--max-speedup``,
   scored on the config's validation split: ``sweep.json``, ``sweep.md`` and ``pareto.png`` in
-  ``--out`` (which must not exist or be empty).
+  ``--out`` (which must not exist or be empty); the assembled plans are saved in the bank as
+  ``sweep-00`` (least measured speed-up), ``sweep-01``, ... (``--name`` sets the prefix).
 * ``export``: ``modjax.export`` of a saved plan (``--formats``, ``--batch``, ``--input-length``,
   ``--max-length``, ``--platforms`` as there).
 
@@ -195,12 +196,7 @@ def assemble_search(
   (with ``overwrite``, stale ``<prefix>-NN`` plans of an earlier search are removed)."""
   if cfg is None:
     raise st.AssemblyError("--strategy search scores plans on data: give --config configs/x.py")
-  _check_name(bank_dir, f"{prefix}-00", True)
-  old = _front_names(bank_dir, prefix)
-  if old and not overwrite:
-    raise PlanError(
-      f"the bank already has {prefix}-NN plans ({old[0].stem}, ...); pass --overwrite or --name"
-    )
+  old = _check_prefix(bank_dir, prefix, overwrite)
   if max_timed < 1 or max_candidates < 2:
     raise st.AssemblyError("--max-timed must be >= 1 and --max-candidates >= 2 for search")
   stored = _load(bank_dir)
@@ -210,15 +206,33 @@ def assemble_search(
   rows = sw.search(
     stored.model, stored.meta, scorer, timer, max_candidates=max_candidates, max_timed=max_timed
   )
+  info = {**_workload(shapes, runs, warmup), "quality": quality, "split": data["split"]}
+  _save_numbered(bank_dir, rows, prefix, old, info)
+  return {**info, "plans": [r.to_dict() for r in rows]}
+
+
+def _check_prefix(bank_dir, prefix: str, overwrite: bool) -> list[epath.Path]:
+  """Plans ``<prefix>-NN`` already in the bank; an error when there are some and not
+  ``overwrite``."""
+  _check_name(bank_dir, f"{prefix}-00", True)
+  old = _front_names(bank_dir, prefix)
+  if old and not overwrite:
+    raise PlanError(
+      f"the bank already has {prefix}-NN plans ({old[0].stem}, ...); pass --overwrite or --name"
+    )
+  return old
+
+
+def _save_numbered(bank_dir, rows, prefix: str, old, info: dict) -> None:
+  """Saves ``rows``' plans as ``<prefix>-00``, ``-01``, ... in their order (stale numbered plans
+  of the same prefix are removed first), each with its record."""
   for path in old:
     path.unlink()
-  info = {**_workload(shapes, runs, warmup), "quality": quality, "split": data["split"]}
   for i, row in enumerate(rows):
     row.name = f"{prefix}-{i:02d}"
     bank_io.save_plan(bank_dir, row.name, row.candidate.plan, overwrite=True)
-    _record(bank_dir, row.name, {**info, "strategy": "search", **row.to_dict()})
-    log.info("saved %s: %.2fx, %s %.4f", row.name, row.speedup, quality, abs(row.loss))
-  return {**info, "plans": [r.to_dict() for r in rows]}
+    _record(bank_dir, row.name, {**info, **row.to_dict()})
+    log.info("saved %s: %.2fx, %s %.4f", row.name, row.speedup, info["quality"], abs(row.loss))
 
 
 def run_sweep(
@@ -234,8 +248,12 @@ def run_sweep(
   runs: int = 5,
   warmup: int = 1,
   seed: int = 0,
+  prefix: str | None = "sweep",
+  overwrite: bool = False,
 ) -> dict:
-  """The sweep (module docstring); returns what ``sweep.json`` holds."""
+  """The sweep (module docstring); returns what ``sweep.json`` holds. With ``prefix``, the
+  assembled plans of the table are also saved in the bank as ``<prefix>-00`` (least measured
+  speed-up), ``-01``, ... (``overwrite``: replace those of an earlier sweep)."""
   if cfg is None:
     raise st.AssemblyError("sweep scores plans on data: give --config configs/x.py[:arg]")
   if not out:
@@ -247,6 +265,7 @@ def run_sweep(
     raise st.AssemblyError(f"--strategies {unknown} unknown; use any of {st.STRATEGIES}")
   if not 0 <= min_speedup <= max_speedup:
     raise st.AssemblyError("--min-speedup and --max-speedup need 0 <= min <= max")
+  old = _check_prefix(bank_dir, prefix, overwrite) if prefix else []
   stored = _load(bank_dir)
   data = sw.load_quality_data(cfg, bank_dir, stored.model, quality)
   scorer = sw.Quality(stored.model, stored.params, data)
@@ -272,6 +291,8 @@ def run_sweep(
     "speedup_range": [min_speedup, max_speedup],
     "seed": seed,
   }
+  if prefix:
+    _save_numbered(bank_dir, [r for r in rows if r.strategy != "teacher"], prefix, old, info)
   return sw.write_sweep(out, rows, info)
 
 
@@ -286,7 +307,9 @@ def _define_flags(flags) -> None:
   flags.DEFINE_float("speedup", None, "Target: measured decoding speed-up vs the teacher.")
   flags.DEFINE_float("latency-ms", None, "Target: measured milliseconds per --latency-per.")
   flags.DEFINE_enum("latency-per", "token", list(st.LATENCY_PER), "Latency per token or sequence.")
-  flags.DEFINE_string("name", None, "Saved plan name (search: the prefix, default 'pareto').")
+  flags.DEFINE_string(
+    "name", None, "Saved plan name (search/sweep: the prefix, default 'pareto'/'sweep')."
+  )
   flags.DEFINE_bool("overwrite", False, "Replace a saved plan of the same name.")
   flags.DEFINE_integer("batch", 1, "Rows per decoding call (timing; export: jax batch).")
   flags.DEFINE_integer("input-length", 64, "Encoder input tokens (timing; export: jax input).")
@@ -367,6 +390,8 @@ def _dispatch(f, argv) -> None:
       min_speedup=f["min-speedup"].value,
       max_speedup=f["max-speedup"].value,
       quality=f.quality,
+      prefix=f.name or "sweep",
+      overwrite=f.overwrite,
       **timing,
     )
   elif f.strategy == "search":

@@ -369,5 +369,9 @@ def test_sweep_writes_table_and_plot(bank, tmp_path):
     plan = Plan.from_dict(p["plan"])
     expected = scoring.teacher_forced_metrics(stored.model, stored.params, plan, batches)
     assert p["quality"] == expected and p["measured_speedup"] > 0
+    if p["strategy"] != "teacher":  # saved in the bank by name, in the table's order
+      assert stored.plan(p["name"]) == plan and f"`{p['name']}`" in (out / "sweep.md").read_text()
+  names = [p["name"] for p in plans if p["strategy"] != "teacher"]
+  assert names == [f"sweep-{i:02d}" for i in range(len(names))]
   with pytest.raises(ExportError, match="not empty"):
     run_sweep(bank["dir"], bank["cfg"], out, **FAST)

@@ -314,11 +314,15 @@ def markdown_table(rows: Sequence[Row], info: dict) -> str:
     d = r.to_dict()
     depth = "/".join(str(d["depths"].get(k, "-")) for k in ("encoder", "decoder"))
     lines.append(
-      f"| {d['strategy']}{' *' if r.pareto else ''} | `{d['describe']}` | {depth} | "
+      f"| {d['strategy']}{' *' if r.pareto else ''} | {_plan_cell(d)} | {depth} | "
       f"{d['params_fraction']:.3f} | {d['estimated_speedup']:.2f}x | {d['measured_speedup']:.2f}x"
       f" | {d['ms_per_token']:.3f} | {r.quality[key]:.4f} |"
     )
   return "\n".join(lines) + "\n"
+
+
+def _plan_cell(d: dict) -> str:
+  return (f"`{d['name']}`: " if d["name"] else "") + f"`{d['describe']}`"
 
 
 def plot(rows: Sequence[Row], info: dict, path) -> None:
