@@ -16,7 +16,7 @@ from train_helpers import TRACEBACK, micro_config, run_module
 from modjax import bank_io, cost, evaluate, scoring
 from modjax.assemble import assemble_plan, assemble_search, run_sweep
 from modjax.export import ExportError
-from modjax.methods.modular import add_modules, all_g_plan, bank_granularities, latency
+from modjax.methods.modular import add_modules, all_g_plan, bank_granularities, latency, tilings
 from modjax.methods.modular import strategies as st
 from modjax.methods.modular.assembly import stack_slots
 from modjax.methods.modular.modules import default_granularities
@@ -78,21 +78,21 @@ def _brute_force(layers, granularities) -> set:
 def test_tilings_match_brute_force(layers):
   gs = default_granularities(layers)
   reference = _brute_force(layers, gs)
-  assert st.count_tilings(layers, gs) == len(reference)
-  assert set(st.enumerate_tilings(layers, gs)) == reference
-  assert st.depths(layers, gs) == sorted({len(t) for t in reference}, reverse=True)
+  assert tilings.count_tilings(layers, gs) == len(reference)
+  assert set(tilings.enumerate_tilings(layers, gs)) == reference
+  assert tilings.depths(layers, gs) == sorted({len(t) for t in reference}, reverse=True)
   rng = np.random.default_rng(0)
-  for depth in st.depths(layers, gs):
-    assert st.random_tiling(layers, gs, depth, rng) in reference
+  for depth in tilings.depths(layers, gs):
+    assert tilings.random_tiling(layers, gs, depth, rng) in reference
   if layers == 12:  # the paper's setting: bounded enumeration refuses beyond its limit
     assert len(reference) == 292
-    with pytest.raises(st.AssemblyError, match="exceed the limit"):
-      st.enumerate_tilings(layers, gs, limit=100)
+    with pytest.raises(tilings.AssemblyError, match="exceed the limit"):
+      tilings.enumerate_tilings(layers, gs, limit=100)
 
 
 def test_top_down_fine_to_coarse_order():
   """The order the docstring writes down, for L=6 with {2, 3, 6}."""
-  assert st.top_down_ladder(6, (2, 3, 6)) == [
+  assert tilings.top_down_ladder(6, (2, 3, 6)) == [
     ((0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)),
     ((0, 1), (1, 2), (2, 3), (3, 4), (4, 6)),
     ((0, 1), (1, 2), (2, 4), (4, 6)),
@@ -100,7 +100,7 @@ def test_top_down_fine_to_coarse_order():
     ((0, 3), (3, 6)),
     ((0, 6),),
   ]
-  for ladder in (st.top_down_ladder(12, (2, 3, 4, 6)), st.top_down_ladder(12, (4, 6))):
+  for ladder in (tilings.top_down_ladder(12, (2, 3, 4, 6)), tilings.top_down_ladder(12, (4, 6))):
     assert [len(t) for t in ladder] == sorted({len(t) for t in ladder}, reverse=True)
     assert ladder[-1] == ((0, 6), (6, 12))
 
@@ -200,7 +200,7 @@ def test_search_candidates_are_bounded_by_the_cost_model():
   assert costs == sorted(costs, reverse=True)
   small = _model(2, 4)
   everything = st.search_candidates(small, _meta(small), max_candidates=100)
-  assert len(everything) == st.count_tilings(2, (2,)) * st.count_tilings(4, (2, 4))
+  assert len(everything) == tilings.count_tilings(2, (2,)) * tilings.count_tilings(4, (2, 4))
 
 
 def test_pareto_front():
