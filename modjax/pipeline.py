@@ -86,6 +86,7 @@ def _sweep(cfg, root: epath.Path) -> dict:
     quality=s.quality,
     shapes=st.Shapes(batch=s.batch, input_length=s.input_length, max_new_tokens=s.max_new_tokens),
     runs=s.runs,
+    overwrite=True,  # a sweep that died before writing sweep.json left its sweep-NN plans
   )
 
 
