@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from modjax.dropout import Dropout
 from modjax.model_config import to_dtype
 
 NEG_INF = -1e10  # additive mask value; finite so fully masked rows stay NaN-free
@@ -149,7 +150,7 @@ class Attention(nn.Module):
     self.key = Projection((d, h, k), ("embed", "heads", "kv"), 1, s.init_kv, **kw)
     self.value = Projection((d, h, k), ("embed", "heads", "kv"), 1, s.init_kv, **kw)
     self.out = Projection((h, k, d), ("heads", "kv", "embed"), 2, s.init_out, **kw)
-    self.dropout = nn.Dropout(s.attn_dropout_rate)
+    self.dropout = Dropout(s.attn_dropout_rate)
 
   # Heads-major layouts (BHLK/BHTK) keep batch and heads as the leading dims of both attention
   # matmuls: XLA:CPU runs those as plain batched GEMMs, several times faster than BTHK.
@@ -210,7 +211,7 @@ class FeedForward(nn.Module):
     else:
       self.wi = Projection((s.d_model, s.d_ff), ("embed", "mlp"), 1, s.init_wi, **kw)
     self.wo = Projection((s.d_ff, s.d_model), ("mlp", "embed"), 1, s.init_wo, **kw)
-    self.dropout = nn.Dropout(s.dropout_rate)
+    self.dropout = Dropout(s.dropout_rate)
 
   def pre_activation(self, x_BLD):
     """The FFN input projection before the nonlinearity (the gate branch when gated)."""
@@ -246,7 +247,7 @@ class Block(nn.Module):
       self.cross_attn = Attention(s)
     self.ffn_norm = Norm(**norm)
     self.ffn = FeedForward(s)
-    self.dropout = nn.Dropout(s.dropout_rate)
+    self.dropout = Dropout(s.dropout_rate)
 
   def _ffn_residual(self, x_BLD, deterministic):
     return x_BLD + self.dropout(

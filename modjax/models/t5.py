@@ -24,6 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from modjax.dropout import dropout
 from modjax.layers import (
   NEG_INF,
   Block,
@@ -364,5 +365,4 @@ def _split(rng, n):
 def _dropout(x, rate, deterministic, rng):
   if deterministic or rate == 0.0 or rng is None:
     return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+  return dropout(x, rate, rng)
