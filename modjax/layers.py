@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from modjax.contractions import dense, tied_logits
 from modjax.dropout import Dropout
 from modjax.model_config import to_dtype
 
@@ -123,8 +124,7 @@ class Projection(nn.Module):
       self.kernel_shape,
       self.param_dtype,
     )
-    contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    y = dense(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims)
     if self.use_bias:
       out_shape, out_axes = self.kernel_shape[self.in_dims :], self.kernel_axes[self.in_dims :]
       bias = self.param(
@@ -405,13 +405,8 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
   def attend(self, x_BLD):
-    """Logits against the embedding matrix (tied LM head)."""
-    return jnp.einsum(
-      "bld,vd->blv",
-      x_BLD.astype(self.dtype),
-      self.embedding.astype(self.dtype),
-      preferred_element_type=jnp.float32,
-    )
+    """Float32 logits against the embedding matrix (tied LM head)."""
+    return tied_logits(x_BLD.astype(self.dtype), self.embedding.astype(self.dtype))
 
 
 def head_logits(x_BLD, head_DV):
