@@ -30,11 +30,15 @@ every core (``torch.set_num_threads``; XLA's default). ``ratio_vs_hf`` (per shap
 AdamW step against HF's AdamW step in tokens/s; ``ratio_vs_hf_adafactor`` uses modjax's default
 Adafactor step instead.
 
-FLOPs: XLA's cost analysis of each compiled modjax step, and from the shapes (6 x parameters x
-the tokens that pass through them; attention scores not counted). Achieved FLOP/s divide XLA's
-count of the modjax AdamW step (the same model math as HF's step) by each side's median step;
-``pct_peak`` quotes them against the machine's peak float32 matmul FLOP/s, measured in the same
-run by ``benchmarks/hardware.py``.
+FLOPs: ``gflop_model`` counts the matmuls of the model, forward x 3 (the backward pass does
+two matmuls per forward one): every projection, the attention scores and their weighted sum,
+the FFN and the LM head, from the shapes (:func:`model_flops`). Achieved FLOP/s are that count
+over each side's median step (the same work for both frameworks), and ``pct_peak`` quotes them
+against the machine's peak float32 matmul FLOP/s, measured in the same run by
+``benchmarks/hardware.py``. XLA's cost analysis of each compiled modjax step is reported too
+(``gflop_xla``, ``pct_peak_xla``): it also counts elementwise work (norms, softmax, the dropout
+hash's integer ops), so it moves when that work does; ``gflop_6nt`` is 6 x parameters x the
+tokens that pass through them (no attention scores).
 
 Run from the repository root:
 
@@ -149,6 +153,27 @@ def shape_flops(params, batch: int, inputs: int, targets: int) -> float:
   return 6.0 * (encoder * batch * inputs + (decoder + head) * batch * targets)
 
 
+def model_flops(config, batch: int, inputs: int, targets: int) -> float:
+  """Matmul FLOPs of one T5 train step: 3 x the forward's (projections, attention scores and
+  context, FFN, LM head; norms, softmax and the optimizer not counted)."""
+  d, hk = config.d_model, config.num_heads * config.d_kv
+  ffn = (3 if config.is_gated else 2) * d * config.d_ff
+  s, t = batch * inputs, batch * targets  # encoder and decoder tokens
+
+  def scores(queries: int, keys: int) -> int:  # q.k and p.v, summed over heads
+    return 2 * 2 * batch * queries * keys * hk
+
+  encoder = config.num_layers * (2 * s * (4 * d * hk + ffn) + scores(inputs, inputs))
+  decoder = config.num_decoder_layers * (
+    2 * t * (6 * d * hk + ffn)
+    + 2 * s * 2 * d * hk
+    + scores(targets, targets)
+    + scores(targets, inputs)
+  )
+  head = 2 * t * d * config.vocab_size
+  return 3.0 * (encoder + decoder + head)
+
+
 def xla_flops(step, state, batch, rng) -> float:
   cost = step.lower(state, {}, batch, rng).compile().cost_analysis()
   if isinstance(cost, list | tuple):  # older JAX: one dict per computation
@@ -252,7 +277,7 @@ def run_shape(shape: str, steps: int, rounds: int, limits: dict, seed: int, hf: 
   time_sides(sides, steps, rounds)
   tokens = batch * (inputs + targets)
   flops = {side.name: side.flops() for side in sides if side.flops is not None}
-  model_flops = flops["modjax/adamw"][0]  # the HF step does the same model math
+  work = model_flops(config, batch, inputs, targets)  # the same for every side
   rows = []
   for side in sides:
     assert np.isfinite(side.loss), f"{shape} {side.name}: loss {side.loss}"
@@ -272,14 +297,16 @@ def run_shape(shape: str, steps: int, rounds: int, limits: dict, seed: int, hf: 
       "step_ms_all": [1e3 * s for s in side.seconds],
       "tokens_per_s": tokens / median,
       "target_tokens_per_s": batch * targets / median,
-      "gflops_per_s": model_flops / median / 1e9,
-      "pct_peak": 100.0 * model_flops / median / limits["peak_flops"],
+      "gflop_model": work / 1e9,
+      "gflops_per_s": work / median / 1e9,
+      "pct_peak": 100.0 * work / median / limits["peak_flops"],
       "final_loss": side.loss,
     }
     if side.name in flops:
       row["compile_s"] = max(side.first_s - median, 0.0)
       row["gflop_xla"] = flops[side.name][0] / 1e9
       row["gflop_6nt"] = flops[side.name][1] / 1e9
+      row["pct_peak_xla"] = 100.0 * flops[side.name][0] / median / limits["peak_flops"]
     rows.append(row)
   by_side = {row["side"]: row for row in rows}
   summary = {"preset": shape, "batch": batch, "inputs": inputs, "targets": targets}
@@ -316,6 +343,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  load_start = os.getloadavg()
   torch.set_num_threads(os.cpu_count() or 1)
   print(
     f"JAX {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
@@ -335,7 +363,7 @@ def main(argv=None):
   print()
   table = hardware.print_table([row for s in shapes for row in s["rows"]], TABLE)
   print(
-    "tokens = batch x (inputs + targets); gflops_per_s = XLA's FLOPs of the modjax AdamW step / "
+    "tokens = batch x (inputs + targets); gflops_per_s = the model's matmul FLOPs (fwd x 3) / "
     "each side's median step; pct_peak against this run's measured peak matmul FLOP/s; "
     "ratio_vs_hf = tokens/s over HF's (AdamW) on the same shape."
   )
@@ -351,6 +379,9 @@ def main(argv=None):
         "hf/adamw": HF_OPTIMIZER,
       },
       "machine": hardware.machine(),
+      # 1/5/15-minute load averages: other work on the machine slows both sides, PyTorch more.
+      "load_avg_start": load_start,
+      "load_avg_end": os.getloadavg(),
       "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
       "limits": limits,
       "results": shapes,

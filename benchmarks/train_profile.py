@@ -1,0 +1,248 @@
+"""Where a train step's time goes: forward / backward / optimizer, and per XLA op.
+
+Two views of modjax's t5-small step (the shapes of ``benchmarks/train_step.py``: batch 8 x
+inputs 256 / targets 64, dropout 0.1):
+
+* **phases**: the loss (forward), its gradient (forward + backward) and the optimizer update
+  (Adafactor and AdamW, each with the step's global-norm clipping) jitted as separate functions
+  and timed alone (median of ``--repeats`` after a warm-up; backward = gradient - forward), next
+  to the whole step;
+* **ops**: the whole jitted step (the default Adafactor unless ``--optimizer adamw``) traced
+  with ``jax.profiler`` for ``--trace-steps`` steps. XLA:CPU records every executed op (thunk)
+  with its HLO name; each op is matched to its instruction in the compiled HLO, whose metadata
+  names the JAX operation it came from, and grouped: pass (forward, backward — JAX's
+  ``transpose(jvp(...))`` — or the rest: optimizer, metrics, parameters copied into another
+  layout for a matmul), component (attention, FFN, LM head and loss, dropout bits, norms and
+  residuals, embeddings) and op kind (matmul, elementwise/fusion, ...). Op
+  times are wall times of each op summed; ops running concurrently on the two cores overlap,
+  so the sum can exceed the step.
+
+Run from the repository root:
+
+    python -m benchmarks.train_profile                   # a few minutes on CPU
+    python -m benchmarks.train_profile --top 40 --out /tmp/train_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from modjax.models import architecture_for
+from modjax.train import losses, optim
+from modjax.train.defaults import base_config
+
+try:
+  from benchmarks import hardware, train_step
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+  import hardware
+  import train_step
+
+COMPONENTS = [  # (component, op_name substrings), first match wins
+  ("dropout bits", ("bernoulli", "threefry", "random_bits", "keep_mask", "dropout/")),
+  ("lm head + loss", ("Embed.attend", "lm_head", "_token_losses", "logsumexp", "cross_entropy")),
+  ("attention", ("attn",)),
+  ("ffn", ("ffn/",)),
+  ("norms + residuals", ("norm", "Block", "add_any")),
+  ("embeddings", ("Embed", "take")),
+]
+
+
+def time_phases(shape: str, repeats: int) -> dict:
+  """Milliseconds of forward, forward + backward and each optimizer update, jitted apart."""
+  config = train_step.model_config(shape)
+  _, vocab, batch, inputs, targets, _ = train_step.SHAPES[shape]
+  model = architecture_for(config)
+  params = jax.jit(model.init)(jax.random.key(0))
+  data = {
+    k: jnp.asarray(v) for k, v in train_step.random_batch(vocab, batch, inputs, targets, 0).items()
+  }
+  loss_fn = losses.seq2seq_loss(model, model.identity_plan())
+  rng = jax.random.key(1)
+
+  def forward(p):
+    return loss_fn(p, {}, data, rng, jnp.int32(0))[0]
+
+  def median_ms(fn, *args):
+    fn = jax.jit(fn)
+    return 1e3 * hardware.median(hardware.time_calls(lambda: fn(*args), repeats))
+
+  out = {"forward": median_ms(forward, params)}
+  out["forward_backward"] = median_ms(jax.grad(forward), params)
+  out["backward"] = out["forward_backward"] - out["forward"]
+  grads = jax.tree.map(lambda p: 1e-3 * p, params)
+  for name in train_step.MODJAX_OPTIMIZERS:
+    cfg = base_config().optimizer
+    cfg.name = name
+    optimizer, _ = optim.make_optimizer(cfg, 100)
+
+    def update(g, params_and_state, optimizer=optimizer):  # the state donated, as in the step
+      p, s = params_and_state
+      updates, s = optimizer.update(g, s, p)
+      return optax.apply_updates(p, updates), s
+
+    update = jax.jit(update, donate_argnums=1)
+    holder = [(jax.tree.map(jnp.copy, params), jax.jit(optimizer.init)(params))]
+
+    def call(update=update, holder=holder):
+      holder[0] = update(grads, holder[0])
+      return holder[0]
+
+    out[f"optimizer_{name}"] = 1e3 * hardware.median(hardware.time_calls(call, repeats))
+  return out
+
+
+def _instructions(hlo_text: str) -> dict:
+  """HLO instruction name -> (shape, opcode, JAX op_name) of a compiled module; fusions that
+  contain a dot (XLA:CPU hands most matmuls to YNNPACK as fusions) count as ``matmul``."""
+  with_dot, computation = set(), None
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():
+      computation = line.split(" ", 1)[0].lstrip("%")
+    elif re.search(r" (dot|convolution)\(", line):
+      with_dot.add(computation)
+  out = {}
+  pattern = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(")
+  for line in hlo_text.splitlines():
+    match = pattern.match(line)
+    if not match:
+      continue
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    calls = re.search(r"calls=%?([\w.\-]+)", line)
+    opcode = match.group(3)
+    if opcode in ("dot", "convolution") or (calls and calls.group(1) in with_dot):
+      opcode = "matmul"
+    out[match.group(1)] = (
+      match.group(2).split("{")[0],
+      opcode,
+      op_name.group(1) if op_name else "",
+    )
+  return out
+
+
+def classify(op_name: str) -> tuple[str, str]:
+  """(pass, component) of an op from its JAX op_name."""
+  if "transpose(jvp(" in op_name:
+    phase = "backward"
+  elif "jvp(" in op_name:
+    phase = "forward"
+  else:
+    phase = "optimizer + step"
+  if op_name.startswith("state."):  # a parameter copied into another layout for a matmul
+    return phase, "parameter layout copies"
+  for component, needles in COMPONENTS:
+    if any(n in op_name for n in needles):
+      return phase, component
+  return phase, "other"
+
+
+def trace_ops(shape: str, optimizer_name: str, steps: int) -> tuple[float, dict]:
+  """(median step ms, {instruction: (ms per step, shape, opcode, op_name)}) of the whole step."""
+  _, vocab, batch, inputs, targets, _ = train_step.SHAPES[shape]
+  step, state = train_step.build_step(train_step.model_config(shape), optimizer_name, 100)
+  data = {
+    k: jnp.asarray(v) for k, v in train_step.random_batch(vocab, batch, inputs, targets, 0).items()
+  }
+  rng = jax.random.key(0)
+  holder = [state]
+
+  def call():
+    holder[0], metrics = step(holder[0], {}, data, rng)
+    return metrics
+
+  step_ms = 1e3 * hardware.median(hardware.time_calls(call, 3))
+  instructions = _instructions(step.lower(holder[0], {}, data, rng).compile().as_text())
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+      for _ in range(steps):
+        hardware.block(call())
+    (path,) = glob.glob(os.path.join(directory, "plugins", "profile", "*", "*perfetto*.json.gz"))
+    with gzip.open(path) as f:
+      events = json.load(f)["traceEvents"]
+  per_op = collections.Counter()
+  for event in events:
+    args = event.get("args") or {}
+    if event.get("ph") == "X" and "hlo_op" in args:
+      per_op[args["hlo_op"]] += event["dur"] / 1e3 / steps
+  ops = {name: (ms, *instructions.get(name, ("?", "?", ""))) for name, ms in per_op.most_common()}
+  return step_ms, ops
+
+
+def summarize(ops: dict, top: int) -> dict:
+  """Op time grouped by pass, component and op kind, plus the ``top`` ops."""
+  groups = {"pass": collections.Counter(), "component": collections.Counter()}
+  groups["pass x component"] = collections.Counter()
+  groups["kind"] = collections.Counter()
+  for ms, _, opcode, op_name in ops.values():
+    phase, component = classify(op_name)
+    groups["pass"][phase] += ms
+    groups["component"][component] += ms
+    groups["pass x component"][f"{phase}: {component}"] += ms
+    groups["kind"]["matmul" if opcode == "matmul" else "other (fusions, copies, ...)"] += ms
+  summary = {name: dict(counter.most_common()) for name, counter in groups.items()}
+  summary["top_ops"] = [
+    {"op": name, "ms": ms, "shape": shape, "opcode": opcode, "op_name": op_name}
+    for name, (ms, shape, opcode, op_name) in list(ops.items())[:top]
+  ]
+  summary["total_op_ms"] = sum(ms for ms, *_ in ops.values())
+  return summary
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--preset", default="t5-small", choices=sorted(train_step.SHAPES))
+  p.add_argument("--optimizer", default="adafactor", choices=train_step.MODJAX_OPTIMIZERS)
+  p.add_argument("--repeats", type=int, default=5, help="timed calls per phase")
+  p.add_argument("--trace-steps", type=int, default=2)
+  p.add_argument("--top", type=int, default=25)
+  p.add_argument("--out", default=os.path.join("benchmarks", "results", "train_profile.json"))
+  args = p.parse_args(argv)
+  start = time.perf_counter()
+  phases = time_phases(args.preset, args.repeats)
+  print("phases (ms, each jitted alone):")
+  for name, ms in phases.items():
+    print(f"  {name:22s} {ms:9.1f}")
+  step_ms, ops = trace_ops(args.preset, args.optimizer, args.trace_steps)
+  summary = summarize(ops, args.top)
+  print(
+    f"whole step ({args.optimizer}): {step_ms:.1f} ms; op times sum {summary['total_op_ms']:.1f}"
+  )
+  for group in ("pass", "component", "kind", "pass x component"):
+    print(f"by {group}:")
+    for name, ms in summary[group].items():
+      print(f"  {ms:9.1f} ms {100 * ms / summary['total_op_ms']:5.1f}%  {name}")
+  print(f"top {args.top} ops:")
+  for op in summary["top_ops"]:
+    print(f"  {op['ms']:8.1f} ms {op['opcode']:10.10s} {op['shape']:22.22s} {op['op_name'][-80:]}")
+  path = hardware.write_json(
+    args.out,
+    {
+      "benchmark": "train_profile",
+      "preset": args.preset,
+      "shape": dict(
+        zip(("batch", "inputs", "targets"), train_step.SHAPES[args.preset][2:5], strict=True)
+      ),
+      "optimizer": args.optimizer,
+      "machine": hardware.machine(),
+      "phases_ms": phases,
+      "step_ms": step_ms,
+      **summary,
+      "seconds": time.perf_counter() - start,
+    },
+  )
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
