@@ -1,5 +1,6 @@
 """The benchmarks run end to end on tiny models: decoding (both frameworks produce the same
-tokens) and the train step (modjax's and transformers' steps on the same shapes).
+tokens), the train step (modjax's and transformers' steps on the same shapes), assembled plans'
+speed against the roofline, and the module-replacing step against a plain distillation step.
 
 Timings are printed and written, never asserted; this keeps the scripts from rotting and checks the
 agreement the README's tables report.
@@ -7,9 +8,11 @@ agreement the README's tables report.
 
 import json
 
+import jax
 import pytest
 
-from benchmarks import decode_vs_hf, train_step
+from benchmarks import assembled_speed, decode_vs_hf, replacing_overhead, train_step
+from modjax.train.losses import cross_entropy
 
 
 def test_decode_benchmark_quick_run_agrees_with_hf(tmp_path, capsys):
@@ -41,3 +44,83 @@ def test_train_step_benchmark_quick_run_times_both_frameworks(tmp_path, capsys):
   )
   assert sides["modjax/adamw"]["gflop_xla"] > 0
   assert "| preset | side" in capsys.readouterr().out
+
+
+def test_assembled_speed_quick_run_reports_roofline_ratios(tmp_path, capsys):
+  out = tmp_path / "assembled.json"
+  assembled_speed.main(["--quick", "--batch-sizes", "1", "--out", str(out)])
+  report = json.loads(out.read_text())
+  rows = {r["plan"]: r for r in report["results"]}
+  assert list(rows) == list(report["plans"]) and rows["teacher"]["dec"] == 4
+  assert rows["teacher"]["ideal_speedup"] == rows["teacher"]["realised_over_ideal"] == 1.0
+  for name, row in rows.items():
+    assert row["dec"] == len(report["plans"][name]["decoder"])
+    assert row["decode_ms_per_token"] > 0 and row["encode_ms"] > 0, row
+    assert row["realised_over_ideal"] == pytest.approx(row["speedup"] / row["ideal_speedup"])
+    if name != "teacher":  # fewer decoder slots: less to read and compute per step
+      assert row["ideal_speedup"] > 1 and row["step_mb"] < rows["teacher"]["step_mb"], row
+  assert rows["enc+dec all-g4"]["encode_ideal_speedup"] > 1
+  assert rows["dec-3 (m2.0+2 layers)"]["encode_ideal_speedup"] == pytest.approx(1.0)
+  assert report["min_realised_over_ideal"] == min(
+    r["realised_over_ideal"] for r in report["results"] if r["plan"] != "teacher"
+  )
+  (head,) = report["lm_head"]
+  assert head["head_mb"] < head["teacher_weight_mb"] and head["head_cap_speedup"] > 1
+  assert "| plan" in capsys.readouterr().out
+
+
+def test_replacing_overhead_quick_run_times_every_setting(tmp_path, capsys):
+  out = tmp_path / "replacing.json"
+  replacing_overhead.main(["--quick", "--remat", "true", "--out", str(out)])
+  report = json.loads(out.read_text())
+  rows = {(r["side"], r["setting"]): r for r in report["results"]}
+  replacing = [("replacing", s) for s in ("p=0", "p=0.75", "p=1", "p=1, g=2")]
+  assert sorted(rows) == sorted([("baseline", "-"), ("assembled g2", "p=1, g=2"), *replacing])
+  for setting, p in (("p=0", 0.0), ("p=0.75", 0.75), ("p=1", 1.0), ("p=1, g=2", 1.0)):
+    (draw,) = rows["replacing", setting]["draws"]
+    assert draw["p"] == pytest.approx(p)
+    slots = 2 // draw["g_decoder"]  # micro: 2 decoder layers, granularity 2
+    if p == 0.0:
+      assert draw["replaced_encoder"] == draw["replaced_decoder"] == 0
+    if p == 1.0:
+      assert draw["replaced_decoder"] == slots
+  assert report["overhead_ratio"] == max(
+    r["overhead_ratio"] for r in report["results"] if r["side"] == "replacing"
+  )
+  fixed_g = rows["replacing", "p=1, g=2"]
+  assert fixed_g["machinery_ratio"] == pytest.approx(
+    fixed_g["step_ms"] / rows["assembled g2", "p=1, g=2"]["step_ms"]
+  )
+  assert rows["baseline", "-"]["overhead_ratio"] == 1.0
+  assert report["student_params_m"] > report["module_params_m"] > 0
+  assert "| side" in capsys.readouterr().out
+
+
+def test_replacing_overhead_plain_steps_compute_the_replacing_loss():
+  """The steps the replacing step is timed against do the same math: at p=1 (micro: every slot
+  of granularity 2 replaced) the replacing loss equals the assembled all-g2 step's, and the
+  full-depth student, a copy of the teacher, matches it layer by layer (its loss is the
+  teacher's cross-entropy: no KD, hidden or attention term)."""
+  model, sides, _, _, _ = replacing_overhead.build_sides("micro", 0, [True])
+  by_name = {side.name: side for side in sides}
+  batch = replacing_overhead.random_batch(model.config.vocab_size, 2, 12, 8, seed=1)
+
+  def loss(side, step):
+    fn = jax.jit(lambda p, f, s: side.loss_fn(p, f, batch, None, s))
+    return jax.tree.map(float, fn(side.state.params, side.frozen, step))
+
+  replacing, _, aux = loss(by_name["replacing"], replacing_overhead.SETTINGS["p=1"])
+  assert aux["p"] == 1.0 and aux["replaced_encoder"] == aux["replaced_decoder"] == 1.0
+  assert aux["hidden"] > 0 and aux["attn"] > 0  # modules are copies of one layer of two
+  assembled, _, assembled_aux = loss(by_name["assembled g2"], 0)
+  assert assembled == pytest.approx(replacing, rel=1e-5)
+  assert assembled_aux["hidden"] == pytest.approx(aux["hidden"], rel=1e-5)
+  assert assembled_aux["attn"] == pytest.approx(aux["attn"], rel=1e-5)
+  baseline, _, baseline_aux = loss(by_name["baseline"], 0)
+  assert baseline_aux["hidden"] == baseline_aux["attn"] == 0.0
+  teacher = by_name["baseline"].frozen
+  logits, _ = model(
+    teacher, model.identity_plan(), batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+  )
+  ce, _ = cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
+  assert baseline == pytest.approx(float(ce), rel=1e-5)

@@ -1,0 +1,421 @@
+"""Assembled Modular Transformers plans: measured encode and decode latency vs an honest roofline.
+
+One T5 teacher of t5-small's shapes (vocabulary 32128, d_model 512, d_ff 2048, 8 heads of 64,
+6+6 layers, ReLU, tied head) with random weights, and a module bank on top of it
+(``add_modules``: granularities {2, 3, 6} in both stacks). Speed does not depend on what the
+weights hold, so nothing is trained: an assembled plan runs exactly the same graph whatever
+its modules learned. Plans (``tiling_plan``) go from the teacher to every decoder depth (mixed
+tilings of 5, 4 and 3 slots, all-g2, all-g3, all-g6) and to both stacks compressed alike.
+
+Per plan and batch size, in ONE process, interleaved over ``--rounds`` rounds (each round times
+every plan in turn, so a shared machine's drift hits every plan alike). Each time reported is
+the fastest call: the least disturbed by other processes (every call's time is in the JSON).
+
+* ``encode_ms``: ``model.encode`` over batch x ``--input-length`` tokens, jitted;
+* ``decode_ms_per_token``: one step of generate's loop (decode step, argmax, score), timed as
+  ``--chunk`` steps per jitted call from a prefilled cache of ``--new-tokens`` positions
+  (donated, so it is rewritten in place as in the loop), divided by the chunk: calls short
+  enough that some run undisturbed on a busy machine;
+* ``generate_ms``: the whole ``decode.generate`` call (greedy, ``decode.prepare``'d head) of
+  exactly ``--new-tokens`` tokens per row: ``eos_id=-1`` is an id no token has, so no row stops
+  early (the lengths are checked).
+
+The ideal is a roofline per plan from ``modjax.cost.plan_cost`` against the machine's ceilings
+measured in the same run (``benchmarks/hardware.py``: peak float32 matmul FLOP/s; memory
+bandwidth, the better of read and copy; measured before and after the plans, the better kept):
+time = max(FLOPs / peak FLOP/s, bytes / bandwidth).
+
+* decode step: FLOPs of every slot's projections, attention over the whole allocated self cache
+  (what the code scores every step) and over the encoder output, and the LM head; bytes of the
+  decoder weights the plan uses (cross k/v kernels excluded: precomputed), the tied head as its
+  [D, V] copy, the self-attention KV cache and the cross-attention keys/values;
+* encode: the encoder's FLOPs (attention included) and its weights;
+* sequence: encode + cross k/v FLOPs + new_tokens x decode step.
+
+``ideal_speedup`` = teacher ideal / plan ideal and ``realised_over_ideal`` = measured speed-up /
+ideal speed-up (decode per token; ``encode_`` and ``sequence_`` variants for the others). Since
+the head (and, at batch 1, its weight read) is the same for every plan, it caps what dropping
+decoder layers can give: ``head_cap_speedup`` is the teacher's ideal over a decoder with no
+layers at all (the head alone).
+
+Run from the repository root:
+
+    python -m benchmarks.assembled_speed            # t5-small shapes, several minutes on CPU
+    python -m benchmarks.assembled_speed --quick    # micro shapes: a smoke test
+
+On a shared machine absolute numbers are noisy: compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from modjax import bank, cost
+from modjax.decode import _argmax, generate, prepare
+from modjax.methods.modular import add_modules, bank_granularities, tiling_plan
+from modjax.model_config import to_dtype
+from modjax.models import T5
+from modjax.presets import get_preset
+
+try:
+  from benchmarks import hardware
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+  import hardware
+
+NEVER = -1  # an EOS id no token has: every row generates exactly max_new_tokens
+
+
+def _layers(spans):
+  return [(i, i + 1) for i in spans]
+
+
+# shape -> (preset, overrides, {plan name: {stack: tiling}}); stacks left out keep their layers.
+SHAPES = {
+  "t5-small": (
+    "t5-small",
+    dict(vocab_size=32128, dropout_rate=0.0),
+    {
+      "teacher": {},
+      "dec-5 (m2.0+4 layers)": {"decoder": [(0, 2), *_layers(range(2, 6))]},
+      "dec-4 (2 layers+m2.1+m2.2)": {"decoder": [(0, 1), (1, 2), (2, 4), (4, 6)]},
+      "dec-3 (m3.0+layer 3+m2.2)": {"decoder": [(0, 3), (3, 4), (4, 6)]},
+      "dec all-g2": {"decoder": [(0, 2), (2, 4), (4, 6)]},
+      "dec all-g3": {"decoder": [(0, 3), (3, 6)]},
+      "dec all-g6": {"decoder": [(0, 6)]},
+      "enc+dec all-g2": {"encoder": [(0, 2), (2, 4), (4, 6)], "decoder": [(0, 2), (2, 4), (4, 6)]},
+      "enc+dec all-g3": {"encoder": [(0, 3), (3, 6)], "decoder": [(0, 3), (3, 6)]},
+      "enc+dec all-g6": {"encoder": [(0, 6)], "decoder": [(0, 6)]},
+    },
+  ),
+  "micro": (  # --quick: the test preset with 4+4 layers (granularities 2 and 4)
+    "micro",
+    dict(num_layers=4, num_decoder_layers=4),
+    {
+      "teacher": {},
+      "dec-3 (m2.0+2 layers)": {"decoder": [(0, 2), (2, 3), (3, 4)]},
+      "enc+dec all-g4": {"encoder": [(0, 4)], "decoder": [(0, 4)]},
+    },
+  ),
+}
+TABLE = [
+  "plan",
+  "batch",
+  "enc",
+  "dec",
+  "encode_ms",
+  "decode_ms_per_token",
+  "speedup",
+  "ideal_speedup",
+  "realised_over_ideal",
+  "encode_speedup",
+  "encode_ideal_speedup",
+  "sequence_speedup",
+  "sequence_ideal_speedup",
+  "step_mb",
+  "bound",
+  "pct_peak_flops",
+  "pct_peak_bw",
+]
+
+
+def build_bank(shape: str, seed: int):
+  """(model, bank with modules of every default granularity, its metadata, {name: plan})."""
+  preset, overrides, tilings = SHAPES[shape]
+  model = T5(dataclasses.replace(get_preset(preset), **overrides))
+  params = model.init(jax.random.key(seed))
+  params, meta = add_modules(model, params, {})
+  plans = {name: tiling_plan(model, spans, meta=meta) for name, spans in tilings.items()}
+  return model, jax.device_put(params), meta, plans
+
+
+@dataclasses.dataclass
+class Ideal:
+  """Roofline seconds of one plan at one batch size (see the module docstring)."""
+
+  step_flops: float
+  step_bytes: float
+  step_s: float
+  step_bound: str
+  encode_flops: float
+  encode_s: float
+  sequence_s: float
+
+
+def roofline(model, plan, batch: int, input_length: int, new: int, limits: dict) -> Ideal:
+  c = cost.plan_cost(model, plan, batch=batch, input_length=input_length, target_length=new)
+  peak_f, peak_b = limits["peak_flops"], limits["peak_bytes_per_s"]
+  flops, nbytes = c.decode_step_flops(), c.decode_step_bytes()
+  step_s = max(flops / peak_f, nbytes / peak_b)
+  itemsize = np.dtype(to_dtype(model.config.param_dtype)).itemsize
+  encode_s = max(c.encoder_flops / peak_f, c.params_by_part["encoder"] * itemsize / peak_b)
+  sequence_s = encode_s + c.cross_kv_flops / peak_f + new * step_s
+  bound = "flops" if flops / peak_f > nbytes / peak_b else "bytes"
+  return Ideal(flops, nbytes, step_s, bound, c.encoder_flops, encode_s, sequence_s)
+
+
+def head_figures(model, teacher_plan, batch: int, input_length: int, new: int, limits: dict):
+  """The LM head's share of a teacher decode step and the speed-up cap it sets: the teacher's
+  ideal step over the ideal of the head alone (a decoder without layers)."""
+  c = model.config
+  head_bytes = c.d_model * c.vocab_size * np.dtype(to_dtype(c.dtype)).itemsize
+  head_flops = 2 * batch * c.d_model * c.vocab_size
+  teacher = cost.plan_cost(
+    model, teacher_plan, batch=batch, input_length=input_length, target_length=new
+  )
+  head_s = max(head_flops / limits["peak_flops"], head_bytes / limits["peak_bytes_per_s"])
+  teacher_s = roofline(model, teacher_plan, batch, input_length, new, limits).step_s
+  return {
+    "batch": batch,
+    "head_mb": head_bytes / 1e6,
+    "teacher_weight_mb": teacher.decode_weight_bytes / 1e6,
+    "teacher_step_mb": teacher.decode_step_bytes() / 1e6,
+    "head_gflop": head_flops / 1e9,
+    "teacher_step_gflop": teacher.decode_step_flops() / 1e9,
+    "head_cap_speedup": teacher_s / head_s,
+  }
+
+
+def plan_calls(model, params, plan, ids, mask, new: int, prepared, chunk: int):
+  """Timed callables of one plan: encode, start_decoding, ``chunk`` decode steps, generate."""
+  used = bank.subset(params, plan, model.stacks)  # an assembled model holds only its entries
+  encode = jax.jit(lambda p, i, m: model.encode(p, plan, i, input_mask_BS=m)[0])
+  start = jax.jit(lambda p, i, m, s: model.start_decoding(p, plan, i, m, new, shared=s))
+
+  @functools.partial(jax.jit, donate_argnums=1)
+  def steps(p, carry):
+    """generate's loop body ``chunk`` times from position 1: one decode step, the argmax and
+    the score update per token (the cache is read in full whatever the position)."""
+
+    def body(t, carry):
+      cache, tok, score = carry
+      logits, cache = model.decode_step(p, plan, cache, tok, t)
+      tok = _argmax(logits)
+      logp = jnp.take_along_axis(logits, tok[:, None], 1)[:, 0] - jax.nn.logsumexp(logits, -1)
+      return cache, tok, score + logp
+
+    return jax.lax.fori_loop(1, 1 + chunk, body, carry)
+
+  state = {}
+
+  def run_steps():
+    if not state:  # a prefilled cache, then donated call to call (rewritten in place)
+      cache, logits, _ = start(used, ids, mask, prepared)
+      state["carry"] = (cache, _argmax(logits), jnp.zeros(ids.shape[0]))
+    state["carry"] = steps(used, state["carry"])
+    return state["carry"]
+
+  def run_generate():
+    return generate(
+      model, used, plan, ids, mask, max_new_tokens=new, eos_id=NEVER, prepared=prepared
+    )
+
+  return {
+    "encode": lambda: encode(used, ids, mask),
+    "start": lambda: start(used, ids, mask, prepared),
+    "steps": run_steps,
+    "generate": run_generate,
+  }
+
+
+def time_plans(calls: dict, rounds: int, repeats: int) -> dict:
+  """{plan: {part: [seconds]}}: first calls untimed, then every plan in turn each round:
+  ``repeats`` encode and chunked-steps calls, two starts, one generate."""
+  for name, fns in calls.items():
+    out = hardware.block(fns["generate"]())
+    lengths = np.asarray(out.lengths)
+    if not (lengths == out.tokens.shape[1]).all():
+      raise RuntimeError(f"{name}: generated lengths {lengths}; expected all full length")
+    for part in ("start", "encode", "steps"):
+      hardware.block(fns[part]())
+  seconds = {
+    name: {part: [] for part in ("encode", "start", "steps", "generate")} for name in calls
+  }
+  for _ in range(rounds):
+    for name, fns in calls.items():
+      s = seconds[name]
+      s["encode"] += hardware.time_calls(fns["encode"], repeats, warmup=0)
+      s["steps"] += hardware.time_calls(fns["steps"], repeats, warmup=0)
+      s["start"] += hardware.time_calls(fns["start"], 2, warmup=0)
+      s["generate"] += hardware.time_calls(fns["generate"], 1, warmup=0)
+  return seconds
+
+
+def batch_seconds(model, params, plans, batch: int, args, prepared) -> dict:
+  """Every plan's timings at one batch size (see :func:`time_plans`), on random inputs."""
+  rng = np.random.default_rng(args.seed + batch)
+  ids_np = rng.integers(2, model.config.vocab_size, (batch, args.input_length), dtype=np.int32)
+  ids, mask = jnp.asarray(ids_np), jnp.ones((batch, args.input_length), jnp.int32)
+  calls = {
+    name: plan_calls(model, params, plan, ids, mask, args.new_tokens, prepared, args.chunk)
+    for name, plan in plans.items()
+  }
+  return time_plans(calls, args.rounds, args.repeats)
+
+
+def batch_rows(model, params, plans, batch: int, args, limits: dict, seconds: dict) -> list[dict]:
+  """One row per plan: measured times (fastest calls), roofline ideals, speed-ups."""
+  new = args.new_tokens
+  rows = []
+  for name, plan in plans.items():
+    s = {part: min(v) for part, v in seconds[name].items()}
+    ideal = roofline(model, plan, batch, args.input_length, new, limits)
+    step_s = s["steps"] / args.chunk
+    used = bank.subset(params, plan, model.stacks)
+    rows.append(
+      {
+        "plan": name,
+        "batch": batch,
+        "enc": len(plan.encoder),
+        "dec": len(plan.decoder),
+        "params_m": bank.count_params(used) / 1e6,
+        "encode_ms": 1e3 * s["encode"],
+        "start_ms": 1e3 * s["start"],
+        "generate_ms": 1e3 * s["generate"],
+        "decode_ms_per_token": 1e3 * step_s,
+        "seconds_all": seconds[name],
+        "ideal_step_ms": 1e3 * ideal.step_s,
+        "ideal_encode_ms": 1e3 * ideal.encode_s,
+        "ideal_sequence_ms": 1e3 * ideal.sequence_s,
+        "step_gflop": ideal.step_flops / 1e9,
+        "step_mb": ideal.step_bytes / 1e6,
+        "bound": ideal.step_bound,
+        "pct_peak_flops": 100 * ideal.step_flops / step_s / limits["peak_flops"],
+        "pct_peak_bw": 100 * ideal.step_bytes / step_s / limits["peak_bytes_per_s"],
+        "encode_pct_peak_flops": 100 * ideal.encode_flops / s["encode"] / limits["peak_flops"],
+      }
+    )
+  add_speedups(rows)
+  return rows
+
+
+def add_speedups(rows: list[dict]):
+  """Measured and ideal speed-ups against the teacher row (the first), and their ratios."""
+  teacher = rows[0]
+  pairs = {
+    "": ("decode_ms_per_token", "ideal_step_ms"),
+    "encode_": ("encode_ms", "ideal_encode_ms"),
+    "sequence_": ("generate_ms", "ideal_sequence_ms"),
+  }
+  for row in rows:
+    for prefix, (measured, ideal) in pairs.items():
+      speedup = teacher[measured] / row[measured]
+      ideal_speedup = teacher[ideal] / row[ideal]
+      row[f"{prefix}speedup"] = speedup
+      row[f"{prefix}ideal_speedup"] = ideal_speedup
+      row[f"{prefix}realised_over_ideal"] = speedup / ideal_speedup
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,8; quick 1,2)")
+  p.add_argument("--new-tokens", type=int, default=None, help="default 64; quick 6")
+  p.add_argument("--input-length", type=int, default=None, help="default 64; quick 16")
+  p.add_argument("--rounds", type=int, default=None, help="timed rounds over the plans (7)")
+  p.add_argument("--repeats", type=int, default=3, help="encode and steps calls per round")
+  p.add_argument("--chunk", type=int, default=None, help="decode steps per timed call (8; quick 4)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=os.path.join("benchmarks", "results", "assembled_speed.json"))
+  p.add_argument("--quick", action="store_true", help="micro shapes: a smoke test")
+  args = p.parse_args(argv)
+  q = args.quick
+  args.shape = "micro" if q else "t5-small"
+  args.batch_sizes = [int(b) for b in (args.batch_sizes or ("1,2" if q else "1,8")).split(",")]
+  args.new_tokens = args.new_tokens or (6 if q else 64)
+  args.input_length = args.input_length or (16 if q else 64)
+  args.rounds = args.rounds or (1 if q else 7)
+  args.chunk = args.chunk or (4 if q else 8)
+  if not 1 <= args.chunk < args.new_tokens:
+    p.error(
+      f"--chunk must lie in [1, new tokens): the steps run inside a {args.new_tokens}-token cache"
+    )
+  return args
+
+
+def summary_lines(rows: list[dict], heads: list[dict]) -> list[str]:
+  worst = min(rows[1:], key=lambda r: r["realised_over_ideal"], default=rows[0])
+  lines = [
+    f"worst decode realised/ideal: {worst['realised_over_ideal']:.2f} ({worst['plan']}, batch "
+    f"{worst['batch']}); target >= 0.9 for every plan"
+  ]
+  for h in heads:
+    lines.append(
+      f"batch {h['batch']}: the LM head is {h['head_mb']:.1f} of the {h['teacher_weight_mb']:.1f} "
+      f"MB of weights a teacher decode step reads ({h['teacher_step_mb']:.1f} MB with the KV "
+      f"caches) and {h['head_gflop']:.3f} of its {h['teacher_step_gflop']:.3f} GFLOP: no decoder "
+      f"plan can beat {h['head_cap_speedup']:.2f}x per token (the head alone, ideal)"
+    )
+  return lines
+
+
+def limits_now(quick: bool) -> dict:
+  return hardware.measure_limits(512, 32 * 2**20) if quick else hardware.measure_limits()
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  print(f"JAX {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPU cores")
+  before = limits_now(args.quick)
+  model, params, meta, plans = build_bank(args.shape, args.seed)
+  prepared = hardware.block(prepare(model, params))
+  seconds = {}
+  for batch in args.batch_sizes:
+    print(f"batch {batch}: compiling and timing {len(plans)} plans ...", flush=True)
+    seconds[batch] = batch_seconds(model, params, plans, batch, args, prepared)
+  after = limits_now(args.quick)
+  limits = {k: max(before[k], after[k]) for k in before}  # the better of the two: less disturbed
+  print(
+    f"measured peak: {limits['peak_flops'] / 1e9:.1f} GFLOP/s (f32 {limits['matmul_n']}^2 "
+    f"matmul); bandwidth: read {limits['read_bytes_per_s'] / 1e9:.1f} GB/s, "
+    f"copy {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s (best of before and after)"
+  )
+  rows, heads = [], []
+  for batch in args.batch_sizes:
+    rows += batch_rows(model, params, plans, batch, args, limits, seconds[batch])
+    heads.append(
+      head_figures(model, plans["teacher"], batch, args.input_length, args.new_tokens, limits)
+    )
+  print()
+  table = hardware.print_table(rows, TABLE)
+  notes = summary_lines(rows, heads)
+  print("\n".join(notes))
+  path = hardware.write_json(
+    args.out,
+    {
+      "benchmark": "assembled_speed",
+      "quick": args.quick,
+      "model": dataclasses.asdict(model.config),
+      "weights": "random (T5 init; modules copied from their span's first layer): speed does "
+      "not depend on training",
+      "granularities": {s: list(bank_granularities(meta, s)) for s in model.stacks},
+      "plans": {
+        name: {s: [slot.block for slot in plan.stack(s)] for s in model.stacks}
+        for name, plan in plans.items()
+      },
+      "input_length": args.input_length,
+      "new_tokens": args.new_tokens,
+      "rounds": args.rounds,
+      "machine": hardware.machine(),
+      "limits": limits,
+      "limits_before": before,
+      "limits_after": after,
+      "lm_head": heads,
+      "min_realised_over_ideal": min(
+        r["realised_over_ideal"] for r in rows if r["plan"] != "teacher"
+      ),
+      "results": rows,
+      "notes": notes,
+      "table": table,
+    },
+  )
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
