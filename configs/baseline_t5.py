@@ -1,8 +1,9 @@
 """Baselines for Modular Transformers on the same teacher and data: ``kd`` (a student of copied
-teacher layers trained with logits KD), ``sft`` (the same student fine-tuned on the task alone)
-and ``drop`` (the teacher's own layers, no training). The arg is
-``<kind>,<teacher recipe>[,<teacher dir>[,<data dir>]]`` (recipes as in configs/modular_t5.py);
-the kept layers are ``--config.baseline.decoder_layers`` / ``encoder_layers`` ("" = all).
+teacher layers trained with logits KD), ``sft`` (the same student fine-tuned on the task alone),
+``pseudo`` (the same student fine-tuned on the teacher's decoded outputs) and ``drop`` (the
+teacher's own layers, no training). The arg is
+``<kind>,<teacher recipe>[,<teacher dir>[,<data dir>]]`` (recipes as in configs/modular_t5.py); the
+kept layers are ``--config.baseline.decoder_layers`` / ``encoder_layers`` ("" = all).
 
   python -m modjax.train --config configs/baseline_t5.py:kd,tiny,runs/tiny \\
       --config.baseline.decoder_layers=0,2 --config.workdir=runs/tiny_kd_dec2

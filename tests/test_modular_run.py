@@ -137,3 +137,55 @@ def test_kd_and_drop_baselines(micro_run, tmp_path):
   assert drop.plan() == Plan(encoder=(Slot("0"), Slot("1")), decoder=(Slot("1"),))
   with pytest.raises(PlanError, match="decoder layers '7'"):
     baselines.run(_baseline_config(tmp_path / "bad", teacher_cfg.workdir, "sft", "7"))
+
+
+def test_pseudo_label_baseline_trains_on_the_teachers_outputs(micro_run, tmp_path):
+  """The student's training targets are the teacher's greedy outputs for the training inputs (in
+  file order, prefix included), the references are kept for validation, decoding counts in the
+  training compute, and a rerun reuses the labels."""
+  import gzip
+
+  from modjax.data import make_eval_examples
+  from modjax.methods import baselines
+
+  teacher_cfg, _ = micro_run
+  cfg = _baseline_config(tmp_path / "pseudo", teacher_cfg.workdir, "pseudo", "1")
+  result = baselines.run(cfg)
+  assert set(result.state.params["decoder"]["blocks"]) == {"s1"}
+  labels = tmp_path / "pseudo" / "pseudo_labels"
+  with gzip.open(labels / "train.jsonl.gz", "rt") as f:
+    pairs = [json.loads(line) for line in f]
+  assert len(pairs) == 4 * 8  # steps x batch
+  teacher = bank_io.load_bank(teacher_cfg.workdir)
+  vocabulary = experiment.build_vocabulary(teacher_cfg)
+  task = experiment.build_task(teacher_cfg, vocabulary)
+  lengths = {"inputs": cfg.data.inputs_length, "targets": cfg.data.targets_length}
+  originals = make_eval_examples(task, "train", max_examples=3, feature_lengths=lengths)
+  decoded = scoring.predict(
+    teacher.model,
+    teacher.params,
+    teacher.model.identity_plan(),
+    vocabulary,
+    originals,
+    batch_size=8,
+    inputs_length=cfg.data.inputs_length,
+    max_new_tokens=cfg.data.targets_length,
+    num_beams=1,
+  )
+  assert [p["inputs"] for p in pairs[:3]] == [ex["inputs"] for ex in originals]
+  assert [p["targets"] for p in pairs[:3]] == decoded
+  assert [p["targets"] for p in pairs[:3]] != [ex["targets"] for ex in originals]
+  with gzip.open(labels / "validation.jsonl.gz", "rt") as f:
+    first = json.loads(f.readline())
+  (reference,) = make_eval_examples(task, "validation", max_examples=1)
+  assert first == {"inputs": reference["inputs"], "targets": reference["targets"]}
+  with open(tmp_path / "pseudo" / "compute.json") as f:
+    compute = json.load(f)
+  assert (
+    compute["kind"] == "pseudo" and 0 < compute["preparation_flops"] < compute["training_flops"]
+  )
+  stamp = os.path.getmtime(labels / "train.jsonl.gz")
+  rerun = _baseline_config(tmp_path / "pseudo", teacher_cfg.workdir, "pseudo", "1")
+  rerun.train.num_steps = 6
+  baselines.run(rerun)
+  assert os.path.getmtime(labels / "train.jsonl.gz") == stamp

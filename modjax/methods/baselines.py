@@ -5,12 +5,15 @@
   the copies on the task loss alone.
 * ``kd``: the same student trained with task cross-entropy + logits KD (KL(teacher || student)
   at a temperature, times T^2) against the frozen teacher, evaluated in the same step.
+* ``pseudo``: the same student fine-tuned on the teacher's greedy outputs for the training
+  inputs instead of the references (sequence-level KD; ``modjax/methods/pseudo_labels.py``).
 
 A student is new entries in the teacher's bank (``<stack>/blocks/s<i>``) plus a plan over them,
 so it trains with the generic loop (only its blocks move; embeddings, norms and the teacher stay
 frozen, as the module bank's do), is saved as a bank and evaluates and exports like any plan.
 Every baseline writes ``compute.json``: steps, tokens and the training FLOPs from the cost model
-(3 x the student's forward, plus the teacher's forward for KD).
+(3 x the student's forward, plus the teacher's forward for KD, plus decoding the labels for
+pseudo-labelling).
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import ml_collections
 from modjax import bank, bank_io
 from modjax.methods.modular.losses import logits_kd
 from modjax.methods.modular.run import load_teacher, write_compute
+from modjax.methods.pseudo_labels import use_labels, write_pseudo_labels
 from modjax.plan import Plan, PlanError, Slot
 from modjax.train import experiment, losses
 from modjax.train.loop import TrainResult, train
 
 log = logging.getLogger(__name__)
-KINDS = ("drop", "sft", "kd")
+KINDS = ("drop", "sft", "kd", "pseudo")
 
 
 def add_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -116,11 +120,17 @@ def run(cfg) -> TrainResult | None:
     bank_io.save_bank(root, model, teacher.params, meta=teacher.meta, plans={"default": plan})
     write_compute(cfg, model, plan, kind="drop", with_teacher=False)
     return None
+  extra_flops = 0.0
+  if b.kind == "pseudo":
+    labels = write_pseudo_labels(cfg, teacher, experiment.build_vocabulary(cfg))
+    use_labels(cfg, labels)
+    extra_flops = labels["labelling_flops"]
   trainable, plan = student(teacher.params, kept)
   loss_fn = student_loss(model, plan, b.kind, kd_weight=b.kd, temperature=b.temperature)
   plans = {"default": plan, "teacher": model.identity_plan()}
   result = train(
     cfg, loss_fn=loss_fn, init_params=trainable, frozen=teacher.params, model=model, plans=plans
   )
-  write_compute(cfg, model, plan, kind=b.kind, with_teacher=b.kind == "kd")
+  with_teacher = b.kind == "kd"
+  write_compute(cfg, model, plan, kind=b.kind, with_teacher=with_teacher, extra_flops=extra_flops)
   return result

@@ -100,9 +100,12 @@ def train_bank(cfg) -> TrainResult:
   return result
 
 
-def write_compute(cfg, model, plan, *, kind: str, with_teacher: bool) -> dict:
+def write_compute(
+  cfg, model, plan, *, kind: str, with_teacher: bool, extra_flops: float = 0.0
+) -> dict:
   """``workdir/compute.json``: steps and training FLOPs from the cost model (3 x the trained
-  forward per step, plus the frozen teacher's forward when it runs in the step). For the bank the
+  forward per step, plus the frozen teacher's forward when it runs in the step, plus
+  ``extra_flops`` spent before training, e.g. decoding pseudo-labels). For the bank the
   trained forward is costed at the teacher's depth: a replaced span runs one module instead of g
   layers, so this is an upper bound."""
   shapes = dict(
@@ -114,7 +117,9 @@ def write_compute(cfg, model, plan, *, kind: str, with_teacher: bool) -> dict:
   if with_teacher:
     per_step += cost.plan_cost(model, model.identity_plan(), **shapes).forward_flops
   steps = cfg.train.num_steps if kind != "drop" else 0
-  record = {"kind": kind, "steps": steps, "training_flops": per_step * steps}
+  record = {"kind": kind, "steps": steps, "training_flops": per_step * steps + extra_flops}
+  if extra_flops:
+    record["preparation_flops"] = extra_flops
   if jax.process_index() == 0:
     (experiment.workdir(cfg) / "compute.json").write_text(json.dumps(record, indent=1))
   log.info("training compute: %.3g FLOPs over %d steps", record["training_flops"], steps)
