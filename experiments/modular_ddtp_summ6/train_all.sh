@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Modular Transformers on DDTP-summ: the 6+6-layer teacher, one module bank, and the baselines
+# (KD, SFT, pseudo-labelling students at 2x and 3x decoder-side; layer drop needs no training).
+# Every run resumes from its checkpoint when rerun. Usage (from the repository root):
+#   experiments/modular_ddtp_summ6/train_all.sh [data dir] [runs dir]
+set -euo pipefail
+DATA=${1:-../shared/data/ddtp-summ}
+RUNS=${2:-runs}
+TEACHER=$RUNS/ddtp_summ6
+STUDENT_STEPS=600  # the bank trains 900 steps for every size at once; each student 600 for one
+
+python -m modjax.train --config "configs/ddtp_summ.py:$DATA,6" --config.workdir="$TEACHER"
+python -m modjax.train --config "configs/modular_t5.py:ddtp_summ,$TEACHER,$DATA" \
+  --config.workdir="$RUNS/summ6_bank" --config.train.num_steps=900 \
+  --config.checkpoint.every_steps=150
+for kind in kd sft pseudo; do
+  for layers in 0,2,4 0,3; do
+    name=$(echo "$layers" | tr -cd ',' | wc -c)
+    python -m modjax.train --config "configs/baseline_t5.py:$kind,ddtp_summ,$TEACHER,$DATA" \
+      --config.baseline.decoder_layers="$layers" --config.train.num_steps=$STUDENT_STEPS \
+      --config.checkpoint.every_steps=150 --config.workdir="$RUNS/summ6_${kind}_dec$((name + 1))"
+  done
+done
