@@ -15,6 +15,7 @@ biases, 1/sqrt(K)-scaled attention, GELU FFN). The block's parameters are named
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -283,34 +284,47 @@ class Block(nn.Module):
     y, _ = self.self_attn.attend(self.self_attn.project_q(h), k, v, self_bias_BHLL, deterministic)
     return self._ffn_residual(x_BLD + y, deterministic), k, v
 
-  def decode_step(self, x_R1D, cache, index, self_bias, cross_bias_BH1S=None):
-    """One token for each of R = B*G rows (B input rows, G beams each, consecutive; G = 1 for
-    greedy); writes position ``index`` of every beam slot of the self-attention cache.
+  def decode_step(self, x_RND, cache, index, self_bias, cross_bias_BH1S=None):
+    """N new tokens (N = 1 when decoding token by token) for each of R = B*G rows (B input
+    rows, G beams each, consecutive; G = 1 for greedy); writes positions ``index`` ..
+    ``index + N - 1`` of every beam slot of the self-attention cache.
 
-    ``cache``: ``k`` [B, H, K, G*T] and ``v`` [B, H, G*T, K] (see :func:`empty_decode_cache`);
-    for cross-attention also ``cross_kT`` (BHKS) and ``cross_v`` (BHSK), one row per input row.
-    ``self_bias`` is [B or 1, H or 1, G, G*T] (:func:`beam_self_bias`).
+    ``index``: a scalar, or [B] (each input row at its own position: speculative decoding's
+    rows accept different numbers of tokens). ``cache``: ``k`` [B, H, K, G*T] and ``v``
+    [B, H, G*T, K] (see :func:`empty_decode_cache`); for cross-attention also ``cross_kT``
+    (BHKS) and ``cross_v`` (BHSK), one row per input row. ``self_bias`` is
+    [B or 1, H or 1, G*N, G*T] (:func:`beam_self_bias`); it must hide every position after a
+    query's own, so entries written there earlier (rejected draft tokens) are never read.
     """
-    batch = cache["k"].shape[0]
-    h = self.self_attn_norm(x_R1D)
-    q, k_new, v_new = (_rows_to_beams(a, batch) for a in self.self_attn.project_qkv(h))  # BHGK
-    length = decode_cache_length(cache, x_R1D.shape[0])
+    batch, tokens = cache["k"].shape[0], x_RND.shape[1]
+    h = self.self_attn_norm(x_RND)
+    q, k_new, v_new = (_rows_to_beams(a, batch) for a in self.self_attn.project_qkv(h))  # BH(GN)K
+    length = decode_cache_length(cache, x_RND.shape[0])
     k, v = cache["k"], cache["v"]
     k_new, v_new = jnp.swapaxes(k_new, 2, 3).astype(k.dtype), v_new.astype(v.dtype)
-    for slot in range(q.shape[2]):  # one in-place write per beam slot, into the array read below
-      at = slot * length + index
-      k = jax.lax.dynamic_update_slice_in_dim(k, k_new[..., slot : slot + 1], at, axis=3)
-      v = jax.lax.dynamic_update_slice_in_dim(v, v_new[:, :, slot : slot + 1], at, axis=2)
+    for slot in range(q.shape[2] // tokens):  # one in-place write per beam slot, read below
+      at, new = slot * length + index, slice(slot * tokens, (slot + 1) * tokens)
+      k = _write_positions(k, k_new[..., new], at, axis=3)
+      v = _write_positions(v, v_new[:, :, new], at, axis=2)
     y, _ = self.self_attn.attend(q, k, v, self_bias, True, keys_transposed=True)
-    x_R1D = x_R1D + _beams_to_rows(y)
+    x_RND = x_RND + _beams_to_rows(y, tokens)
     new_cache = dict(cache, k=k, v=v)
     if self.spec.has_cross_attention:
-      q = _rows_to_beams(self.cross_attn.project_q(self.cross_attn_norm(x_R1D)), batch)
+      q = _rows_to_beams(self.cross_attn.project_q(self.cross_attn_norm(x_RND)), batch)
       y, _ = self.cross_attn.attend(
         q, cache["cross_kT"], cache["cross_v"], cross_bias_BH1S, True, keys_transposed=True
       )
-      x_R1D = x_R1D + _beams_to_rows(y)
-    return self._ffn_residual(x_R1D, True), new_cache
+      x_RND = x_RND + _beams_to_rows(y, tokens)
+    return self._ffn_residual(x_RND, True), new_cache
+
+
+def _write_positions(cache, new, at, axis: int):
+  """Writes ``new`` into ``cache`` from position ``at`` along ``axis``: one dynamic-update-slice
+  for a scalar ``at``, a per-row write (a scatter) for ``at`` of shape [B]."""
+  if jnp.ndim(at) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(cache, new, at, axis=axis)
+  write = functools.partial(jax.lax.dynamic_update_slice_in_dim, axis=axis - 1)
+  return jax.vmap(write)(cache, new, at)
 
 
 # ---- decoding cache layout ------------------------------------------------------------------
@@ -373,16 +387,18 @@ def beam_self_bias(bias_xH1T, ancestry_BGT=None):
   return jnp.tile(bias_xH1T, (1, 1, 1, beams)) + own
 
 
-def _rows_to_beams(x_RH1K, batch: int):
-  """[B*G, H, 1, K] rows (a row's beams consecutive) -> [B, H, G, K]: beams become queries."""
-  rows, heads, _, head_dim = x_RH1K.shape
+def _rows_to_beams(x_RHNK, batch: int):
+  """[B*G, H, N, K] rows (a row's beams consecutive) -> [B, H, G*N, K]: every beam's tokens
+  become queries of its input row."""
+  rows, heads, tokens, head_dim = x_RHNK.shape
   if rows % batch:
     raise ValueError(f"{rows} decoded rows do not split into beams of {batch} input rows")
-  return jnp.swapaxes(x_RH1K.reshape(batch, rows // batch, heads, head_dim), 1, 2)
+  x = x_RHNK.reshape(batch, rows // batch, heads, tokens, head_dim)
+  return jnp.swapaxes(x, 1, 2).reshape(batch, heads, rows // batch * tokens, head_dim)
 
 
-def _beams_to_rows(y_BGD):
-  return y_BGD.reshape(-1, 1, y_BGD.shape[-1])
+def _beams_to_rows(y_BQD, tokens: int):
+  return y_BQD.reshape(-1, tokens, y_BQD.shape[-1])
 
 
 class Embed(nn.Module):

@@ -203,15 +203,28 @@ class GPT2:
     return cache, self._logits(params, x[:, -1:], cache["shared"]["head_DV"])[:, 0], jnp.int32(p)
 
   def decode_step(self, params, plan: Plan, cache, token_ids_B, index):
-    block = Block(self.block_spec())
+    """Logits (float32, BV) for the token at cache position ``index`` and the updated cache."""
+    logits, cache = self.decode_tokens(params, plan, cache, token_ids_B[:, None], index)
+    return logits[:, 0], cache
+
+  def decode_tokens(self, params, plan: Plan, cache, token_ids_BN, index):
+    """Logits (float32, BNV) of N new tokens per row at cache positions ``index`` ..
+    ``index + N - 1`` and the cache with their keys/values written: one call scores a block of
+    tokens, as speculative decoding's verification does. ``index`` is a scalar or [B] (per-row
+    positions; greedy caches only). Each query sees the cache up to its own position only.
+    """
+    block, n = Block(self.block_spec()), token_ids_BN.shape[1]
+    if n > 1 and cache.get("ancestry") is not None:
+      raise ValueError("decode_tokens scores several tokens per row only for greedy caches")
     # Static entries have one row per prompt; beam search decodes that many rows times its beams.
     static = cache["static"]
-    beams = token_ids_B.shape[0] // static["key_mask"].shape[0]
-    positions = (index + jnp.repeat(static["position_offset"], beams))[:, None]
-    x = self._embed(params, token_ids_B[:, None], positions)
+    beams = token_ids_BN.shape[0] // static["key_mask"].shape[0]
+    query_idx = jnp.asarray(index, jnp.int32)[..., None] + jnp.arange(n)  # [N] or [B, N]
+    positions = jnp.repeat(static["position_offset"], beams)[:, None] + query_idx
+    x = self._embed(params, token_ids_BN, positions)
     keys = jnp.arange(static["key_mask"].shape[1])
-    ok = static["key_mask"] & (keys <= index)[None, :]
-    bias = jnp.where(ok, 0.0, NEG_INF)[:, None, None, :].astype(jnp.float32)
+    ok = static["key_mask"][:, None, :] & (keys <= query_idx[..., None])  # [B, N, T]
+    bias = jnp.where(ok, 0.0, NEG_INF)[:, None].astype(jnp.float32)
     bias = beam_self_bias(bias, cache.get("ancestry"))
     new_self = []
     for slot, layer_cache in zip(plan.decoder, cache["self"], strict=True):
@@ -224,6 +237,4 @@ class GPT2:
         method="decode_step",
       )
       new_self.append(updated)
-    return self._logits(params, x, cache["shared"]["head_DV"])[:, 0], dict(
-      cache, self=tuple(new_self)
-    )
+    return self._logits(params, x, cache["shared"]["head_DV"]), dict(cache, self=tuple(new_self))

@@ -280,16 +280,27 @@ class T5:
     return {"head_DV": tied_head(params, self.config)}
 
   def init_decode_state(
-    self, params, plan: Plan, input_ids_BS, input_mask_BS, max_length: int, shared=None
+    self,
+    params,
+    plan: Plan,
+    input_ids_BS,
+    input_mask_BS,
+    max_length: int,
+    shared=None,
+    encoded=None,
   ):
     """Runs the encoder once and precomputes cross-attention keys/values of every slot.
+    ``encoded``: an encoder output to use instead (speculative decoding runs the encoder once,
+    under the full plan, for the draft plan's decoder too).
 
     Returns a cache: ``self`` (per slot k/v, see ``layers.empty_decode_cache``; written in place
     as tokens are generated), ``static`` (per input row, shared by its beams: cross k/v and
     the encoder mask) and ``shared`` (no batch axis: the transposed tied head).
     """
     c = self.config
-    enc, _ = self.encode(params, plan, input_ids_BS, input_mask_BS=input_mask_BS)
+    enc = encoded
+    if enc is None:
+      enc, _ = self.encode(params, plan, input_ids_BS, input_mask_BS=input_mask_BS)
     block, spec = Block(self.block_spec(True)), self.block_spec(True)
     b, dt = input_ids_BS.shape[0], to_dtype(c.dtype)
     cross = tuple(
@@ -307,15 +318,23 @@ class T5:
     }
 
   def start_decoding(
-    self, params, plan: Plan, input_ids_BS, input_mask_BS, max_new_tokens: int, shared=None
+    self,
+    params,
+    plan: Plan,
+    input_ids_BS,
+    input_mask_BS,
+    max_new_tokens: int,
+    shared=None,
+    encoded=None,
   ):
     """Encodes once and feeds the decoder start token. ``shared``: precomputed
-    :meth:`decoding_constants` (computed here when None).
+    :meth:`decoding_constants` (computed here when None); ``encoded``: see
+    :meth:`init_decode_state`.
 
     Returns (cache, logits of the first new token BV, index of the next cache position).
     """
     cache = self.init_decode_state(
-      params, plan, input_ids_BS, input_mask_BS, max_new_tokens, shared
+      params, plan, input_ids_BS, input_mask_BS, max_new_tokens, shared, encoded
     )
     start_B = jnp.full((input_ids_BS.shape[0],), self.config.decoder_start_token_id, jnp.int32)
     logits, cache = self.decode_step(params, plan, cache, start_B, jnp.int32(0))
@@ -323,15 +342,31 @@ class T5:
 
   def decode_step(self, params, plan: Plan, cache, token_ids_B, index):
     """Logits (float32, BV) for the token at position ``index`` and the updated cache."""
-    m = self._modules()
-    spec = self.block_spec(True)
-    block = Block(spec)
-    max_length = decode_cache_length(cache["self"][0], token_ids_B.shape[0])
+    logits, cache = self.decode_tokens(params, plan, cache, token_ids_B[:, None], index)
+    return logits[:, 0], cache
+
+  def decode_tokens(self, params, plan: Plan, cache, token_ids_BN, index):
+    """Logits (float32, BNV) of N new tokens per row at positions ``index`` .. ``index + N - 1``
+    and the cache with their keys/values written: one call scores a block of tokens, as
+    speculative decoding's verification does. ``index`` is a scalar or [B] (per-row positions;
+    greedy caches only). Each query sees the cache up to its own position and nothing after it.
+    """
+    m, n = self._modules(), token_ids_BN.shape[1]
+    block = Block(self.block_spec(True))
+    if n > 1 and cache.get("ancestry") is not None:
+      raise ValueError("decode_tokens scores several tokens per row only for greedy caches")
+    max_length = decode_cache_length(cache["self"][0], token_ids_BN.shape[0])
     keys = jnp.arange(max_length)
-    bias = m["dec_relpos"].apply({"params": params["decoder"]["relpos_bias"]}, index[None], keys)
-    bias = bias + jnp.where(keys <= index, 0.0, NEG_INF)[None, None, None, :]
+    query_pos = jnp.asarray(index, jnp.int32)[..., None] + jnp.arange(n)  # [N] or [B, N]
+
+    def relpos(q_N):
+      return m["dec_relpos"].apply({"params": params["decoder"]["relpos_bias"]}, q_N, keys)
+
+    bias = relpos(query_pos) if query_pos.ndim == 1 else jax.vmap(relpos)(query_pos)[:, 0]
+    hide = jnp.where(keys <= query_pos[..., None], 0.0, NEG_INF)  # [N, T] or [B, N, T]
+    bias = bias + (hide[None, None] if hide.ndim == 2 else hide[:, None])
     bias = beam_self_bias(bias, cache.get("ancestry"))
-    x = m["embed"].apply({"params": params["token_embedding"]}, token_ids_B[:, None])
+    x = m["embed"].apply({"params": params["token_embedding"]}, token_ids_BN)
     new_self = []
     for slot, layer_cache, (ck, cv) in zip(
       plan.decoder, cache["self"], cache["static"]["cross"], strict=True
@@ -347,8 +382,7 @@ class T5:
       )
       new_self.append({"k": updated["k"], "v": updated["v"]})
     x = m["norm"].apply({"params": params["decoder"]["final_norm"]}, x)
-    logits = self._logits(params, x, cache["shared"]["head_DV"])
-    return logits[:, 0], dict(cache, self=tuple(new_self))
+    return self._logits(params, x, cache["shared"]["head_DV"]), dict(cache, self=tuple(new_self))
 
 
 def tied_head(params, config):
