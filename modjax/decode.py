@@ -9,6 +9,8 @@ runs once, as in HF), then gives each row's cache one slot per beam and adds ``a
 slot holds each beam's entry at each position) instead of reordering the cache every step;
 ``decode_step`` then takes input rows x beams tokens, a row's beams consecutive. The whole loop is
 one ``lax.while_loop``: no Python per token.
+``generate(..., draft_plan=...)`` decodes greedily by self-speculation instead
+(:mod:`modjax.speculative`: same tokens, fewer full-plan steps).
 
 Semantics follow Hugging Face ``generate`` (transformers 5.x) so results are token-identical:
 
@@ -41,10 +43,11 @@ class DecodeResult:
   tokens: Any  # [B, max_new_tokens], pad_id after the end
   lengths: Any  # [B], generated tokens including EOS
   scores: Any  # [B], beam score (length-normalised log-prob); greedy: summed log-prob
+  stats: Any = None  # speculative decoding: a modjax.speculative.SpeculativeStats
 
 
 jax.tree_util.register_dataclass(
-  DecodeResult, data_fields=["tokens", "lengths", "scores"], meta_fields=[]
+  DecodeResult, data_fields=["tokens", "lengths", "scores", "stats"], meta_fields=[]
 )
 
 
@@ -61,16 +64,38 @@ def generate(
   pad_id: int | None = None,
   length_penalty: float = 1.0,
   prepared=None,
+  draft_plan: Plan | None = None,
+  draft_tokens: int = 4,
 ) -> DecodeResult:
   """Decodes a batch. ``input_ids`` are T5 encoder inputs, or left-padded GPT-2 prompts.
 
   ``prepared``: :func:`prepare` of these weights, when decoding them repeatedly (otherwise
-  each call derives those constants itself).
+  each call derives those constants itself). ``draft_plan``: greedy self-speculative decoding
+  with that plan of the same bank drafting ``draft_tokens`` per round
+  (:func:`modjax.speculative.speculative_generate`; same tokens, ``stats`` filled in).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if num_beams < 1:
     raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+  if draft_plan is not None:
+    if num_beams != 1:
+      raise ValueError("draft_plan= is for greedy decoding; beam search stays plain (num_beams=1)")
+    from modjax.speculative import speculative_generate  # it imports this module
+
+    return speculative_generate(
+      model,
+      params,
+      plan,
+      input_ids,
+      input_mask,
+      draft_plan=draft_plan,
+      draft_tokens=draft_tokens,
+      max_new_tokens=max_new_tokens,
+      eos_id=eos_id,
+      pad_id=pad_id,
+      prepared=prepared,
+    )
   cfg = model.config
   eos_id = cfg.eos_token_id if eos_id is None else eos_id
   if pad_id is None:
