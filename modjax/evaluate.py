@@ -20,6 +20,14 @@ reads the task's targets as text), ``rouge`` (1/2/L/Lsum, Lsum with newline-spli
 Writes ``workdir/eval/<split>_step<N>[_plan-<name>].metrics.json`` (with the plan) and, when
 decoding, ``.predictions.jsonl`` (input, target, prediction per example). The scoring itself is
 ``modjax.scoring`` (pure functions over model, params, plan and batches), re-exported here.
+
+``--draft NAME [--draft-tokens K]``: greedy decoding by self-speculation (``modjax.speculative``)
+with that plan of the bank (a saved name or a JSON file; for T5 only its decoder is used)
+drafting K tokens per round (default: the ``draft_tokens`` that ``python -m modjax.assemble
+draft`` recorded for NAME, else 4). The texts are those of plain greedy decoding; the metrics add
+``acceptance_rate``, ``mean_accepted_length`` and ``speculative`` (draft, K, counts), and the
+output names end in ``_draft-<name>-k<K>``. Beam search stays plain: ``eval.num_beams`` > 1 with
+a draft is refused.
 """
 
 from __future__ import annotations
@@ -103,7 +111,7 @@ def load_scored(cfg, *, bank: str | None = None, hf_dir: str | None = None, plan
   return Scored(stored.model, stored.params, chosen, name, stored.step, str(root), root, default)
 
 
-def _plan_file(value, root) -> Plan | None:
+def _plan_file(value, root, flag: str = "--plan") -> Plan | None:
   """The plan in file ``value``, or None when ``value`` names a plan saved in the bank."""
   if value is None:
     return None
@@ -112,20 +120,20 @@ def _plan_file(value, root) -> Plan | None:
     return None
   if not os.path.isfile(value):
     raise PlanError(
-      f"--plan {value!r} is neither a plan saved in the bank (it has {saved}) nor a JSON file"
+      f"{flag} {value!r} is neither a plan saved in the bank (it has {saved}) nor a JSON file"
     )
   try:
     return bank_io.read_plan_file(value)
   except PlanError as e:
-    raise PlanError(f"--plan {value}: {e}") from None
+    raise PlanError(f"{flag} {value}: {e}") from None
 
 
-def _validated(plan: Plan, params, model, label) -> Plan:
+def _validated(plan: Plan, params, model, label, flag: str = "--plan") -> Plan:
   try:
     return plan.validate(params, model.stacks)
   except PlanError as e:
     raise PlanError(
-      f"--plan {label} does not fit the bank: {e}{_stack_hint(plan, params)}"
+      f"{flag} {label} does not fit the bank: {e}{_stack_hint(plan, params)}"
     ) from None
 
 
@@ -151,6 +159,34 @@ def _load_hf(cfg, hf_dir, plan_label, file_plan) -> Scored:
   chosen = _validated(chosen, params, model, plan_label)
   name = plan_label or "identity"
   return Scored(model, params, chosen, name, 0, hf_dir, None, chosen == model.identity_plan())
+
+
+@dataclasses.dataclass(frozen=True)
+class Draft:
+  """A draft plan for self-speculative greedy decoding, and how many tokens it drafts."""
+
+  plan: Plan
+  name: str  # a saved plan's name, or the plan file as given
+  tokens: int
+
+
+def load_draft(scored: Scored, draft: str, draft_tokens: int | None = None) -> Draft:
+  """The draft plan ``draft`` (a name saved in the scored bank, or a JSON plan file) checked
+  against the bank; ``draft_tokens`` None: what ``assembly/<draft>.json`` recorded, else 4."""
+  root = epath.Path(scored.origin) if scored.vocab_dir is not None else None
+  plan = _plan_file(draft, root, flag="--draft")
+  if plan is None:
+    plan = bank_io.read_plan_file(root / "plans" / f"{draft}.json")
+  if "encoder" in scored.model.stacks:  # T5 drafts with its decoder over the full encoder
+    plan = Plan(encoder=scored.plan.encoder, decoder=plan.decoder)
+  plan = _validated(plan, scored.params, scored.model, draft, flag="--draft")
+  if draft_tokens is None:
+    record = root / "assembly" / f"{draft}.json" if root is not None else None
+    recorded = json.loads(record.read_text()) if record and record.exists() else {}
+    draft_tokens = recorded.get("draft_tokens", 4)
+  if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
+    raise experiment.ConfigError(f"--draft-tokens must be an integer >= 1, got {draft_tokens!r}")
+  return Draft(plan, draft, draft_tokens)
 
 
 def load_eval_vocabulary(cfg, vocab_dir=None):
@@ -192,14 +228,25 @@ def _check_fit(cfg, names, model, vocabulary) -> None:
 # ---- the run ---------------------------------------------------------------------------------
 
 
-def evaluate(cfg, *, bank: str | None = None, hf_dir: str | None = None, plan=None) -> dict:
+def evaluate(
+  cfg,
+  *,
+  bank: str | None = None,
+  hf_dir: str | None = None,
+  plan=None,
+  draft: str | None = None,
+  draft_tokens: int | None = None,
+) -> dict:
   """Scores ``cfg.data.eval_split`` with the bank and plan (see the module docstring), writes
-  the metrics (and predictions when decoding) under ``workdir/eval``; returns the metrics."""
+  the metrics (and predictions when decoding) under ``workdir/eval``; returns the metrics.
+  ``draft``: decode greedily by self-speculation with that plan (same texts)."""
   experiment.validate_config(cfg)
   names = [n.strip() for n in cfg.eval.metrics.split(",") if n.strip()]
   if not names:
     raise experiment.ConfigError("config.eval.metrics is empty; name rouge, bleu or perplexity")
+  _check_draft_fit(cfg, names, draft, draft_tokens)
   scored = load_scored(cfg, bank=bank, hf_dir=hf_dir, plan=plan)
+  drafting = load_draft(scored, draft, draft_tokens) if draft is not None else None
   vocabulary = load_eval_vocabulary(cfg, scored.vocab_dir)
   _check_fit(cfg, names, scored.model, vocabulary)
   task = experiment.build_task(cfg, vocabulary)
@@ -211,7 +258,7 @@ def evaluate(cfg, *, bank: str | None = None, hf_dir: str | None = None, plan=No
   if set(names) & set(TEACHER_FORCED_METRICS):
     scores.update(_teacher_forced_scores(cfg, scored, task))
   if set(names) & set(DECODED_METRICS):
-    decoded, examples, predictions = _decoded_scores(cfg, names, scored, task, vocabulary)
+    decoded, examples, predictions = _decoded_scores(cfg, names, scored, task, vocabulary, drafting)
     scores.update(decoded)
   summary = {
     "step": scored.step,
@@ -244,7 +291,25 @@ def _teacher_forced_scores(cfg, scored: Scored, task) -> dict:
   return scores
 
 
-def _decoded_scores(cfg, names, scored: Scored, task, vocabulary):
+def _check_draft_fit(cfg, names, draft, draft_tokens) -> None:
+  """A draft only changes greedy decoding: refused without a decoded metric or with beams."""
+  if draft is None:
+    if draft_tokens is not None:
+      raise experiment.ConfigError("--draft-tokens needs --draft PLAN (the plan that drafts)")
+    return
+  if cfg.eval.num_beams > 1:
+    raise experiment.ConfigError(
+      f"--draft decodes greedily and config.eval.num_beams={cfg.eval.num_beams} asks for beam "
+      "search, which stays plain; set --config.eval.num_beams=1 or drop --draft"
+    )
+  if not set(names) & set(DECODED_METRICS):
+    raise experiment.ConfigError(
+      f"--draft speeds up decoding, and config.eval.metrics={cfg.eval.metrics!r} decodes "
+      "nothing; add rouge or bleu, or drop --draft"
+    )
+
+
+def _decoded_scores(cfg, names, scored: Scored, task, vocabulary, drafting: Draft | None):
   """(ROUGE/BLEU scores, examples, predicted texts)."""
   e = cfg.eval
   examples = make_eval_examples(task, cfg.data.eval_split, e.max_examples or None)
@@ -260,6 +325,8 @@ def _decoded_scores(cfg, names, scored: Scored, task, vocabulary):
     inputs_length=cfg.data.inputs_length,
     max_new_tokens=e.max_new_tokens,
     num_beams=e.num_beams,
+    draft_plan=drafting.plan if drafting else None,
+    draft_tokens=drafting.tokens if drafting else 4,
   )
   references = [ex["targets"] for ex in examples]
   scores = {}
@@ -267,6 +334,27 @@ def _decoded_scores(cfg, names, scored: Scored, task, vocabulary):
     kwargs = {"tokenize": e.bleu_tokenize} if name == "bleu" else {}
     scores.update(getattr(metrics, name)(predictions, references, **kwargs))
   scores.update(examples=len(examples), num_beams=e.num_beams)
+  if drafting is not None:
+    stats = predictions.speculative
+    scores.update(
+      acceptance_rate=stats["acceptance_rate"],
+      mean_accepted_length=stats["mean_accepted_length"],
+      speculative={
+        "draft": drafting.name,
+        "draft_plan": drafting.plan.to_dict(),
+        "draft_tokens": drafting.tokens,
+        **stats,
+      },
+    )
+    log.info(
+      "self-speculative decoding with draft %s (k=%d): acceptance rate %.3f, mean accepted "
+      "length %.2f per round (%d rounds)",
+      drafting.name,
+      drafting.tokens,
+      stats["acceptance_rate"],
+      stats["mean_accepted_length"],
+      stats["rounds"],
+    )
   return scores, examples, predictions
 
 
@@ -276,22 +364,29 @@ def _no_examples(cfg):
   )
 
 
-def output_stem(split: str, scored: Scored) -> str:
-  """``<split>[_step<N>][_plan-<name>]``: a file plan is named by its file and a digest."""
+def output_stem(split: str, scored: Scored, draft: dict | None = None) -> str:
+  """``<split>[_step<N>][_plan-<name>][_draft-<name>-k<K>]``: a file plan is named by its file
+  and a digest; ``draft`` is a summary's ``speculative`` record."""
   stem = split if scored.step is None else f"{split}_step{scored.step}"
-  if scored.default_plan:
-    return stem
-  label = scored.plan_name
+  if not scored.default_plan:
+    stem += f"_plan-{_file_label(scored.plan_name, scored.plan)}"
+  if draft:
+    label = _file_label(draft["draft"], Plan.from_dict(draft["draft_plan"]))
+    stem += f"_draft-{label}-k{draft['draft_tokens']}"
+  return stem
+
+
+def _file_label(label: str, plan: Plan) -> str:
   if os.path.isfile(label):
-    digest = hashlib.sha256(scored.plan.to_json().encode()).hexdigest()[:8]
+    digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:8]
     label = f"{epath.Path(label).stem}-{digest}"
-  return f"{stem}_plan-{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}"
+  return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
 
 
 def _write(cfg, scored, summary, examples, predictions) -> None:
   out = experiment.workdir(cfg) / "eval"
   out.mkdir(parents=True, exist_ok=True)
-  stem = output_stem(summary["split"], scored)
+  stem = output_stem(summary["split"], scored, summary.get("speculative"))
   if predictions is not None:
     with (out / f"{stem}.predictions.jsonl").open("w") as f:
       for ex, pred in zip(examples, predictions, strict=True):
@@ -309,19 +404,33 @@ def _write(cfg, scored, summary, examples, predictions) -> None:
 
 
 def define_flags() -> None:
-  """``--bank``, ``--hf`` and ``--plan`` beside ``--config`` (defined when run as a program)."""
+  """``--bank``, ``--hf``, ``--plan``, ``--draft`` and ``--draft-tokens`` beside ``--config``
+  (defined when run as a program)."""
   from absl import flags
 
   flags.DEFINE_string("bank", None, "A saved bank or training workdir (default: config.workdir).")
   flags.DEFINE_string("hf", None, "A Hugging Face save_pretrained directory to score instead.")
   flags.DEFINE_string("plan", None, "A plan saved in the bank (by name) or a JSON plan file.")
+  flags.DEFINE_string(
+    "draft", None, "Greedy self-speculative decoding with this plan (saved name or JSON file)."
+  )
+  flags.DEFINE_integer(
+    "draft-tokens", None, "Tokens drafted per round (default: the assembly record's, else 4)."
+  )
 
 
 def main(config):
   from absl import flags
 
   f = flags.FLAGS
-  evaluate(config, bank=f.bank, hf_dir=f.hf, plan=f.plan)
+  evaluate(
+    config,
+    bank=f.bank,
+    hf_dir=f.hf,
+    plan=f.plan,
+    draft=f.draft,
+    draft_tokens=f["draft-tokens"].value,
+  )
 
 
 if __name__ == "__main__":

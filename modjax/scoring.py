@@ -4,7 +4,8 @@ so methods can score windows, plans and pools in Python without the ``modjax.eva
 * :func:`teacher_forced_metrics`: mean cross-entropy per target token, perplexity, token count
   (T5 on seqio EncDec batches, GPT-2 on Decoder batches), with the training loss functions.
 * :func:`make_eval_batches`: every example of a split (up to a limit) as fixed-shape batches.
-* :func:`predict`: cached decoding of examples into texts, for ROUGE/BLEU.
+* :func:`predict`: cached decoding of examples into texts, for ROUGE/BLEU (greedy, beam search,
+  or greedy self-speculative with a draft plan of the same bank: same texts, fewer full steps).
 """
 
 from __future__ import annotations
@@ -94,6 +95,25 @@ def make_eval_batches(
 # ---- decoding --------------------------------------------------------------------------------
 
 
+class Predictions(list):
+  """Decoded texts, in order. ``speculative``: when a draft plan decoded them, the draft's
+  totals over the examples (padding rows excluded): ``SpeculativeStats.as_dict()``, else None."""
+
+  speculative: dict | None = None
+
+
+def input_batches(examples, *, batch_size, inputs_length):
+  """(ids [batch_size, inputs_length], number of real rows) per batch of ``examples``: inputs
+  right-padded (pad id 0) and the last batch filled with empty rows, so decoding compiles once."""
+  for i in range(0, len(examples), batch_size):
+    chunk = examples[i : i + batch_size]
+    ids = np.zeros((batch_size, inputs_length), np.int32)
+    for row, ex in enumerate(chunk):
+      seq = np.asarray(ex["inputs_ids"][:inputs_length])
+      ids[row, : len(seq)] = seq
+    yield ids, len(chunk)
+
+
 def predict(
   model,
   params,
@@ -105,19 +125,19 @@ def predict(
   inputs_length,
   max_new_tokens,
   num_beams,
-):
+  draft_plan: Plan | None = None,
+  draft_tokens: int = 4,
+) -> Predictions:
   """Decoded texts for ``examples`` (dicts with ``inputs_ids``) under ``plan``, in order. Inputs
-  are padded to ``inputs_length`` and batches to ``batch_size`` so decoding compiles once."""
+  are padded to ``inputs_length`` and batches to ``batch_size`` so decoding compiles once.
+  ``draft_plan``: greedy decoding by self-speculation (``modjax.speculative``), which gives the
+  same texts; its acceptance statistics are in the result's ``speculative``."""
   plan.validate(params, model.stacks)
   prepared = decode.prepare(model, params)
-  texts = []
+  texts = Predictions()
+  totals = np.zeros(3, np.int64)  # rounds, drafted, accepted
   start = time.perf_counter()
-  for i in range(0, len(examples), batch_size):
-    chunk = examples[i : i + batch_size]
-    ids = np.zeros((batch_size, inputs_length), np.int32)
-    for row, ex in enumerate(chunk):
-      seq = np.asarray(ex["inputs_ids"][:inputs_length])
-      ids[row, : len(seq)] = seq
+  for ids, rows in input_batches(examples, batch_size=batch_size, inputs_length=inputs_length):
     result = decode.generate(
       model,
       params,
@@ -127,18 +147,45 @@ def predict(
       max_new_tokens=max_new_tokens,
       num_beams=num_beams,
       prepared=prepared,
+      draft_plan=draft_plan,
+      draft_tokens=draft_tokens,
     )
-    tokens, lengths = jax.device_get((result.tokens, result.lengths))
-    for row in range(len(chunk)):
+    tokens, lengths, stats = jax.device_get((result.tokens, result.lengths, result.stats))
+    for row in range(rows):
       out = [int(t) for t in tokens[row, : lengths[row]] if t != model.config.eos_token_id]
       texts.append(vocabulary.decode(out))
-    done = min(i + batch_size, len(examples))
+    if stats is not None:
+      totals += [int(np.sum(x[:rows])) for x in (stats.rounds, stats.drafted, stats.accepted)]
+    done = len(texts)
     rate = done / max(time.perf_counter() - start, 1e-9)
     log.info(
-      "decoded %d/%d examples (%.1f examples/s, ETA %.0fs)",
+      "decoded %d/%d examples (%.1f examples/s, ETA %.0fs)%s",
       done,
       len(examples),
       rate,
       (len(examples) - done) / rate,
+      _draft_progress(totals) if draft_plan is not None else "",
     )
+  if draft_plan is not None:
+    texts.speculative = _draft_summary(totals)
   return texts
+
+
+def _draft_summary(totals) -> dict:
+  """``SpeculativeStats.as_dict()`` of host totals (exact ratios, no float32)."""
+  rounds, drafted, accepted = (int(x) for x in totals)
+  return {
+    "rounds": rounds,
+    "drafted": drafted,
+    "accepted": accepted,
+    "acceptance_rate": accepted / max(drafted, 1),
+    "mean_accepted_length": accepted / max(rounds, 1),
+  }
+
+
+def _draft_progress(totals) -> str:
+  s = _draft_summary(totals)
+  return (
+    f"; draft acceptance rate {s['acceptance_rate']:.3f}, "
+    f"{s['mean_accepted_length']:.2f} accepted per round"
+  )
