@@ -8,8 +8,11 @@ a sweep; export any of them.
   python -m modjax.assemble --bank DIR --strategy search --config configs/modular_t5.py:tiny
   python -m modjax.assemble sweep --bank DIR --config configs/modular_t5.py:tiny --out DIR
   python -m modjax.assemble export --bank DIR --plan fast-2x --out DIR [--formats orbax,jax,hf]
+  python -m modjax.assemble draft --bank DIR --config configs/modular_t5.py:tiny \
+      [--draft-tokens 2,3,4,6] [--name draft]
 
-The first positional argument is the mode: ``plan`` (the default), ``sweep`` or ``export``.
+The first positional argument is the mode: ``plan`` (the default), ``sweep``, ``export`` or
+``draft``.
 ``--bank`` is a saved bank or a module-bank training workdir. Strategies and ladders are
 ``modjax.methods.modular.strategies``; timing is ``.latency``; scoring, search and the sweep
 are ``.sweep``; each command as a Python function is ``.commands`` (re-exported here).
@@ -31,6 +34,11 @@ are ``.sweep``; each command as a Python function is ``.commands`` (re-exported 
   ``sweep-00`` (least measured speed-up), ``sweep-01``, ... (``--name`` sets the prefix).
 * ``export``: ``modjax.export`` of a saved plan (``--formats``, ``--batch``, ``--input-length``,
   ``--max-length``, ``--platforms`` as there).
+* ``draft``: the draft plan and k of self-speculative decoding with the most measured tokens/s
+  on ``--sample`` validation examples at ``--batch`` rows (``.drafting``: candidates, timing);
+  saved as ``--name`` (default ``draft``) with its measurements when it beats plain greedy
+  decoding of the full plan (``--plan``, default the bank's default plan), else nothing is
+  saved (exit 0). ``python -m modjax.evaluate --draft <name>`` then decodes with it.
 
 Data for search and sweep: ``--config configs/x.py:arg [--config.key=value]`` as
 ``modjax.evaluate`` takes it (task, ``data.eval_split``, lengths, ``eval.max_examples``,
@@ -44,14 +52,16 @@ import json
 import sys
 
 from modjax import export
+from modjax.methods.modular import drafting
 from modjax.methods.modular import strategies as st
 from modjax.methods.modular import sweep as sw
 from modjax.methods.modular.commands import assemble_plan, assemble_search, run_sweep
 from modjax.methods.modular.modules import ModularError
 
-__all__ = ["assemble_plan", "assemble_search", "run_sweep"]  # the Python API, re-exported
+assemble_draft = drafting.assemble_draft
+__all__ = ["assemble_draft", "assemble_plan", "assemble_search", "run_sweep"]  # re-exported
 
-MODES = ("plan", "sweep", "export")
+MODES = ("plan", "sweep", "export", "draft")
 
 
 # ---- the command line -------------------------------------------------------------------------
@@ -81,11 +91,15 @@ def _define_flags(flags) -> None:
   flags.DEFINE_list("strategies", ["speed-first", "size-first"], "sweep: the strategies.")
   flags.DEFINE_float("min-speedup", 1.1, "sweep: lowest measured speed-up listed.")
   flags.DEFINE_float("max-speedup", 6.0, "sweep: highest measured speed-up listed.")
-  flags.DEFINE_string("plan", None, "export: a saved plan name or a plan JSON file.")
+  flags.DEFINE_string(
+    "plan", None, "export: a saved plan name or a plan JSON file; draft: the full plan's name."
+  )
   flags.DEFINE_string("out", None, "sweep/export: output directory (must not exist or be empty).")
   flags.DEFINE_list("formats", list(export.FORMATS), f"export: any of {export.FORMATS}.")
   flags.DEFINE_integer("max-length", 64, "export: generated tokens the jax decoding cache holds.")
   flags.DEFINE_list("platforms", ["cpu"], "export: jax platforms to lower for.")
+  flags.DEFINE_list("draft-tokens", ["2", "3", "4", "6"], "draft: tokens drafted per round tried.")
+  flags.DEFINE_integer("sample", 32, "draft: validation examples decoded per candidate.")
 
 
 def _target(f):
@@ -133,6 +147,9 @@ def _dispatch(f, argv) -> None:
       platforms=f.platforms,
     )
     return
+  if mode == "draft":
+    _draft(f)
+    return
   shapes = st.Shapes(f.batch, f["input-length"].value, f["max-new-tokens"].value)
   timing = dict(shapes=shapes, runs=f.runs, warmup=f.warmup, seed=f.seed)
   cfg = f.config
@@ -177,6 +194,38 @@ def _dispatch(f, argv) -> None:
       **timing,
     )
     print(json.dumps({k: record[k] for k in ("name", "describe", "params_fraction")}))
+
+
+def _draft(f) -> None:
+  if _target(f) is not None:
+    raise st.AssemblyError("draft takes no target: it picks the fastest draft it measures")
+  try:
+    ks = [int(k) for k in f["draft-tokens"].value]
+  except ValueError:
+    raise st.AssemblyError(
+      f"--draft-tokens {','.join(f['draft-tokens'].value)}: give integers such as 2,3,4,6"
+    ) from None
+  record = assemble_draft(
+    f.bank,
+    f.config,
+    name=f.name or "draft",
+    overwrite=f.overwrite,
+    plan=f.plan,
+    draft_tokens=ks,
+    batch=f.batch,
+    sample=f.sample,
+    runs=f.runs,
+    warmup=f.warmup,
+  )
+  print(drafting.markdown_table(record))
+  if record["saved"]:
+    keys = ("name", "draft", "draft_tokens", "speedup_vs_greedy", "acceptance_rate")
+    print(json.dumps({k: record[k] for k in keys}))
+  else:
+    print(
+      "no draft beats plain greedy decoding on this device for this sample; nothing saved "
+      "(try --batch 1, other --draft-tokens, or a better-trained bank)"
+    )
 
 
 def _main(argv) -> None:

@@ -1,0 +1,291 @@
+"""Choosing the draft of self-speculative decoding (``modjax.speculative``) by measurement.
+
+  python -m modjax.assemble draft --bank DIR --config configs/x.py[:arg] \\
+      [--draft-tokens 2,3,4,6] [--name draft] [--batch 1] [--sample 32] [--runs 3]
+
+**Candidates.** Every plan of the bank that runs fewer decoder slots than the full plan is a
+possible draft; the candidates are the decoder rungs of the speed-first ladder
+(``strategies.ladder``: fewer layers, then coarser modules, top-down), each with every k of
+``draft_tokens``. A T5 draft decodes over the full plan's encoder output, so the ladder's
+encoder rungs add nothing and the draft keeps the full plan's encoder (the saved draft is a
+complete plan, usable alone too).
+
+**Measurement**, on this device: the first ``sample`` examples of the config's validation split
+(real inputs, ``data.inputs_length``), decoded greedily in batches of ``batch`` rows for up to
+``eval.max_new_tokens`` tokens, stopping at EOS as ``modjax.evaluate`` does. Each candidate
+decodes the sample once to compile (its outputs are checked token for token against plain
+greedy decoding's), ``warmup`` more times, then ``runs`` times interleaved with plain greedy
+decoding of the same sample (plain, draft, plain, draft, ...: both see the same machine load).
+Tokens/s is the tokens generated (EOS included, padding rows excluded) over the median seconds
+of a pass; plain greedy's is over the median of all its passes. Acceptance rate and mean
+accepted length are the candidate's own statistics (``SpeculativeStats``).
+
+**Choice.** The candidate with the most tokens/s among those whose outputs equal plain
+greedy's. When it does not beat plain greedy (speed-up <= 1), nothing is saved and the record
+says so; otherwise its plan is saved as ``plans/<name>.json`` and the choice with every
+measurement as ``assembly/<name>.json`` (``draft_tokens`` there is what ``python -m
+modjax.evaluate --draft <name>`` uses when not given ``--draft-tokens``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from modjax import bank, bank_io, decode, scoring
+from modjax.methods.modular import commands
+from modjax.methods.modular import strategies as st
+from modjax.methods.modular import sweep as sw
+from modjax.plan import Plan
+
+log = logging.getLogger("modjax.assemble")
+
+DEFAULT_DRAFT_TOKENS = (2, 3, 4, 6)
+
+
+def draft_candidates(model, meta, full: Plan) -> list[Plan]:
+  """Distinct draft plans, deepest first: the speed-first ladder's decoder rungs below the
+  teacher's depth, each over ``full``'s encoder."""
+  out = []
+  for c in st.ladder(model, meta, "speed-first"):
+    plan = Plan(encoder=full.encoder, decoder=c.plan.decoder)
+    if len(plan.decoder) < len(full.decoder) and plan not in out:
+      out.append(plan)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+  """One decoding pass over the sample."""
+
+  seconds: float
+  tokens: list  # per batch: [real rows, max_new_tokens] token ids
+  stats: tuple[int, int, int]  # rounds, drafted, accepted (zeros for plain greedy)
+
+
+class SampleDecoder:
+  """Decodes a fixed sample of examples with the full plan, plainly or drafting."""
+
+  def __init__(self, model, params, full: Plan, drafts, examples, *, batch, inputs_length, new):
+    union = Plan(encoder=full.encoder, decoder=full.decoder + sum((d.decoder for d in drafts), ()))
+    self.params = bank.subset(params, union, model.stacks)  # what the calls read, no more
+    self.model, self.full, self.new = model, full, new
+    self.prepared = decode.prepare(model, self.params)
+    self.batches = [
+      (jnp.asarray(ids), jnp.asarray(ids > 0), rows)
+      for ids, rows in scoring.input_batches(
+        examples, batch_size=batch, inputs_length=inputs_length
+      )
+    ]
+
+  def run(self, draft: Plan | None = None, k: int = 4) -> Pass:
+    """One pass over the sample, each batch waited for; plain greedy when ``draft`` is None."""
+    results = []
+    start = time.perf_counter()
+    for ids, mask, rows in self.batches:
+      result = decode.generate(
+        self.model,
+        self.params,
+        self.full,
+        ids,
+        mask,
+        max_new_tokens=self.new,
+        prepared=self.prepared,
+        draft_plan=draft,
+        draft_tokens=k,
+      )
+      results.append((jax.block_until_ready(result), rows))
+    seconds = time.perf_counter() - start
+    tokens, totals = [], np.zeros(3, np.int64)
+    for result, rows in results:
+      tokens.append(np.asarray(result.tokens)[:rows])
+      if result.stats is not None:
+        s = result.stats
+        totals += [int(np.sum(np.asarray(x)[:rows])) for x in (s.rounds, s.drafted, s.accepted)]
+    return Pass(seconds, tokens, tuple(int(x) for x in totals))
+
+
+def generated_tokens(tokens, eos_id: int) -> int:
+  """Tokens each row generated, EOS included (what plain greedy's loop emitted)."""
+  total = 0
+  for block in tokens:
+    for row in block:
+      hits = np.flatnonzero(row == eos_id)
+      total += int(hits[0]) + 1 if hits.size else row.shape[0]
+  return total
+
+
+def mismatching_rows(tokens, reference) -> int:
+  return sum(int(np.sum(np.any(a != b, axis=1))) for a, b in zip(tokens, reference, strict=True))
+
+
+def measure(decoder: SampleDecoder, drafts, ks, *, runs: int, warmup: int) -> dict:
+  """Greedy's passes and one row per (draft, k): tokens/s, acceptance, mismatches vs greedy."""
+  eos = decoder.model.config.eos_token_id
+  plain = decoder.run()  # compiles
+  for _ in range(warmup):
+    decoder.run()
+  tokens = generated_tokens(plain.tokens, eos)
+  greedy_seconds, rows = [], []
+  cases = [(d, k) for d in drafts for k in ks]
+  start = time.perf_counter()
+  for i, (draft, k) in enumerate(cases):
+    first = decoder.run(draft, k)
+    for _ in range(warmup):
+      decoder.run(draft, k)
+    pairs = [(decoder.run().seconds, decoder.run(draft, k).seconds) for _ in range(runs)]
+    greedy_seconds += [g for g, _ in pairs]
+    seconds = statistics.median(s for _, s in pairs)
+    rounds, drafted, accepted = first.stats
+    rows.append(
+      {
+        "draft": draft.describe(),
+        "draft_plan": draft.to_dict(),
+        "decoder_depth": len(draft.decoder),
+        "draft_tokens": k,
+        "acceptance_rate": accepted / max(drafted, 1),
+        "mean_accepted_length": accepted / max(rounds, 1),
+        "rounds": rounds,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "mismatching_rows": mismatching_rows(first.tokens, plain.tokens),
+      }
+    )
+    eta = (time.perf_counter() - start) / (i + 1) * (len(cases) - i - 1)
+    log.info(
+      "timed draft %d/%d (ETA %.0fs): k=%d, %.1f tokens/s, acceptance %.3f  %s",
+      i + 1, len(cases), eta, k, rows[-1]["tokens_per_s"], rows[-1]["acceptance_rate"],
+      draft.describe(),
+    )  # fmt: skip
+  greedy = tokens / statistics.median(greedy_seconds)
+  for row in rows:
+    row["speedup_vs_greedy"] = row["tokens_per_s"] / greedy
+  return {"generated_tokens": tokens, "greedy_tokens_per_s": greedy, "candidates": rows}
+
+
+def best(rows: list[dict]) -> int | None:
+  """Index of the row with the most tokens/s among those equal to plain greedy's output."""
+  ok = [i for i, r in enumerate(rows) if r["mismatching_rows"] == 0]
+  return max(ok, key=lambda i: rows[i]["tokens_per_s"]) if ok else None
+
+
+def check_options(draft_tokens, *, batch: int, sample: int, runs: int, warmup: int) -> tuple:
+  ks = tuple(draft_tokens)
+  if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+    raise st.AssemblyError(f"--draft-tokens {list(ks)}: give integers >= 1, such as 2,3,4,6")
+  for flag, value, low in (("batch", batch, 1), ("sample", sample, 1), ("runs", runs, 1)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise st.AssemblyError(f"--{flag} must be an integer >= {low}, got {value!r}")
+  if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    raise st.AssemblyError(f"--warmup must be an integer >= 0, got {warmup!r}")
+  return tuple(sorted(set(ks)))
+
+
+def assemble_draft(
+  bank_dir,
+  cfg,
+  *,
+  name: str = "draft",
+  overwrite: bool = False,
+  plan: str | None = None,
+  draft_tokens=DEFAULT_DRAFT_TOKENS,
+  batch: int = 1,
+  sample: int = 32,
+  runs: int = 3,
+  warmup: int = 1,
+) -> dict:
+  """Measures every (draft, k) candidate and saves the fastest as ``name`` when it beats plain
+  greedy decoding of the full plan (``plan``: a saved name; default the bank's default plan);
+  returns the record (module docstring), ``saved`` saying whether anything was written."""
+  if cfg is None:
+    raise st.AssemblyError("draft measures decoding on data: give --config configs/x.py[:arg]")
+  ks = check_options(draft_tokens, batch=batch, sample=sample, runs=runs, warmup=warmup)
+  commands._check_name(bank_dir, name, overwrite)  # noqa: SLF001 -- the assembler's own rule
+  stored = commands._load(bank_dir)  # noqa: SLF001
+  full = stored.plan(plan)
+  drafts = draft_candidates(stored.model, stored.meta, full)
+  if not drafts:
+    raise st.AssemblyError(
+      f"the bank has no plan with fewer decoder slots than {full.describe()} to draft with"
+    )
+  data = sw.load_quality_data(cfg, bank_dir, stored.model, "rouge")
+  examples = data["examples"][:sample]
+  decoder = SampleDecoder(
+    stored.model, stored.params, full, drafts, examples,
+    batch=batch, inputs_length=data["inputs_length"], new=data["max_new_tokens"],
+  )  # fmt: skip
+  log.info("draft: %d plans x k in %s on %d examples", len(drafts), list(ks), len(examples))
+  measured = measure(decoder, drafts, ks, runs=runs, warmup=warmup)
+  record = {
+    "name": name,
+    "plan_name": plan or bank_io.DEFAULT_PLAN,
+    "full_plan": full.to_dict(),
+    "device": commands.device_name(),
+    "task": data["task"],
+    "split": data["split"],
+    "examples": len(examples),
+    "batch": batch,
+    "input_length": data["inputs_length"],
+    "max_new_tokens": data["max_new_tokens"],
+    "runs": runs,
+    "warmup": warmup,
+    **measured,
+  }
+  return _save_choice(bank_dir, record, overwrite)
+
+
+def _save_choice(bank_dir, record: dict, overwrite: bool) -> dict:
+  rows = record["candidates"]
+  i = best(rows)
+  chosen = rows[i] if i is not None else None
+  record["chosen"] = i
+  record["saved"] = bool(chosen and chosen["speedup_vs_greedy"] > 1.0)
+  if not record["saved"]:
+    what = f"{chosen['speedup_vs_greedy']:.2f}x" if chosen else "no candidate matched greedy"
+    log.warning("draft: no draft beats plain greedy decoding here (best %s); nothing saved", what)
+    return record
+  record.update(
+    draft=chosen["draft"],
+    draft_plan=chosen["draft_plan"],
+    draft_tokens=chosen["draft_tokens"],
+    acceptance_rate=chosen["acceptance_rate"],
+    mean_accepted_length=chosen["mean_accepted_length"],
+    tokens_per_s=chosen["tokens_per_s"],
+    speedup_vs_greedy=chosen["speedup_vs_greedy"],
+  )
+  name = record["name"]
+  path = bank_io.save_plan(
+    bank_dir, name, Plan.from_dict(chosen["draft_plan"]), overwrite=overwrite
+  )
+  commands._record(bank_dir, name, record)  # noqa: SLF001
+  log.info(
+    "saved draft %r -> %s: k=%d, %.2fx plain greedy, acceptance %.3f  %s",
+    name, path, chosen["draft_tokens"], chosen["speedup_vs_greedy"], chosen["acceptance_rate"],
+    chosen["draft"],
+  )  # fmt: skip
+  return record
+
+
+def markdown_table(record: dict) -> str:
+  """The measured candidates, plain greedy first; ``*`` marks the chosen one."""
+  lines = [
+    f"Plain greedy: {record['greedy_tokens_per_s']:.1f} tokens/s ({record['examples']} examples, "
+    f"batch {record['batch']}, up to {record['max_new_tokens']} new tokens, {record['device']})",
+    "",
+    "| draft | k | acceptance | accepted/round | tokens/s | speed-up | mismatching rows |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for i, r in enumerate(record["candidates"]):
+    mark = " *" if i == record["chosen"] and record["saved"] else ""
+    lines.append(
+      f"| `{r['draft']}`{mark} | {r['draft_tokens']} | {r['acceptance_rate']:.3f} | "
+      f"{r['mean_accepted_length']:.2f} | {r['tokens_per_s']:.1f} | "
+      f"{r['speedup_vs_greedy']:.2f}x | {r['mismatching_rows']} |"
+    )
+  return "\n".join(lines)
