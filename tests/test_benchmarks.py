@@ -1,6 +1,7 @@
 """The benchmarks run end to end on tiny models: decoding (both frameworks produce the same
 tokens), the train step (modjax's and transformers' steps on the same shapes), assembled plans'
-speed against the roofline, and the module-replacing step against a plain distillation step.
+speed against the roofline, the module-replacing step against a plain distillation step, and
+self-speculative decoding against plain greedy (same tokens).
 
 Timings are printed and written, never asserted; this keeps the scripts from rotting and checks the
 agreement the README's tables report.
@@ -11,7 +12,7 @@ import json
 import jax
 import pytest
 
-from benchmarks import assembled_speed, decode_vs_hf, replacing_overhead, train_step
+from benchmarks import assembled_speed, decode_vs_hf, replacing_overhead, speculative, train_step
 from modjax.train.losses import cross_entropy
 
 
@@ -124,3 +125,23 @@ def test_replacing_overhead_plain_steps_compute_the_replacing_loss():
   )
   ce, _ = cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
   assert baseline == pytest.approx(float(ce), rel=1e-5)
+
+
+def test_speculative_quick_run_gives_plain_greedy_tokens(tmp_path, capsys):
+  out = tmp_path / "speculative.json"
+  args = ["--quick", "--batch-sizes", "2", "--examples", "4", "--draft-tokens", "3"]
+  speculative.main(args + ["--drafts", "all-g4,mixed", "--out", str(out)])
+  report = json.loads(out.read_text())
+  rows = report["results"]
+  assert [(r["batch"], r["draft"], r["k"]) for r in rows] == [(2, "all-g4", 3), (2, "mixed", 3)]
+  assert report["drafts"]["all-g4"] == "encoder[0 1] decoder[m4.0]"
+  assert len(report["drafts"]["mixed"].split("decoder[")[1].split()) == 3  # e.g. 0 1 m2.1
+  (greedy,) = report["greedy"]
+  for r in rows:
+    assert r["mismatching_rows"] == 0, r
+    assert r["tokens"] == greedy["tokens"] and r["rounds"] > 0
+    assert 0 <= r["acceptance"] <= 1 and r["accepted_per_round"] <= 3
+    assert r["draft_ms"] > 0 and r["verify_ms"] == greedy["verify_ms"]["3"]
+    parts = (1 + r["accepted_per_round"]) * r["greedy_step_ms"] / (r["draft_ms"] + r["verify_ms"])
+    assert r["model_speedup"] == pytest.approx(parts)
+  assert "| batch | draft" in capsys.readouterr().out
