@@ -13,7 +13,9 @@ interleaved with the teacher); a student or drop plan of the same depth runs the
 
     python experiments/modular_ddtp_summ6/compare.py --runs runs --data ../shared/data/ddtp-summ
 
-Writes ``results.json``, ``results.md`` and ``pareto.png`` to ``--out``.
+Writes ``results.json``, ``results.md`` and ``pareto.png`` to ``--out``; each scored row is kept
+in ``--out/rows/`` and reused by a rerun while its checkpoint step, plan and examples match (so a
+rerun after one more student finishes scores only that student).
 """
 
 from __future__ import annotations
@@ -125,12 +127,24 @@ def evaluate_all(args, setup) -> list[dict]:
   rows = []
 
   def add(method, point, stored_bank, plan, workdir):
+    cached = os.path.join(args.out, "rows", f"{method}-{point}.json")
+    key = {"step": stored_bank.step, "plan": plan.to_dict(), "examples": len(setup[2])}
+    if os.path.exists(cached):  # scored before (same checkpoint, plan and examples): reuse
+      with open(cached) as f:
+        row = json.load(f)
+      if row.get("key") == key:
+        rows.append(row)
+        return
     log.info("scoring %s at %s: %s", method, point, plan.describe())
     row = {"method": method, "point": point, **score(stored_bank, plan, setup, args.batch_size)}
     row["speedup_nominal"] = POINTS[point][0] if point in POINTS else None
     row["compute"] = read_compute(workdir) if workdir else None
+    row["key"] = key
     rows.append(row)
     log.info("  %s", {k: round(v, 2) for k, v in row.items() if isinstance(v, float)})
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    with open(cached, "w") as f:
+      json.dump(row, f, indent=1)
 
   plans = bank_plans(stored)
   for point, plan in plans.items():

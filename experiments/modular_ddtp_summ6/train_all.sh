@@ -7,7 +7,9 @@ set -euo pipefail
 DATA=${1:-../shared/data/ddtp-summ}
 RUNS=${2:-runs}
 TEACHER=$RUNS/ddtp_summ6
-STUDENT_STEPS=600  # the bank trains 900 steps for every size at once; each student 600 for one
+# The bank trains 900 steps for every size at once; a KD or pseudo-label student 600 for one
+# size, an SFT student 300 (the session's CPU time ran short; see compute.json per run).
+declare -A STEPS=([kd]=600 [sft]=300 [pseudo]=600)
 
 python -m modjax.train --config "configs/ddtp_summ.py:$DATA,6" --config.workdir="$TEACHER"
 python -m modjax.train --config "configs/modular_t5.py:ddtp_summ,$TEACHER,$DATA" \
@@ -17,7 +19,7 @@ for kind in kd sft pseudo; do
   for layers in 0,2,4 0,3; do
     name=$(echo "$layers" | tr -cd ',' | wc -c)
     python -m modjax.train --config "configs/baseline_t5.py:$kind,ddtp_summ,$TEACHER,$DATA" \
-      --config.baseline.decoder_layers="$layers" --config.train.num_steps=$STUDENT_STEPS \
-      --config.checkpoint.every_steps=150 --config.workdir="$RUNS/summ6_${kind}_dec$((name + 1))"
+      --config.baseline.decoder_layers="$layers" --config.train.num_steps=${STEPS[$kind]} \
+      --config.checkpoint.every_steps=100 --config.workdir="$RUNS/summ6_${kind}_dec$((name + 1))"
   done
 done
