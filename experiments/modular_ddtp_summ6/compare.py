@@ -172,12 +172,13 @@ def markdown(rows: list[dict], examples: int) -> str:
   lines = [head, "|" + "---|" * 9]
   for r in rows:
     measured = r.get("speedup_measured")
-    compute = r["compute"]["training_flops"] / 1e15 if r.get("compute") else 0.0
+    has_compute = r.get("compute") and r["method"] != "teacher"  # the teacher's is not counted
+    compute = f"{r['compute']['training_flops'] / 1e15:.3f}" if has_compute else "-"
     nominal = f"{r['speedup_nominal']:.1f}x" if r["speedup_nominal"] else "-"
     lines.append(
       f"| {r['method']} | {r['point']} | {nominal} | "
       f"{f'{measured:.2f}x' if measured else '-'} | {r['params_m']:.2f} | {r['rouge1']:.2f} | "
-      f"{r['rouge2']:.2f} | {r['rougeL']:.2f} | {compute:.2f} |"
+      f"{r['rouge2']:.2f} | {r['rougeL']:.2f} | {compute} |"
     )
   return f"Validation ROUGE on {examples} DDTP-summ examples (greedy).\n\n" + "\n".join(lines)
 
