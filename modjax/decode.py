@@ -96,12 +96,7 @@ def generate(
       pad_id=pad_id,
       prepared=prepared,
     )
-  cfg = model.config
-  eos_id = cfg.eos_token_id if eos_id is None else eos_id
-  if pad_id is None:
-    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else eos_id
-  if input_mask is None:
-    input_mask = jnp.ones_like(input_ids)
+  input_mask, eos_id, pad_id = resolve_ids(model, input_ids, input_mask, eos_id, pad_id)
   fn = (
     _greedy
     if num_beams == 1
@@ -111,6 +106,18 @@ def generate(
   if prepared is not None:
     _check_prepared(model, params, prepared)
   return fn(model, params, plan, input_ids, input_mask, max_new_tokens, eos_id, pad_id, prepared)
+
+
+def resolve_ids(model, input_ids, input_mask, eos_id, pad_id):
+  """``(input_mask, eos_id, pad_id)`` with the defaults filled in: every position attended,
+  the model's EOS, its pad id (else the EOS)."""
+  cfg = model.config
+  eos_id = cfg.eos_token_id if eos_id is None else eos_id
+  if pad_id is None:
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else eos_id
+  if input_mask is None:
+    input_mask = jnp.ones_like(input_ids)
+  return input_mask, eos_id, pad_id
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -45,7 +45,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from modjax.decode import DecodeResult, _argmax, _check_prepared, _lengths
+from modjax.decode import DecodeResult, _argmax, _check_prepared, _lengths, resolve_ids
 from modjax.plan import Plan
 
 
@@ -109,19 +109,14 @@ def speculative_generate(
     raise ValueError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
   if not isinstance(draft_plan, Plan):
     raise ValueError(f"draft_plan must be a modjax.plan.Plan, got {type(draft_plan).__name__}")
-  cfg = model.config
-  eos_id = cfg.eos_token_id if eos_id is None else eos_id
-  if pad_id is None:
-    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else eos_id
-  if input_mask is None:
-    input_mask = jnp.ones_like(input_ids)
+  input_mask, eos_id, pad_id = resolve_ids(model, input_ids, input_mask, eos_id, pad_id)
   plan.validate(params, model.stacks)
   if "encoder" in model.stacks and not draft_encoder:
     draft_plan = Plan(encoder=(), decoder=draft_plan.decoder)
     Plan(encoder=plan.encoder, decoder=draft_plan.decoder).validate(params, model.stacks)
   else:
     draft_plan.validate(params, model.stacks)
-  limit = getattr(cfg, "n_positions", None)
+  limit = getattr(model.config, "n_positions", None)
   room = max_new_tokens + draft_tokens + 1  # cache positions past the prompt a round may write
   if limit is not None and input_ids.shape[1] + room > limit:
     raise ValueError(
