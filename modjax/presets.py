@@ -32,6 +32,9 @@ PRESETS: dict[str, T5Config | GPT2Config] = {
                              num_decoder_layers=12, **_T5_V1_1),
     "gpt2": GPT2Config(),
     "gpt2-tiny": GPT2Config(vocab_size=1024, n_positions=256, n_embd=128, n_layer=4, n_head=4),
+    # A GPT-2-shaped LM for CPU experiments (FFN merging on ddtp-summ descriptions): 6 layers.
+    "gpt2-small-cpu": GPT2Config(vocab_size=4096, n_positions=256, n_embd=256, n_layer=6,
+                                 n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
 }  # fmt: skip
 
 

@@ -25,6 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_files = ""  # jsonl/tsv tasks: path or glob
   c.data.validation_files = ""
   c.data.inputs_prefix = ""  # "" = the task's standard prefix
+  c.data.inputs_field = "inputs"  # jsonl: the JSON fields read as inputs and targets (an LM
+  c.data.targets_field = "targets"  # trains on the targets: "inputs" makes it model the inputs)
   c.data.tfds_data_dir = ""
   c.data.vocab_path = ""  # SentencePiece .model; "" = train one on the training texts
   c.data.vocab_size = 1024  # size of that trained vocabulary

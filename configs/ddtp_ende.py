@@ -1,0 +1,39 @@
+"""A small T5 (6+6 layers) trained from scratch on DDTP English -> German (package descriptions
+and their German translations, ../shared/data/ddtp-ende): the encoder-decoder original that FFN
+merging compresses (configs/ffn_merge.py). BLEU is sacrebleu's corpus BLEU, tokenizer 13a.
+
+  python -m modjax.train --config configs/ddtp_ende.py:../shared/data/ddtp-ende \\
+      --config.workdir=runs/ddtp_ende
+  python -m modjax.evaluate --config configs/ddtp_ende.py:../shared/data/ddtp-ende \\
+      --config.workdir=runs/ddtp_ende
+"""
+
+import os
+
+from modjax.train.defaults import base_config, lock
+
+
+def get_config(arg: str = "../shared/data/ddtp-ende"):
+  data_dir = arg or "../shared/data/ddtp-ende"
+  c = base_config()
+  c.model.preset = "small-cpu-6"
+  c.data.task = "jsonl"
+  c.data.train_files = os.path.join(data_dir, "train.jsonl.gz")
+  c.data.validation_files = os.path.join(data_dir, "validation.jsonl.gz")
+  c.data.inputs_prefix = "translate English to German: "
+  c.data.vocab_size = 6000  # one SentencePiece model over both languages
+  c.data.inputs_length = 128  # median ~55 English words
+  c.data.targets_length = 128
+  c.train.batch_size = 16
+  c.train.num_steps = 900  # ~1.2 epochs of 11,739 pairs; ~25 min on 2 CPU cores
+  c.train.log_every = 25
+  c.optimizer.name = "adafactor"
+  c.optimizer.learning_rate = 0.01
+  c.optimizer.schedule = "rsqrt"
+  c.optimizer.warmup_steps = 100
+  c.checkpoint.every_steps = 200
+  c.eval.batch_size = 64
+  c.eval.max_examples = 0  # the whole validation split (635)
+  c.eval.max_new_tokens = 128
+  c.eval.metrics = "bleu"
+  return lock(c)

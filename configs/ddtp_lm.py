@@ -1,0 +1,39 @@
+"""A small GPT-2-shaped language model trained on the English package descriptions of
+DDTP-summ (the JSON field ``inputs``): the decoder-only original that FFN merging compresses
+(configs/ffn_merge.py). The arg is the corpus folder.
+
+  python -m modjax.train --config configs/ddtp_lm.py:../shared/data/ddtp-summ \\
+      --config.workdir=runs/ddtp_lm
+  python -m modjax.evaluate --config configs/ddtp_lm.py:../shared/data/ddtp-summ \\
+      --config.workdir=runs/ddtp_lm
+"""
+
+import os
+
+from modjax.train.defaults import base_config, lock
+
+
+def get_config(arg: str = "../shared/data/ddtp-summ"):
+  data_dir = arg or "../shared/data/ddtp-summ"
+  c = base_config()
+  c.model.preset = "gpt2-small-cpu"
+  c.data.task = "jsonl"
+  c.data.train_files = os.path.join(data_dir, "train.jsonl.gz")
+  c.data.validation_files = os.path.join(data_dir, "validation.jsonl.gz")
+  c.data.targets_field = "inputs"  # the LM models the descriptions themselves
+  c.data.vocab_size = 4000
+  c.data.targets_length = 128  # median description ~80 pieces
+  c.train.batch_size = 16
+  c.train.num_steps = 900  # ~0.3 epoch; ~12 min on 2 CPU cores
+  c.train.log_every = 25
+  c.optimizer.name = "adamw"
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.schedule = "cosine"
+  c.optimizer.warmup_steps = 100
+  c.optimizer.b2 = 0.95
+  c.optimizer.weight_decay = 0.1
+  c.checkpoint.every_steps = 250
+  c.eval.batch_size = 64
+  c.eval.max_examples = 0  # the whole validation split (2,686)
+  c.eval.metrics = "perplexity"
+  return lock(c)
