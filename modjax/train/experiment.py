@@ -77,13 +77,24 @@ def build_vocabulary(cfg):
   return vocab.load_vocabulary(os.fspath(path), extra_ids=0)
 
 
+def use_bank_vocabulary(cfg, bank_dir: epath.Path) -> None:
+  """A run over a stored bank reads the bank's trained ``vocab/spm.model`` (no sentinels),
+  unless ``data.vocab_path`` names one: a new vocabulary would not match its embeddings."""
+  vocab_file = epath.Path(bank_dir) / "vocab" / "spm.model"
+  if not cfg.data.vocab_path and vocab_file.exists():
+    cfg.data.vocab_path = os.fspath(vocab_file)
+    cfg.data.extra_ids = 0
+
+
 def training_texts(cfg) -> list[str]:
   d = cfg.data
   if d.task == "embedded_lead":
     return tasks.embedded_corpus_texts()
   if d.task in ("jsonl", "tsv"):
-    make_source = data_lib.jsonl_source if d.task == "jsonl" else data_lib.tsv_source
-    source = make_source(file_spec(cfg))
+    if d.task == "jsonl":
+      source = data_lib.jsonl_source(file_spec(cfg), **_json_fields(cfg))
+    else:
+      source = data_lib.tsv_source(file_spec(cfg))
     texts = []
     for inputs, targets in source.examples(d.train_split):
       texts += [inputs, targets]
@@ -115,8 +126,16 @@ def build_task(cfg, vocabulary):
     vocabulary,
     files=file_spec(cfg),
     inputs_prefix=d.inputs_prefix or None,
+    **_json_fields(cfg),
     tfds_data_dir=d.tfds_data_dir or None,
   )
+
+
+def _json_fields(cfg) -> dict:
+  """The JSON fields a jsonl task reads (other tasks have fixed features)."""
+  if cfg.data.task != "jsonl":
+    return {}
+  return {"inputs_field": cfg.data.inputs_field, "targets_field": cfg.data.targets_field}
 
 
 def model_config(cfg, vocab_size: int) -> T5Config | GPT2Config:
