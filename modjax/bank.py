@@ -130,8 +130,9 @@ def used_entries(plan: Plan, stacks: Iterable[str]) -> dict[str, dict[str, set[s
 
 def subset(params: Mapping, plan: Plan, stacks: Iterable[str]) -> dict:
   """The bank restricted to what ``plan`` uses: its blocks and FFN entries, plus every
-  model-wide and stack-wide parameter. Pools are kept whole (a static plan cannot tell which
-  pool members a router will pick)."""
+  model-wide and stack-wide parameter. A block whose every slot runs a shared FFN entry loses
+  its own ``ffn`` (nothing reads it), so tied FFNs are stored once. Pools are kept whole (a
+  static plan cannot tell which pool members a router will pick)."""
   stacks = tuple(stacks)
   plan.validate(params, stacks)
   used = used_entries(plan, stacks)
@@ -143,6 +144,11 @@ def subset(params: Mapping, plan: Plan, stacks: Iterable[str]) -> dict:
         node[kind] = {k: v for k, v in node[kind].items() if k in used[stack][kind]}
         if not node[kind]:
           del node[kind]
+    own_ffn = {s.block for s in plan.stack(stack) if s.ffn is None}
+    node["blocks"] = {
+      name: block if name in own_ffn else {k: v for k, v in block.items() if k != "ffn"}
+      for name, block in node["blocks"].items()
+    }
     out[stack] = node
   return out
 

@@ -87,6 +87,11 @@ class Plan:
             f"{stack} slot {i} names ffn {slot.ffn!r}, which the bank lacks "
             f"(has {sorted(ffns, key=_natural)})"
           )
+        if slot.ffn is None and _lacks_own_ffn(blocks[slot.block]):
+          raise PlanError(
+            f"{stack} slot {i} runs block {slot.block!r}'s own FFN, which this bank does not "
+            "store (it was saved with a shared FFN); use the bank's saved plan"
+          )
     return self
 
   def to_dict(self) -> dict:
@@ -149,3 +154,8 @@ def _slot_from_json(stack: str, index: int, value) -> Slot:
 
 def _natural(name: str):
   return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+def _lacks_own_ffn(block) -> bool:
+  """A block stored without its ``ffn`` (a bank subset whose plan gave it a shared one)."""
+  return isinstance(block, Mapping) and bool(block) and "ffn" not in block
