@@ -1,11 +1,14 @@
 """Every config file builds, is locked, validates, and documents its run command."""
 
+import gzip
 import importlib.util
+import json
 import os
 import pathlib
 
 import pytest
 
+from modjax.train import experiment
 from modjax.train.experiment import ConfigError, validate_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -24,7 +27,9 @@ def _finetune_args():
   return [f"{task},{size}" for task in module.TASKS for size in module.SIZES]
 
 
-CASES = [("tiny", "")] + [("t5_finetune", a) for a in _finetune_args()]
+CASES = [("tiny", ""), ("ddtp_lm", ""), ("ddtp_ende", "")]
+CASES += [("t5_finetune", a) for a in _finetune_args()]
+CASES += [("ffn_merge", f"{recipe},runs/merged") for recipe in ("tiny", "lm", "ende")]
 
 
 @pytest.mark.parametrize("name,arg", CASES)
@@ -44,6 +49,24 @@ def test_ddtp_config_points_at_the_corpus(tmp_path):
   cfg.workdir = str(tmp_path)
   validate_config(cfg)
   assert os.path.isfile(cfg.data.train_files)
+
+
+def test_lm_config_models_the_descriptions_not_the_synopses(tmp_path):
+  rows = [
+    {"inputs": f"package {i} gives tools for editing text files", "targets": f"tool {i}"}
+    for i in range(40)
+  ]
+  for split in ("train", "validation"):
+    with gzip.open(tmp_path / f"{split}.jsonl.gz", "wt") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+  cfg = _load("ddtp_lm").get_config(str(tmp_path))
+  cfg.workdir = str(tmp_path / "run")
+  cfg.data.vocab_size = 36
+  vocabulary = experiment.build_vocabulary(cfg)
+  task = experiment.build_task(cfg, vocabulary)
+  dataset = task.get_dataset({"targets": 64}, split="validation", shuffle=False)
+  example = next(dataset.as_numpy_iterator())
+  assert vocabulary.decode(example["targets"][:-1].tolist()) == rows[0]["inputs"]
 
 
 def test_finetune_config_rejects_unknown_task():

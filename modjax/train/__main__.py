@@ -24,8 +24,13 @@ def run_method(config):
     from modjax.methods import baselines
 
     return baselines.run(config)
+  if config.method == "ffn_merge":
+    from modjax.methods.ffn_merge.run import recover
+
+    return recover(config)
   raise ConfigError(
-    f"config.method={config.method!r} is unknown; use 'finetune', 'modular' or 'baseline'"
+    f"config.method={config.method!r} is unknown; use 'finetune', 'modular', 'baseline' "
+    "or 'ffn_merge'"
   )
 
 

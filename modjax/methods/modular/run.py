@@ -48,10 +48,7 @@ def load_teacher(cfg) -> bank_io.StoredBank:
   if cfg.model.dropout_rate >= 0:
     config = dataclasses.replace(teacher.model.config, dropout_rate=cfg.model.dropout_rate)
     teacher.model = architecture_for(config)
-  vocab = epath.Path(path) / "vocab" / "spm.model"
-  if not cfg.data.vocab_path and vocab.exists():  # trained on the teacher's texts: no sentinels
-    cfg.data.vocab_path = str(vocab)
-    cfg.data.extra_ids = 0
+  experiment.use_bank_vocabulary(cfg, epath.Path(path))
   return teacher
 
 

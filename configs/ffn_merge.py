@@ -1,0 +1,54 @@
+"""Recovery fine-tuning after FFN merging. The arg is ``<recipe>,<merged bank>[,<data dir>]``:
+the recipe is the original's config (its data, vocabulary, lengths and optimizer), the bank is
+what ``python -m modjax.merge --out`` wrote.
+
+* ``tiny``: configs/tiny.py (the embedded quickstart task);
+* ``lm``: configs/ddtp_lm.py (GPT-2-shaped LM on DDTP-summ descriptions; data dir default
+  ../shared/data/ddtp-summ);
+* ``ende``: configs/ddtp_ende.py (6+6 T5 on DDTP en->de; default ../shared/data/ddtp-ende).
+
+  python -m modjax.merge --bank runs/ddtp_lm --config configs/ddtp_lm.py --k 2 \\
+      --out runs/ddtp_lm_permute2
+  python -m modjax.train --config configs/ffn_merge.py:lm,runs/ddtp_lm_permute2 \\
+      --config.workdir=runs/ddtp_lm_permute2_rec
+
+Every merged variant (permute, vanilla, drop) gets the same budget: ``train.num_steps`` steps of
+``train.batch_size`` at a gentler learning rate than the original's (the weights start trained).
+``--config.ffn_merge.scope=merged`` trains only the shared FFN entries.
+"""
+
+import importlib.util
+import os
+
+from modjax.methods.ffn_merge.run import add_defaults
+from modjax.train.defaults import lock
+
+RECIPES = {"tiny": "tiny.py", "lm": "ddtp_lm.py", "ende": "ddtp_ende.py"}
+# (steps, learning rate, warm-up) of the recovery budget per recipe
+BUDGETS = {"tiny": (60, 0.003, 10), "lm": (150, 3e-4, 15), "ende": (150, 0.003, 15)}
+
+
+def _recipe_config(file_name: str, data_dir: str):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), file_name)
+  spec = importlib.util.spec_from_file_location(f"modjax_configs_{file_name[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(data_dir) if data_dir else module.get_config()
+
+
+def get_config(arg: str = "tiny"):
+  recipe, merged, data_dir = (arg.split(",") + ["", ""])[:3]
+  if recipe not in RECIPES:
+    raise ValueError(f"unknown recipe {recipe!r}; use one of {sorted(RECIPES)}")
+  if recipe == "tiny" and data_dir:
+    raise ValueError("the tiny recipe reads the embedded task; give no data dir")
+  c = _recipe_config(RECIPES[recipe], data_dir)
+  with c.unlocked():
+    add_defaults(c)
+  c.ffn_merge.bank = merged
+  steps, learning_rate, warmup = BUDGETS[recipe]
+  c.train.num_steps = steps
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.warmup_steps = warmup
+  c.checkpoint.every_steps = 50
+  return lock(c)

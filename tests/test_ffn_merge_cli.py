@@ -1,0 +1,194 @@
+"""FFN merging end to end: ``python -m modjax.merge`` writes an Orbax bank that stores each shared
+FFN once and scores exactly like the in-memory merge; recovery trains it through ``python -m
+modjax.train --config configs/ffn_merge.py`` with the k positions still tied; bad input is one
+line and overwrites nothing.
+
+Micro models (T5 2+2 layers, GPT-2 3 layers) with random weights scaled up so that the FFNs
+differ; the data is the embedded quickstart task with a micro vocabulary.
+"""
+
+import dataclasses
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from train_helpers import (
+  REPO,
+  TRACEBACK,
+  compilation_cache,
+  micro_config,
+  micro_flags,
+  run_module,
+)
+
+from modjax import bank, bank_io, cost, scoring
+from modjax.methods.ffn_merge import calibration_stats, merge_windows
+from modjax.methods.ffn_merge.commands import _batches, _task_data, merge_bank
+from modjax.methods.modular import add_modules
+from modjax.models import GPT2, T5
+from modjax.plan import Plan, PlanError, Slot
+from modjax.train import experiment
+
+SETTINGS = dict(mesh__num_devices=1, eval__max_examples=8, eval__batch_size=4)
+RECOVERY_CONFIG = f"{REPO}/configs/ffn_merge.py"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_compilation_cache(jax_compilation_cache_dir):
+  with compilation_cache(jax_compilation_cache_dir):
+    yield
+
+
+def _save(root, name, model, params, plans=None, meta=None) -> str:
+  directory = root / name
+  bank_io.save_bank(directory, model, params, meta=meta, plans=plans)
+  shutil.copytree(root / "data" / "vocab", directory / "vocab")
+  return str(directory)
+
+
+@pytest.fixture(scope="module")
+def banks(tmp_path_factory):
+  """Random-weight banks: ``t5`` (2+2), ``gpt2`` (3 layers), ``modular`` (T5 with modules and
+  an assembled plan ``dec2`` whose decoder runs two modules)."""
+  root = tmp_path_factory.mktemp("merge")
+  cfg = micro_config(root / "data", **SETTINGS)
+  vocabulary = experiment.build_vocabulary(cfg)
+  config = experiment.model_config(cfg, vocabulary.vocab_size)
+  t5 = T5(config)
+  t5_params = jax.tree.map(lambda x: 3.0 * x, t5.init(jax.random.key(0)))
+  gpt2 = GPT2(
+    dataclasses.replace(
+      experiment.model_config(micro_config(root / "data", model__preset="gpt2-tiny"), 256),
+      n_layer=3,
+      n_embd=64,
+      n_head=4,
+    )
+  )
+  deep = T5(dataclasses.replace(config, num_decoder_layers=4))
+  deep_params, meta = add_modules(deep, deep.init(jax.random.key(1)), {})
+  dec2 = Plan(deep.identity_plan().encoder, (Slot("m2.0"), Slot("m2.1")))
+  return {
+    "cfg": cfg,
+    "root": root,
+    "t5": _save(root, "t5", t5, t5_params),
+    "gpt2": _save(root, "gpt2", gpt2, gpt2.init(jax.random.key(2))),
+    "modular": _save(root, "modular", deep, deep_params, {"dec2": dec2}, meta),
+  }
+
+
+def _cli(banks, out, *args, model_preset=None):
+  extra = {"model__preset": model_preset} if model_preset else {}
+  flags = micro_flags(banks["root"] / "data", **SETTINGS, **extra)
+  return run_module("modjax.merge", [*flags, f"--out={out}", *args], timeout=300)
+
+
+def test_merge_cli_writes_a_bank_that_stores_the_shared_ffn_once_and_scores_as_in_memory(
+  banks, tmp_path
+):
+  out = tmp_path / "merged"
+  result = _cli(banks, out, f"--bank={banks['t5']}", "--k=2", "--calib-tokens=200")
+  assert result.returncode == 0, result.stderr
+  assert "ffn features: batch" in result.stderr and "tokens/s" in result.stderr
+  record = json.loads((out / "merge.json").read_text())
+  stored = bank_io.load_bank(out)
+  plan = stored.plan()
+  assert [s.ffn for s in plan.encoder] == [s.ffn for s in plan.decoder] == ["merged.0-2"] * 2
+  for stack in ("encoder", "decoder"):  # the tied FFN once; no block keeps its own
+    assert list(stored.params[stack]["ffns"]) == ["merged.0-2"]
+    assert all("ffn" not in b for b in stored.params[stack]["blocks"].values())
+  source = bank_io.load_bank(banks["t5"])
+  ffn_size = bank.count_params(source.params["encoder"]["blocks"]["0"]["ffn"])
+  assert record["params"]["original"] - record["params"]["merged"] == 2 * ffn_size
+  assert bank.count_params(stored.params) == record["params"]["merged"]
+
+  # the same merge in memory, from statistics over the same calibration tokens
+  cfg = banks["cfg"].copy_and_resolve_references()
+  task, _ = _task_data(cfg, banks["t5"], source.model)
+  calib = _batches(cfg, task, source.model, "train", 200)
+  plan0 = source.model.identity_plan()
+  stats = calibration_stats(source.model, source.params, plan0, calib, 2, max_tokens=200)
+  merged = merge_windows(
+    source.model, source.params, plan0, {"encoder": 0, "decoder": 0}, 2, stats=stats
+  )
+  val = _batches(cfg, task, source.model, "validation", 8)
+  expected = scoring.teacher_forced_metrics(source.model, *merged, val)
+  got = scoring.teacher_forced_metrics(stored.model, stored.params, plan, val)
+  np.testing.assert_allclose(got["cross_entropy"], expected["cross_entropy"], rtol=1e-5)
+  np.testing.assert_allclose(
+    record["scores"]["0"]["cross_entropy"], got["cross_entropy"], rtol=1e-5
+  )
+  with pytest.raises(PlanError, match="does not store"):
+    stored.model.identity_plan().validate(stored.params, stored.model.stacks)
+
+
+def test_merging_gpt2_picks_the_best_window_and_drop_removes_whole_layers(banks, tmp_path):
+  cfg = banks["cfg"].copy_and_resolve_references()
+  record = merge_bank(banks["gpt2"], cfg, tmp_path / "permute", k=2, calib_tokens=100)
+  scores = {int(s): m["cross_entropy"] for s, m in record["scores"].items()}
+  assert set(scores) == {0, 1} and record["start"] == min(scores, key=scores.get)
+  dropped = merge_bank(banks["gpt2"], cfg, tmp_path / "drop", k=2, method="drop", start=1)
+  stored = bank_io.load_bank(tmp_path / "drop")
+  assert [s.block for s in stored.plan().decoder] == ["0", "1"]  # layer 2 dropped
+  assert dropped["calibration_tokens"] is None and dropped["params"]["fraction"] < 1
+
+
+def test_merge_inside_an_assembled_modular_plan_from_the_command_line(banks, tmp_path):
+  out = tmp_path / "merged"
+  args = (f"--bank={banks['modular']}", "--plan=dec2", "--k=2", "--stacks=decoder")
+  result = _cli(banks, out, *args, "--method=vanilla", "--start=0")
+  assert result.returncode == 0, result.stderr
+  stored = bank_io.load_bank(out)
+  source = bank_io.load_bank(banks["modular"])
+  plan = stored.plan()
+  assert [(s.block, s.ffn) for s in plan.decoder] == [
+    ("m2.0", "merged.0-2"),
+    ("m2.1", "merged.0-2"),
+  ]
+  assert plan.encoder == source.plans["dec2"].encoder
+  for name in ("m2.0", "m2.1"):  # the modules' attention is untouched
+    a, b = stored.params["decoder"]["blocks"][name], source.params["decoder"]["blocks"][name]
+    jax.tree.map(np.testing.assert_array_equal, a["self_attn"], b["self_attn"])
+  used = cost.count_params(stored.model, plan, stored.params)
+  assert sum(used.values()) == bank.count_params(stored.params)
+
+
+def test_recovery_trains_the_merged_bank_and_keeps_the_window_tied(banks, tmp_path):
+  merged = tmp_path / "merged"
+  result = _cli(banks, merged, f"--bank={banks['t5']}", "--k=2", "--method=vanilla")
+  assert result.returncode == 0, result.stderr
+  workdir = tmp_path / "recovered"
+  flags = micro_flags(workdir, **SETTINGS, train__num_steps=3, checkpoint__every_steps=3)
+  flags[1] = f"{RECOVERY_CONFIG}:tiny,{merged}"
+  result = run_module("modjax.train", flags, timeout=300)
+  assert result.returncode == 0, result.stderr
+  before, after = bank_io.load_bank(merged), bank_io.load_bank(workdir)
+  assert after.step == 3 and after.plan() == before.plan()
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), after.params, before.params)
+  assert moved["decoder"]["ffns"]["merged.0-2"]["wo"]["kernel"] > 0  # trained, and stored once
+  assert list(after.params["decoder"]["ffns"]) == ["merged.0-2"]
+
+
+def test_bad_merge_input_is_one_line_and_overwrites_nothing(banks, tmp_path):
+  out = tmp_path / "taken"
+  out.mkdir()
+  (out / "keep.txt").write_text("mine")
+  cases = [
+    (out, ("--k=2",), "not empty"),
+    (tmp_path / "a", ("--k=3",), "window size"),
+    (tmp_path / "b", ("--k=2", "--start=5"), "does not fit"),
+    (tmp_path / "c", ("--k=2", "--start=x"), "'auto' or a layer index"),
+    (tmp_path / "d", ("--k=2", "--plan=nope"), "no plan named"),
+  ]
+  for target, args, message in cases:
+    result = _cli(banks, target, f"--bank={banks['t5']}", *args)
+    assert result.returncode == 2, (args, result.stderr)
+    assert message in result.stderr and TRACEBACK not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error:")
+  assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+  missing = micro_flags(tmp_path / "rec", **SETTINGS)
+  missing[1] = f"{RECOVERY_CONFIG}:tiny,{tmp_path / 'absent'}"
+  result = run_module("modjax.train", missing, timeout=120)
+  assert result.returncode == 2 and "holds no bank" in result.stderr
+  assert not (tmp_path / "rec").exists()
