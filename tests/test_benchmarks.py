@@ -1,7 +1,8 @@
 """The benchmarks run end to end on tiny models: decoding (both frameworks produce the same
 tokens), the train step (modjax's and transformers' steps on the same shapes), assembled plans'
 speed against the roofline, the module-replacing step against a plain distillation step, and
-self-speculative decoding against plain greedy (same tokens).
+self-speculative decoding against plain greedy (same tokens), and FFN merging's feature pass,
+alignment and sizes (the merged model is smaller by exactly the merged FFNs).
 
 Timings are printed and written, never asserted; this keeps the scripts from rotting and checks the
 agreement the README's tables report.
@@ -12,7 +13,14 @@ import json
 import jax
 import pytest
 
-from benchmarks import assembled_speed, decode_vs_hf, replacing_overhead, speculative, train_step
+from benchmarks import (
+  assembled_speed,
+  decode_vs_hf,
+  ffn_merge,
+  replacing_overhead,
+  speculative,
+  train_step,
+)
 from modjax.train.losses import cross_entropy
 
 
@@ -145,3 +153,20 @@ def test_speculative_quick_run_gives_plain_greedy_tokens(tmp_path, capsys):
     parts = (1 + r["accepted_per_round"]) * r["greedy_step_ms"] / (r["draft_ms"] + r["verify_ms"])
     assert r["model_speedup"] == pytest.approx(parts)
   assert "| batch | draft" in capsys.readouterr().out
+
+
+def test_ffn_merge_quick_run_times_every_phase_and_saves_exactly_the_merged_ffns(tmp_path, capsys):
+  out = tmp_path / "ffn_merge.json"
+  ffn_merge.main(["--quick", "--out", str(out)])
+  report = json.loads(out.read_text())
+  assert sorted(report["shapes"]) == ["micro-gpt2", "micro-t5"]
+  phases = {(r["shape"], r["phase"]) for r in report["rows"]}
+  assert len(phases) == 8 and all(r["seconds"] > 0 for r in report["rows"])
+  for name, shape in report["shapes"].items():
+    model, params, k = ffn_merge.build(name)
+    ffn = params[model.stacks[0]]["blocks"]["0"]["ffn"]
+    ffn_bytes = sum(x.nbytes for x in jax.tree.leaves(ffn))
+    saved = shape["original_memory_bytes"] - shape["merged_memory_bytes"]
+    assert saved == (k - 1) * ffn_bytes * len(model.stacks), name
+    assert shape["merged_disk_bytes"] < shape["original_disk_bytes"] and shape["flops"] > 0
+  assert "| shape" in capsys.readouterr().out

@@ -1,0 +1,207 @@
+"""What FFN merging costs and saves at published shapes: the feature pass, the correlations, the
+assignments, and the merged model's size in memory and on disk against the original.
+
+Random weights (the costs do not depend on the values) of t5-small (6+6 layers, d_ff 2048) and
+GPT-2 124M (12 layers, d_ff 3072), random tokens, windows of k = a third of the layers (t5-small
+k=2 in both stacks, GPT-2 k=4):
+
+* ``features``: ``collect_stats`` over ``--tokens`` real tokens per stack in batches of
+  ``--batch`` x 128, with the cross sums of every (reference, other) pair that some candidate
+  window needs (what ``python -m modjax.merge --start auto`` collects). Timed after a compiling
+  pass; FLOPs and bytes per batch from XLA's cost analysis of the jitted accumulation step;
+  ``%peak`` against the matmul peak and ``%bw`` against the memory bandwidth measured in this run.
+* ``correlations``: every pair's [F, F] Pearson matrix from the streamed sums (NumPy).
+* ``assignments``: ``linear_sum_assignment`` (SciPy, maximise) on each of them.
+* ``merge``: the aligned average of the window at start 0, one new bank entry per stack.
+* sizes: bytes of the arrays the identity plan reads vs what the merged plan reads (in memory),
+  and the Orbax directories of both written with ``modjax.export.export_bank_subset``
+  (on disk: each shared FFN is stored once).
+
+    python -m benchmarks.ffn_merge                 # t5-small and gpt2, ~10k tokens each
+    python -m benchmarks.ffn_merge --quick         # micro shapes: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from modjax import export
+from modjax.methods.ffn_merge import assignment, features, merge_windows, window_pairs
+from modjax.methods.ffn_merge.window import candidate_starts
+from modjax.models import GPT2, T5
+from modjax.presets import get_preset
+
+try:
+  from benchmarks import hardware
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+  import hardware
+
+SHAPES = {  # name -> (preset, overrides, k)
+  "t5-small": ("t5-small", dict(vocab_size=32128), 2),
+  "gpt2": ("gpt2", {}, 4),
+  "micro-t5": ("micro", {}, 2),
+  "micro-gpt2": ("gpt2-tiny", dict(n_layer=3), 2),
+}
+LENGTH = 128
+TABLE = ["shape", "phase", "seconds", "per_unit", "gflops", "%peak", "%bw", "note"]
+
+
+def build(name: str):
+  preset, overrides, k = SHAPES[name]
+  config = dataclasses.replace(get_preset(preset), **overrides)
+  model = (T5 if "t5" in name else GPT2)(config)
+  return model, model.init(jax.random.key(0)), k
+
+
+def random_batches(model, batch: int, count: int, seed: int = 0) -> list[dict]:
+  """Full-length batches of random tokens (every position a real token)."""
+  rng = np.random.default_rng(seed)
+  vocab = model.config.vocab_size
+
+  def tokens():
+    return rng.integers(2, vocab, (batch, LENGTH), dtype=np.int32)
+
+  out = []
+  for _ in range(count):
+    targets = tokens()
+    b = {"decoder_input_tokens": np.roll(targets, 1, axis=1), "decoder_target_tokens": targets}
+    if isinstance(model, T5):
+      b["encoder_input_tokens"] = tokens()
+    out.append(b)
+  return out
+
+
+def stack_pairs(model, plan, k: int) -> dict:
+  return {s: window_pairs(candidate_starts(plan, (s,), k), k) for s in model.stacks}
+
+
+def feature_cost(model, plan, params, pairs, batch) -> dict:
+  """XLA's FLOPs and bytes of one jitted accumulation step (the feature pass's unit)."""
+  static = tuple((s, tuple(pairs[s])) for s in model.stacks)
+  d_ff = model.stack_block_spec(model.stacks[0]).d_ff
+  state = {s: features._initial_state(len(plan.stack(s)), d_ff, len(p)) for s, p in static}  # noqa: SLF001
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  lowered = features._accumulate.lower(model, plan, static, state, params, batch)  # noqa: SLF001
+  cost = lowered.compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
+
+
+def time_features(model, plan, params, pairs, batches, tokens: int):
+  features.collect_stats(model, params, plan, batches[:1], pairs=pairs)  # compiles
+  start = time.perf_counter()
+  stats = features.collect_stats(model, params, plan, batches, pairs=pairs, max_tokens=tokens)
+  return stats, time.perf_counter() - start
+
+
+def time_alignment(model, stats, pairs) -> tuple[dict, float, float, int]:
+  """(correlations, seconds for all of them, seconds for all assignments, pair count)."""
+  start = time.perf_counter()
+  corr = {(s, i, j): stats.correlation(s, i, j) for s in model.stacks for i, j in pairs[s]}
+  corr_s = time.perf_counter() - start
+  start = time.perf_counter()
+  for c in corr.values():
+    assignment(c)
+  return corr, corr_s, time.perf_counter() - start, len(corr)
+
+
+def sizes(model, params, plan, merged_params, merged_plan) -> dict:
+  """In-memory bytes each plan reads, and the on-disk bytes of their Orbax banks."""
+  out = {}
+  with tempfile.TemporaryDirectory() as root:
+    for name, (p, pl) in {
+      "original": (params, plan),
+      "merged": (merged_params, merged_plan),
+    }.items():
+      saved = export.export_bank_subset(os.path.join(root, name), model, p, pl)
+      out[f"{name}_memory_bytes"] = sum(x.nbytes for x in jax.tree.leaves(saved))
+      out[f"{name}_disk_bytes"] = _disk_bytes(os.path.join(root, name))
+  return out
+
+
+def _disk_bytes(directory: str) -> int:
+  return sum(
+    os.path.getsize(os.path.join(dirpath, f))
+    for dirpath, _, files in os.walk(directory)
+    for f in files
+  )
+
+
+def run_shape(name: str, args, limits: dict) -> tuple[list[dict], dict]:
+  model, params, k = build(name)
+  plan = model.identity_plan()
+  pairs = stack_pairs(model, plan, k)
+  rows_per_batch = args.batch * LENGTH
+  batches = random_batches(model, args.batch, -(-args.tokens // rows_per_batch))
+  stats, feat_s = time_features(model, plan, params, pairs, batches, args.tokens)
+  cost = feature_cost(model, plan, params, pairs, batches[0])
+  n_batches = len(batches)
+  flops, nbytes = cost["flops"] * n_batches, cost["bytes"] * n_batches
+  _, corr_s, assign_s, n_pairs = time_alignment(model, stats, pairs)
+  start = time.perf_counter()
+  merged = merge_windows(model, params, plan, {s: 0 for s in model.stacks}, k, stats=stats)
+  jax.block_until_ready(merged[0])
+  merge_s = time.perf_counter() - start
+  size = sizes(model, params, plan, *merged)
+  d_ff = model.stack_block_spec(model.stacks[0]).d_ff
+  tokens = int(min(stats.count.values()))
+  rows = [
+    dict(shape=name, phase="features", seconds=feat_s, per_unit=f"{feat_s / tokens * 1e6:.1f} us/token",
+         gflops=flops / 1e9, **{"%peak": 100 * flops / feat_s / limits["peak_flops"],
+         "%bw": 100 * nbytes / feat_s / limits["peak_bytes_per_s"]},
+         note=f"{tokens} tokens/stack, {n_pairs} pairs"),
+    dict(shape=name, phase="correlations", seconds=corr_s, per_unit=f"{corr_s / n_pairs * 1e3:.1f} ms/pair",
+         note=f"[{d_ff}, {d_ff}] each"),
+    dict(shape=name, phase="assignments", seconds=assign_s, per_unit=f"{assign_s / n_pairs:.2f} s/pair",
+         note="scipy linear_sum_assignment"),
+    dict(shape=name, phase="merge", seconds=merge_s, note=f"k={k} at start 0, {len(model.stacks)} stack(s)"),
+  ]  # fmt: skip
+  record = {"k": k, "pairs": n_pairs, "tokens": tokens, "batches": n_batches, **cost, **size}
+  record["memory_ratio"] = size["merged_memory_bytes"] / size["original_memory_bytes"]
+  record["disk_ratio"] = size["merged_disk_bytes"] / size["original_disk_bytes"]
+  return rows, record
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true", help="micro shapes (a smoke test)")
+  parser.add_argument("--shapes", default=None, help="comma-separated names of SHAPES")
+  parser.add_argument("--tokens", type=int, default=10_240, help="real tokens per stack")
+  parser.add_argument("--batch", type=int, default=16, help="rows of 128 tokens per batch")
+  parser.add_argument("--out", default="benchmarks/results/ffn_merge.json")
+  args = parser.parse_args(argv)
+  names = args.shapes.split(",") if args.shapes else (
+    ["micro-t5", "micro-gpt2"] if args.quick else ["t5-small", "gpt2"]
+  )  # fmt: skip
+  if args.quick:
+    args.tokens, args.batch = min(args.tokens, 512), min(args.batch, 2)
+  limits = hardware.measure_limits()
+  rows, records = [], {}
+  for name in names:
+    shape_rows, records[name] = run_shape(name, args, limits)
+    rows += shape_rows
+    print(f"{name}: {records[name]}", flush=True)
+  hardware.print_table(rows, TABLE)
+  size_rows = [
+    {"shape": n, **{k: r[k] for k in r if k.endswith(("_bytes", "_ratio"))}}
+    for n, r in records.items()
+  ]
+  hardware.print_table(size_rows)
+  out = hardware.write_json(
+    args.out,
+    {"machine": hardware.machine(), "limits": limits, "rows": rows, "shapes": records,
+     "tokens": args.tokens, "batch": args.batch, "length": LENGTH},
+  )  # fmt: skip
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
