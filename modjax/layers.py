@@ -184,6 +184,14 @@ class Attention(nn.Module):
     With ``keys_transposed`` the keys come as BHKT, as decoding stores them (see the decoding
     cache layout below).
     """
+    ctx_BLHK, probs_BHLT = self.context(
+      q_BHLK, k_BHTK, v_BHTK, bias_BHLT, deterministic, keys_transposed
+    )
+    return self.out(ctx_BLHK), probs_BHLT
+
+  def context(self, q_BHLK, k_BHTK, v_BHTK, bias_BHLT, deterministic: bool, keys_transposed=False):
+    """(context_BLHK, probabilities_BHLT): :meth:`attend` before its output projection, so a
+    caller can project one context through several output projections (Mixture-of-Modules)."""
     scores = "bhlk,bhkt->bhlt" if keys_transposed else "bhlk,bhtk->bhlt"
     logits = jnp.einsum(scores, q_BHLK, k_BHTK, preferred_element_type=jnp.float32)
     if self.spec.attn_scale != 1.0:
@@ -191,7 +199,7 @@ class Attention(nn.Module):
     probs_BHLT = jax.nn.softmax(logits + bias_BHLT, axis=-1)
     dropped = self.dropout(probs_BHLT, deterministic=deterministic)
     ctx_BHLK = jnp.einsum("bhlt,bhtk->bhlk", dropped.astype(v_BHTK.dtype), v_BHTK)
-    return self.out(jnp.swapaxes(ctx_BHLK, 1, 2)), probs_BHLT
+    return jnp.swapaxes(ctx_BHLK, 1, 2), probs_BHLT
 
   def __call__(self, x_BLD, kv_BTD, bias_BHLT, deterministic: bool):
     k, v = self.project_kv(kv_BTD)
