@@ -1,0 +1,125 @@
+"""The Mixture-of-Modules decoder: GPT-2's embeddings, vanilla blocks, final norm and tied head
+(modjax's own, never copied) around MoM blocks (:mod:`.block`), as a pure function of
+(bank, MoM structure, inputs).
+
+:class:`MoMGPT2` is hashable (a ``jit`` static argument) and answers what ``modjax.bank`` and
+the training loop ask of a model (``stacks``, ``stack_block_spec``, ``param_axes``, ``init``), so
+``bank.shardings`` places pools on the ``expert`` mesh axis and ``modjax.train.loop.train`` runs
+it like any model. Its ``config`` is the GPT-2 config of the vanilla model the pools stand for
+(``n_layer`` = that model's depth), which is what a stored bank's ``model.json`` records; the
+MoM structure lives in the entry metadata (:func:`.pools.bank_meta`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from modjax.dropout import dropout
+from modjax.layers import causal_bias, key_padding_bias, segment_bias
+from modjax.methods.mom.block import mom_block
+from modjax.methods.mom.pools import init_routers, mom_bank
+from modjax.methods.mom.routers import balance_loss, router_axes
+from modjax.methods.mom.stats import block_metrics
+from modjax.methods.mom.structure import MoMConfig
+from modjax.model_config import GPT2Config
+from modjax.models import GPT2
+from modjax.models.stack import run_stack
+from modjax.plan import Slot
+
+
+@dataclasses.dataclass(frozen=True)
+class MoMGPT2:
+  config: GPT2Config
+  mom: MoMConfig
+
+  stacks = ("decoder",)
+
+  @property
+  def gpt2(self) -> GPT2:
+    return GPT2(self.config)
+
+  def block_spec(self):
+    return self.gpt2.block_spec()
+
+  def stack_block_spec(self, stack: str):
+    return self.gpt2.stack_block_spec(stack)
+
+  def init(self, rng):
+    """A MoM bank from scratch: a freshly initialised vanilla GPT-2 of ``config.n_layer``
+    layers mapped into the pools (the same rule as starting from a trained one)."""
+    model_rng, router_rng = jax.random.split(rng)
+    return mom_bank(self.gpt2.init(model_rng), self.mom, self.config.n_layer, router_rng)
+
+  def param_axes(self):
+    """GPT-2's model-wide axes plus the routers' (blocks and pools follow the block spec)."""
+    base = self.gpt2.param_axes()
+    decoder = {k: v for k, v in base["decoder"].items() if k != "blocks"}
+    shapes = jax.eval_shape(lambda: init_routers(self.mom, jax.random.key(0), self.config.n_embd))
+    decoder["routers"] = {name: router_axes(p) for name, p in shapes.items()}
+    return {**base, "decoder": decoder}
+
+  def __call__(self, params, input_ids_BL, **kwargs):
+    return forward(self, params, input_ids_BL, **kwargs)
+
+
+def _inputs(length: int, attention_mask, segment_ids, token_mask, shape):
+  """(attention bias, real-token mask BL) as GPT-2's forward builds them."""
+  bias = causal_bias(length)
+  if segment_ids is not None:
+    bias = bias + segment_bias(segment_ids, segment_ids)
+  elif attention_mask is not None:
+    bias = bias + key_padding_bias(attention_mask)
+  if token_mask is None:
+    token_mask = segment_ids > 0 if segment_ids is not None else attention_mask
+  mask = jnp.ones(shape, jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+  return bias, mask
+
+
+def forward(
+  model: MoMGPT2,
+  params,
+  input_ids_BL,
+  *,
+  attention_mask=None,
+  positions=None,
+  segment_ids=None,
+  token_mask=None,
+  deterministic: bool = True,
+  dropout_rng=None,
+):
+  """(logits float32 BLV, aux): aux holds ``balance_loss`` and the router statistics
+  (:mod:`.stats`). ``token_mask`` marks real tokens for routing statistics and capacity (by
+  default the attention mask or segment ids; padding routes nowhere)."""
+  gpt2, cfg, spec = model.gpt2, model.mom, model.block_spec()
+  length = input_ids_BL.shape[1]
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(length), input_ids_BL.shape)
+  bias, mask = _inputs(length, attention_mask, segment_ids, token_mask, input_ids_BL.shape)
+  use_rng = dropout_rng is not None and not deterministic
+  key = functools.partial(jax.random.fold_in, dropout_rng) if use_rng else lambda i: None
+  x = gpt2._embed(params, input_ids_BL, positions)
+  if use_rng and model.config.embd_pdrop > 0:
+    x = dropout(x, model.config.embd_pdrop, key(len(cfg.positions())))
+  routings, dropped, metrics = {"attn": [], "ffn": []}, [], {}
+  for i, (kind, where) in enumerate(cfg.positions()):
+    if kind == "block":
+      x, _ = run_stack(
+        params["decoder"], (Slot(where),), spec, x, bias,
+        deterministic=deterministic, dropout_rng=key(i),
+      )  # fmt: skip
+      continue
+    x, block_routings, block_dropped = mom_block(
+      spec, cfg, params["decoder"], where, x, bias, mask, deterministic=deterministic, rng=key(i)
+    )
+    metrics.update(block_metrics(cfg, where, block_routings))
+    for k in routings:
+      routings[k] += block_routings[k]
+    dropped += block_dropped
+  aux = {"balance_loss": balance_loss(routings, cfg), **metrics}
+  if cfg.dispatch == "capacity":
+    aux["router/dropped"] = sum(dropped) / len(dropped)
+  return gpt2._logits(params, x), aux
