@@ -28,9 +28,13 @@ def run_method(config):
     from modjax.methods.ffn_merge.run import recover
 
     return recover(config)
+  if config.method == "mom":
+    from modjax.methods.mom.run import train_mom
+
+    return train_mom(config)
   raise ConfigError(
-    f"config.method={config.method!r} is unknown; use 'finetune', 'modular', 'baseline' "
-    "or 'ffn_merge'"
+    f"config.method={config.method!r} is unknown; use 'finetune', 'modular', 'baseline', "
+    "'ffn_merge' or 'mom'"
   )
 
 

@@ -1,0 +1,79 @@
+"""Mixture-of-Modules GPT-2 decoders (modjax/methods/mom). The arg is ``<size>[,<data dir>]``:
+
+* ``tiny``: gpt2-tiny shapes on the embedded task (no downloads; about a minute on CPU):
+  1 bottom layer, one MoM block of 2 attention + 2 FFN modules (K=1, H=2, SKIP), 1 top layer:
+  the parameters of a 4-layer GPT-2;
+* ``ddtp``: configs/ddtp_lm.py's data, vocabulary and optimizer (GPT-2-shaped LM on the
+  DDTP-summ descriptions; data dir default ../shared/data/ddtp-summ): 1 bottom layer, one MoM
+  block of 4 + 4 modules (K=1, H=4, SKIP), 1 top layer: the parameters of its 6-layer vanilla.
+
+From scratch, or phase two from a vanilla run (its layers map into the pools, its vocabulary is
+used):
+
+  python -m modjax.train --config configs/mom_gpt2.py:tiny --config.workdir=/tmp/modjax/mom_tiny
+  python -m modjax.train --config configs/ddtp_lm.py:../shared/data/ddtp-summ \\
+      --config.workdir=runs/ddtp_lm
+  python -m modjax.train --config configs/mom_gpt2.py:ddtp --config.workdir=runs/mom_ddtp \\
+      --config.mom.init_from=runs/ddtp_lm
+
+Every MoM setting is ``--config.mom.<key>`` (modjax/methods/mom/structure.py: router, top_k,
+rounds, skip, anchor, weighted_qkv, balance, dispatch, capacity_factor, ...). Optimizer: AdamW
+(0.9, 0.95), eps 1e-5, weight decay 0.1, cosine, clip 1.0, lr 1e-3 (the paper's).
+"""
+
+import importlib.util
+import os
+
+from modjax.methods.mom.run import add_defaults
+from modjax.train.defaults import base_config, lock
+
+SIZES = ("tiny", "ddtp")
+
+
+def _ddtp_lm(data_dir: str):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddtp_lm.py")
+  spec = importlib.util.spec_from_file_location("modjax_configs_ddtp_lm", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(data_dir)
+
+
+def _tiny():
+  c = base_config()
+  c.model.preset = "gpt2-tiny"
+  c.data.task = "embedded_lead"
+  c.data.vocab_size = 240
+  c.data.targets_length = 32
+  c.train.batch_size = 16
+  c.train.num_steps = 150
+  c.train.log_every = 25
+  c.optimizer.warmup_steps = 20
+  c.checkpoint.every_steps = 50
+  c.eval.metrics = "perplexity"
+  return c
+
+
+def _optimizer(c):
+  o = c.optimizer
+  o.name, o.learning_rate, o.schedule = "adamw", 1e-3, "cosine"
+  o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip = 0.9, 0.95, 1e-5, 0.1, 1.0
+
+
+def get_config(arg: str = "tiny"):
+  size, data_dir = (arg.split(",", 1) + [""])[:2]
+  if size not in SIZES:
+    raise ValueError(f"unknown size {size!r}; use one of {SIZES}")
+  if size == "tiny" and data_dir:
+    raise ValueError("the tiny size reads the embedded task; give no data dir")
+  c = _tiny() if size == "tiny" else _ddtp_lm(data_dir or "../shared/data/ddtp-summ")
+  with c.unlocked():
+    add_defaults(c)
+  _optimizer(c)
+  m = c.mom
+  m.bottom_layers, m.num_blocks, m.top_layers, m.anchor, m.skip = 1, 1, 1, False, True
+  m.top_k = 1
+  if size == "tiny":
+    m.num_attn, m.num_ffn, m.rounds, m.router_dim = 2, 2, 2, 64
+  else:
+    m.num_attn, m.num_ffn, m.rounds = 4, 4, 4
+  return lock(c)
