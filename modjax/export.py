@@ -268,11 +268,8 @@ def check_plain_plan(model, params, plan: Plan) -> None:
           f"{stack} slot {i} ({slot}) is not a plain block; a Hugging Face checkpoint holds "
           "plain blocks only, export this plan as orbax or jax"
         )
-      entry = params[stack]["blocks"][slot.block]
+      entry = bank.slot_params(params[stack], slot)  # a block stored without its tied FFN
       bank.check_entry_shapes(model, stack, "blocks", slot.block, entry)
-      if slot.ffn is not None:
-        entry = params[stack]["ffns"][slot.ffn]
-        bank.check_entry_shapes(model, stack, "ffns", slot.ffn, entry)
 
 
 def _generate_note(config) -> str | None:

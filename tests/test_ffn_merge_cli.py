@@ -14,6 +14,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from test_ffn_merge import _assert_hf_matches, _batch
 from train_helpers import (
   REPO,
   TRACEBACK,
@@ -23,7 +24,7 @@ from train_helpers import (
   run_module,
 )
 
-from modjax import bank, bank_io, cost, scoring
+from modjax import bank, bank_io, cost, export, scoring
 from modjax.methods.ffn_merge import calibration_stats, merge_windows
 from modjax.methods.ffn_merge.commands import _batches, _task_data, merge_bank
 from modjax.methods.modular import add_modules
@@ -128,6 +129,11 @@ def test_merging_gpt2_picks_the_best_window_and_drop_removes_whole_layers(banks,
   record = merge_bank(banks["gpt2"], cfg, tmp_path / "permute", k=2, calib_tokens=100)
   scores = {int(s): m["cross_entropy"] for s, m in record["scores"].items()}
   assert set(scores) == {0, 1} and record["start"] == min(scores, key=scores.get)
+  # the saved merged bank exports to a checkpoint transformers loads, with the same logits
+  export.export(tmp_path / "permute", "merged", tmp_path / "export", formats=("hf",))
+  stored = bank_io.load_bank(tmp_path / "permute")
+  batch = _batch(stored.model, lengths=(11, 8, 5))[0]
+  _assert_hf_matches(tmp_path / "export" / "hf", stored.model, stored.params, stored.plan(), batch)
   dropped = merge_bank(banks["gpt2"], cfg, tmp_path / "drop", k=2, method="drop", start=1)
   stored = bank_io.load_bank(tmp_path / "drop")
   assert [s.block for s in stored.plan().decoder] == ["0", "1"]  # layer 2 dropped
