@@ -8,6 +8,7 @@ import glob
 import logging
 import math
 import os
+import tempfile
 
 import jax
 from etils import epath
@@ -69,12 +70,23 @@ def build_vocabulary(cfg):
       len(texts),
       path,
     )
-    vocab.train_sentencepiece(texts, os.fspath(path)[: -len(".model")], d.vocab_size)
+    _train_vocabulary(texts, path, d.vocab_size)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("vocabulary")
   return vocab.load_vocabulary(os.fspath(path), extra_ids=0)
+
+
+def _train_vocabulary(texts, path: epath.Path, vocab_size: int) -> None:
+  """SentencePiece writes local files only: train in a temporary directory, then copy the
+  model and its pieces to ``path`` (local or a gs:// workdir) through epath."""
+  with tempfile.TemporaryDirectory() as local:
+    model = vocab.train_sentencepiece(texts, os.path.join(local, "spm"), vocab_size)
+    for suffix in (".model", ".vocab"):
+      source = epath.Path(model[: -len(".model")] + suffix)
+      if source.exists():
+        source.copy(path.parent / f"spm{suffix}", overwrite=True)
 
 
 def use_bank_vocabulary(cfg, bank_dir: epath.Path) -> None:
