@@ -23,7 +23,14 @@ from modjax.methods.mom.block import mom_block
 from modjax.methods.mom.dispatch import Capacity
 from modjax.methods.mom.model import MoMGPT2
 from modjax.methods.mom.pools import mom_bank
-from modjax.methods.mom.routers import Routing, balance_loss, top_k_gates
+from modjax.methods.mom.routers import (
+  Routing,
+  balance_loss,
+  init_router,
+  initial_state,
+  router_scores,
+  top_k_gates,
+)
 from modjax.methods.mom.run import load_mom_bank, train_mom
 from modjax.methods.mom.structure import MoMConfig, MoMError
 from modjax.model_config import GPT2Config
@@ -160,6 +167,33 @@ def test_top_k_renormalisation_and_balancing_loss_match_hand_computation():
     half, jnp.asarray([[[0], [1], [0], [1]]]), jnp.ones((1, 4, 1)), jnp.ones((1, 4))
   )
   assert float(balance_loss({"attn": [uniform], "ffn": [uniform]}, cfg)) == pytest.approx(2.0)
+
+
+def test_gru_router_is_torchs_gru_cell_and_mlp_router_and_raw_gates_match_by_hand():
+  cfg = MoMConfig(num_attn=3, num_ffn=3, top_k=2, router="gru", router_dim=8)
+  params = init_router("gru", jax.random.key(0), 32, 4, 8)
+  for name in ("input", "recurrent"):  # non-zero biases, so their placement is checked too
+    params[name]["bias"] = jnp.linspace(-0.3, 0.3, 24)
+  cell = torch.nn.GRUCell(32, 8)
+  with torch.no_grad():
+    for ours, theirs in (("input", "ih"), ("recurrent", "hh")):
+      getattr(cell, f"weight_{theirs}").copy_(torch.tensor(np.array(params[ours]["kernel"]).T))
+      getattr(cell, f"bias_{theirs}").copy_(torch.tensor(np.array(params[ours]["bias"])))
+  x, state, h = _x(length=5), initial_state(cfg, _x(length=5)), torch.zeros(10, 8)
+  for _ in range(3):  # the state carries across rounds
+    scores, state = router_scores("gru", params, x, state)
+    h = cell(torch.tensor(np.array(x).reshape(10, 32)), h)
+    np.testing.assert_allclose(state.reshape(10, 8), h.detach().numpy(), atol=1e-6)
+    out = params["output"]
+    np.testing.assert_allclose(scores, state @ out["kernel"] + out["bias"], atol=1e-6)
+
+  mlp = init_router("mlp", jax.random.key(1), 32, 4, 8)
+  scores, _ = router_scores("mlp", mlp, x, None)
+  hidden = np.maximum(np.asarray(x) @ mlp["input"]["kernel"] + mlp["input"]["bias"], 0)
+  expected = hidden @ mlp["output"]["kernel"] + mlp["output"]["bias"]
+  np.testing.assert_allclose(scores, expected, atol=1e-6)
+  raw = top_k_gates(scores, jnp.ones((2, 5)), dataclasses.replace(cfg, gate="raw"))
+  np.testing.assert_allclose(raw.weight_BLK, -np.sort(-expected, axis=-1)[..., :2], atol=1e-6)
 
 
 # ---- dispatch, causality, sharding ------------------------------------------------------------
