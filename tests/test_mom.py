@@ -31,10 +31,12 @@ from modjax.methods.mom.routers import (
   router_scores,
   top_k_gates,
 )
-from modjax.methods.mom.run import load_mom_bank, train_mom
+from modjax.methods.mom.run import load_mom_bank, structure_from_config, train_mom
 from modjax.methods.mom.structure import MoMConfig, MoMError
 from modjax.model_config import GPT2Config
 from modjax.models import GPT2
+from modjax.presets import get_preset
+from modjax.train.experiment import validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "mom_gpt2.py")
@@ -360,14 +362,43 @@ def test_training_cli_writes_a_mom_bank_and_logs_router_statistics(trained):
   assert np.isfinite(np.asarray(logits)).all() and np.isfinite(float(aux["balance_loss"]))
 
 
-def _mom_config(**values):
+def _config_module():
   spec = importlib.util.spec_from_file_location("modjax_configs_mom_gpt2", CONFIG)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cfg = module.get_config("tiny")
+  return module
+
+
+CONFIG_DOC = _config_module().__doc__
+
+
+def _mom_config(size="tiny", **values):
+  cfg = _config_module().get_config(size)
   for key, value in values.items():
     set_key(cfg, key.replace("__", "."), value)
   return cfg
+
+
+@pytest.mark.parametrize("size", ["tiny", "ddtp"])
+def test_mom_configs_build_locked_valid_and_with_the_papers_optimizer(size, tmp_path):
+  cfg = _mom_config(size, workdir=str(tmp_path))
+  assert "python -m modjax.train --config configs/mom_gpt2.py" in CONFIG_DOC
+  with pytest.raises(AttributeError):
+    cfg.mom.no_such_key = 1
+  validate_config(cfg)
+  structure = structure_from_config(cfg.mom)
+  assert structure.vanilla_depth == get_preset(cfg.model.preset).n_layer  # equal parameters
+  o = cfg.optimizer
+  assert (o.name, o.b1, o.b2, o.eps, o.weight_decay, o.schedule, o.grad_clip, o.learning_rate) == (
+    "adamw",
+    0.9,
+    0.95,
+    1e-5,
+    0.1,
+    "cosine",
+    1.0,
+    1e-3,
+  )
 
 
 def test_phase_two_starts_from_a_vanilla_gpt2_bank(trained, tmp_path):
