@@ -25,7 +25,7 @@ from modjax.train.defaults import lock
 
 RECIPES = {"tiny": "tiny.py", "lm": "ddtp_lm.py", "ende": "ddtp_ende.py"}
 # (steps, learning rate, warm-up) of the recovery budget per recipe
-BUDGETS = {"tiny": (60, 0.003, 10), "lm": (150, 3e-4, 15), "ende": (150, 0.003, 15)}
+BUDGETS = {"tiny": (60, 0.003, 10), "lm": (150, 3e-4, 15), "ende": (100, 0.003, 10)}
 
 
 def _recipe_config(file_name: str, data_dir: str):
