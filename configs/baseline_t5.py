@@ -13,22 +13,12 @@ kept layers are ``--config.baseline.decoder_layers`` / ``encoder_layers`` ("" = 
 See modjax/methods/baselines.py; each run writes compute.json (training FLOPs).
 """
 
-import importlib.util
-import os
-
 from modjax.methods.baselines import KINDS, add_defaults
-from modjax.train.defaults import lock
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
+from modjax.train.defaults import lock, sibling_module
 
 
 def _modular_recipes():
-  spec = importlib.util.spec_from_file_location(
-    "modjax_configs_modular_t5", f"{_HERE}/modular_t5.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return sibling_module(__file__, "modular_t5.py")
 
 
 def get_config(arg: str = "kd,tiny"):

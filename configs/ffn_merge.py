@@ -17,23 +17,12 @@ Every merged variant (permute, vanilla, drop) gets the same budget: ``train.num_
 ``--config.ffn_merge.scope=merged`` trains only the shared FFN entries.
 """
 
-import importlib.util
-import os
-
 from modjax.methods.ffn_merge.run import add_defaults
-from modjax.train.defaults import lock
+from modjax.train.defaults import lock, sibling_config
 
 RECIPES = {"tiny": "tiny.py", "lm": "ddtp_lm.py", "ende": "ddtp_ende.py"}
 # (steps, learning rate, warm-up) of the recovery budget per recipe
 BUDGETS = {"tiny": (60, 0.003, 10), "lm": (150, 3e-4, 15), "ende": (100, 0.003, 10)}
-
-
-def _recipe_config(file_name: str, data_dir: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), file_name)
-  spec = importlib.util.spec_from_file_location(f"modjax_configs_{file_name[:-3]}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(data_dir) if data_dir else module.get_config()
 
 
 def get_config(arg: str = "tiny"):
@@ -42,7 +31,7 @@ def get_config(arg: str = "tiny"):
     raise ValueError(f"unknown recipe {recipe!r}; use one of {sorted(RECIPES)}")
   if recipe == "tiny" and data_dir:
     raise ValueError("the tiny recipe reads the embedded task; give no data dir")
-  c = _recipe_config(RECIPES[recipe], data_dir)
+  c = sibling_config(__file__, RECIPES[recipe], data_dir)
   with c.unlocked():
     add_defaults(c)
   c.ffn_merge.bank = merged

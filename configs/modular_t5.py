@@ -12,21 +12,14 @@ The data, vocabulary and batch settings are the teacher recipe's; the bank train
 modules (see modjax/methods/modular/config.py for every value and which are reconstructions).
 """
 
-import importlib.util
-import os
-
 from modjax.methods.modular.config import add_defaults
-from modjax.train.defaults import lock
+from modjax.train.defaults import lock, sibling_config
 
 RECIPES = {"tiny": ("tiny.py", "runs/tiny"), "ddtp_summ": ("ddtp_summ.py", "runs/ddtp_summ6")}
 
 
 def recipe_config(file_name: str, arg: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), file_name)
-  spec = importlib.util.spec_from_file_location(f"modjax_configs_{file_name[:-3]}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return sibling_config(__file__, file_name, arg)
 
 
 def get_config(arg: str = "tiny"):

@@ -21,21 +21,14 @@ rounds, skip, anchor, weighted_qkv, balance, dispatch, capacity_factor, ...). Op
 (0.9, 0.95), eps 1e-5, weight decay 0.1, cosine, clip 1.0, lr 1e-3 (the paper's).
 """
 
-import importlib.util
-import os
-
 from modjax.methods.mom.run import add_defaults
-from modjax.train.defaults import base_config, lock
+from modjax.train.defaults import base_config, lock, sibling_config
 
 SIZES = ("tiny", "ddtp")
 
 
 def _ddtp_lm(data_dir: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddtp_lm.py")
-  spec = importlib.util.spec_from_file_location("modjax_configs_ddtp_lm", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(data_dir)
+  return sibling_config(__file__, "ddtp_lm.py", data_dir)
 
 
 def _tiny():

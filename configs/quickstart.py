@@ -10,19 +10,13 @@ configs/modular_t5.py:tiny), overridable as ``--config.teacher.train.num_steps=1
 workdirs are set under ``workdir``. Stages already done are resumed, not redone.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+from modjax.train.defaults import sibling_config
 
 
 def _load(name: str, arg: str = ""):
-  spec = importlib.util.spec_from_file_location(f"modjax_configs_{name}", f"{_HERE}/{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return sibling_config(__file__, f"{name}.py", arg)
 
 
 def get_config(arg: str = ""):

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -94,3 +97,21 @@ def base_config() -> ml_collections.ConfigDict:
 def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.lock()
   return c
+
+
+def sibling_module(config_file: str, file_name: str):
+  """The config module ``file_name`` in the folder of ``config_file`` (a config's own
+  ``__file__``): ``configs/`` is a folder of files, not a package."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), file_name)
+  name = f"modjax_configs_{os.path.splitext(file_name)[0]}"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def sibling_config(config_file: str, file_name: str, arg: str = ""):
+  """``get_config(arg)`` of the config file ``file_name`` beside ``config_file`` (its default
+  arg when ``arg`` is empty)."""
+  module = sibling_module(config_file, file_name)
+  return module.get_config(arg) if arg else module.get_config()
