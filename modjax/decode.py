@@ -102,10 +102,17 @@ def generate(
     if num_beams == 1
     else functools.partial(_beam, num_beams=num_beams, length_penalty=length_penalty)
   )
-  plan.validate(params, model.stacks)
+  validate_plan(model, params, plan)
   if prepared is not None:
     _check_prepared(model, params, prepared)
   return fn(model, params, plan, input_ids, input_mask, max_new_tokens, eos_id, pad_id, prepared)
+
+
+def validate_plan(model, params, plan: Plan) -> Plan:
+  """``plan`` checked against the bank; a model that runs a structure of its own rather than a
+  plan (Mixture-of-Modules) checks it with its ``check_plan``."""
+  check = getattr(model, "check_plan", None)
+  return plan.validate(params, model.stacks) if check is None else check(plan, params)
 
 
 def resolve_ids(model, input_ids, input_mask, eos_id, pad_id):

@@ -12,6 +12,9 @@ used when the workdir holds no bank and ``model.init_from`` is set). ``--plan`` 
 the bank (by name) or a JSON plan file; default: the bank's "default" plan, else the identity.
 The data and vocabulary come from the config (``data.vocab_path``, else the bank's or workdir's
 trained ``vocab/spm.model``).
+A Mixture-of-Modules bank (its ``entries.json`` records the MoM structure on its pools) runs
+its routed forward, takes no ``--plan``, and is scored without capacity drops; its perplexity
+comes with the router statistics (``router/...``, means over the scored tokens).
 
 Metrics (``eval.metrics``, comma-separated): ``perplexity`` (mean cross-entropy per target token
 over the first ``eval.max_examples`` examples, its exp, and the token count; T5 and GPT-2, which
@@ -48,6 +51,7 @@ from modjax import bank_io, metrics
 from modjax.checkpoint import CheckpointError
 from modjax.data import make_eval_examples, vocab
 from modjax.interop import hf
+from modjax.methods.mom.model import bank_model
 from modjax.models import architecture_for
 from modjax.plan import Plan, PlanError
 from modjax.scoring import make_eval_batches, predict, teacher_forced_metrics
@@ -93,15 +97,17 @@ def load_scored(cfg, *, bank: str | None = None, hf_dir: str | None = None, plan
   root = epath.Path(bank) if bank else None if hf_dir else experiment.workdir(cfg)
   if root is not None and not bank_io.is_bank(root) and not bank and cfg.model.init_from:
     root, hf_dir = None, cfg.model.init_from  # a workdir not trained yet: score the HF weights
+  stored = bank_io.load_bank(root) if root is not None and bank_io.is_bank(root) else None
+  if stored is not None and bank_model(stored.model, stored.meta) is not stored.model:
+    return _mom_scored(stored, plan, root)
   file_plan = _plan_file(plan, root)
   if root is None:
     return _load_hf(cfg, hf_dir, plan, file_plan)
-  if not bank_io.is_bank(root):
+  if stored is None:
     raise CheckpointError(
       f"no checkpoint in {root}: it holds no model.json (not a modjax bank or training "
       "workdir); train first, or give --bank DIR or --hf DIR"
     )
-  stored = bank_io.load_bank(root)
   if file_plan is not None:
     chosen = _validated(file_plan, stored.params, stored.model, plan)
   else:
@@ -109,6 +115,18 @@ def load_scored(cfg, *, bank: str | None = None, hf_dir: str | None = None, plan
   name = plan or (bank_io.DEFAULT_PLAN if bank_io.DEFAULT_PLAN in stored.plans else "identity")
   default = plan in (None, bank_io.DEFAULT_PLAN) or chosen == stored.plan()
   return Scored(stored.model, stored.params, chosen, name, stored.step, str(root), root, default)
+
+
+def _mom_scored(stored: bank_io.StoredBank, plan, root) -> Scored:
+  """A Mixture-of-Modules bank runs its routed structure (its entries record it), not a plan."""
+  if plan is not None:
+    raise PlanError(
+      f"--plan {plan}: a Mixture-of-Modules bank runs its routed structure, not a plan; drop --plan"
+    )
+  model = bank_model(stored.model, stored.meta)
+  return Scored(
+    model, stored.params, model.identity_plan(), "mom", stored.step, str(root), root, True
+  )
 
 
 def _plan_file(value, root, flag: str = "--plan") -> Plan | None:
@@ -246,9 +264,9 @@ def evaluate(
     raise experiment.ConfigError("config.eval.metrics is empty; name rouge, bleu or perplexity")
   _check_draft_fit(cfg, names, draft, draft_tokens)
   scored = load_scored(cfg, bank=bank, hf_dir=hf_dir, plan=plan)
-  drafting = load_draft(scored, draft, draft_tokens) if draft is not None else None
   vocabulary = load_eval_vocabulary(cfg, scored.vocab_dir)
   _check_fit(cfg, names, scored.model, vocabulary)
+  drafting = load_draft(scored, draft, draft_tokens) if draft is not None else None
   task = experiment.build_task(cfg, vocabulary)
   scored.params = jax.device_put(scored.params)
   log.info(

@@ -33,28 +33,39 @@ log = logging.getLogger("modjax.evaluate")
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _loss_sums(model, plan: Plan, params, batch):
-  """(weighted CE sum, weight sum) of one batch; compiled once per (model, plan, batch shape)."""
+  """(weighted CE sum, weight sum, {statistic: mean over the batch's target tokens}) of one
+  batch; compiled once per (model, plan, batch shape). A model with its own
+  ``teacher_forced_sums(params, batch)`` (Mixture-of-Modules: no capacity drops, router
+  statistics) scores itself."""
+  own = getattr(model, "teacher_forced_sums", None)
+  if own is not None:
+    return own(params, batch)
   make = losses.seq2seq_loss if experiment.model_type(model) == "encdec" else losses.lm_loss
-  return make(model, plan)(params, None, batch, None)
+  return (*make(model, plan)(params, None, batch, None), {})
 
 
 def teacher_forced_metrics(model, params, plan: Plan, batches) -> dict:
   """Mean cross-entropy per target token over ``batches`` (seqio EncDec batches for T5,
-  Decoder batches for GPT-2), its exp (perplexity) and the number of tokens.
+  Decoder batches for GPT-2 and Mixture-of-Modules), its exp (perplexity) and the number of
+  tokens, plus any statistics the model reports (a MoM bank's ``router/...``), averaged over
+  the target tokens.
 
   Tokens count by ``decoder_loss_weights``, so padding (and whole padding rows) adds nothing:
   the result does not depend on how the examples were cut into batches. Sums are carried across
   batches in float64 on the host."""
-  plan.validate(params, model.stacks)
-  total, tokens = 0.0, 0.0
+  decode.validate_plan(model, params, plan)
+  total, tokens, stats = 0.0, 0.0, {}
   for batch in batches:
-    loss_sum, weight_sum = jax.device_get(_loss_sums(model, plan, params, _as_jax(batch)))
+    loss_sum, weight_sum, means = jax.device_get(_loss_sums(model, plan, params, _as_jax(batch)))
     total += float(loss_sum)
     tokens += float(weight_sum)
+    for name, mean in means.items():
+      stats[name] = stats.get(name, 0.0) + float(mean) * float(weight_sum)
   if tokens <= 0:
     raise DataError("the batches hold no target tokens to score; check the split and lengths")
   cross_entropy = total / tokens
-  return {"cross_entropy": cross_entropy, "perplexity": math.exp(cross_entropy), "tokens": tokens}
+  scores = {"cross_entropy": cross_entropy, "perplexity": math.exp(cross_entropy), "tokens": tokens}
+  return {**scores, **{name: value / tokens for name, value in stats.items()}}
 
 
 def _as_jax(batch) -> dict:
@@ -132,7 +143,7 @@ def predict(
   are padded to ``inputs_length`` and batches to ``batch_size`` so decoding compiles once.
   ``draft_plan``: greedy decoding by self-speculation (``modjax.speculative``), which gives the
   same texts; its acceptance statistics are in the result's ``speculative``."""
-  plan.validate(params, model.stacks)
+  decode.validate_plan(model, params, plan)
   prepared = decode.prepare(model, params)
   texts = Predictions()
   totals = np.zeros(3, np.int64)  # rounds, drafted, accepted

@@ -11,10 +11,13 @@ attention and FFN modules, over a bank and a (static) MoM structure.
   token buffers, dense and capacity dispatch, routed attention and FFN, one MoM block;
 * :mod:`.model`: :class:`MoMGPT2`, GPT-2's embeddings, vanilla blocks and head around MoM blocks;
 * :mod:`.stats`, :mod:`.loss`, :mod:`.run`: router statistics, the step-contract loss and
-  ``python -m modjax.train --config configs/mom_gpt2.py:<size>``.
+  ``python -m modjax.train --config configs/mom_gpt2.py:<size>``;
+* ``python -m modjax.evaluate`` scores a MoM bank (:func:`.model.bank_model` tells
+  it from its entries) with :meth:`MoMGPT2.teacher_forced_sums`: no capacity drops, router
+  statistics.
 """
 
-from modjax.methods.mom.model import MoMGPT2, forward
+from modjax.methods.mom.model import MoMGPT2, bank_model, forward
 from modjax.methods.mom.pools import bank_meta, mom_bank, structure_from_meta
 from modjax.methods.mom.structure import MoMConfig, MoMError
 
@@ -23,6 +26,7 @@ __all__ = [
   "MoMError",
   "MoMGPT2",
   "bank_meta",
+  "bank_model",
   "forward",
   "mom_bank",
   "structure_from_meta",

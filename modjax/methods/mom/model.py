@@ -7,13 +7,17 @@ the training loop ask of a model (``stacks``, ``stack_block_spec``, ``param_axes
 ``bank.shardings`` places pools on the ``expert`` mesh axis and ``modjax.train.loop.train`` runs
 it like any model. Its ``config`` is the GPT-2 config of the vanilla model the pools stand for
 (``n_layer`` = that model's depth), which is what a stored bank's ``model.json`` records; the
-MoM structure lives in the entry metadata (:func:`.pools.bank_meta`).
+MoM structure lives in the entry metadata (:func:`.pools.bank_meta`), from which
+:func:`bank_model` rebuilds the model. It also answers what ``modjax.scoring`` asks
+(``teacher_forced_sums``), through :meth:`MoMGPT2.exact`, the dispatch without capacity drops; it
+takes no plan (the empty plan stands for its routed structure).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,14 +25,20 @@ import jax.numpy as jnp
 from modjax.dropout import dropout
 from modjax.layers import causal_bias, key_padding_bias, segment_bias
 from modjax.methods.mom.block import mom_block
-from modjax.methods.mom.pools import init_routers, mom_bank
+from modjax.methods.mom.loss import teacher_forced_sums
+from modjax.methods.mom.pools import (
+  init_routers,
+  mom_bank,
+  records_structure,
+  structure_from_meta,
+)
 from modjax.methods.mom.routers import balance_loss, router_axes
 from modjax.methods.mom.stats import block_metrics
 from modjax.methods.mom.structure import MoMConfig
 from modjax.model_config import GPT2Config
 from modjax.models import GPT2
 from modjax.models.stack import run_stack
-from modjax.plan import Slot
+from modjax.plan import Plan, PlanError, Slot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +74,40 @@ class MoMGPT2:
 
   def __call__(self, params, input_ids_BL, **kwargs):
     return forward(self, params, input_ids_BL, **kwargs)
+
+  def exact(self) -> MoMGPT2:
+    """This model with the dense dispatch: no capacity drops, so a token's result depends on
+    its prefix alone, never on the other tokens of a batch. Scoring and cached decoding run it
+    (a bank trained with capacity drops is scored and decoded without them)."""
+    return dataclasses.replace(self, mom=dataclasses.replace(self.mom, dispatch="dense"))
+
+  # ---- what modjax.scoring asks of a model -----------------------------------------------------
+  # A MoM decoder runs its routed structure, not a plan: the empty plan stands for it.
+
+  def identity_plan(self) -> Plan:
+    return Plan()
+
+  def check_plan(self, plan: Plan, params) -> Plan:
+    del params
+    if plan != Plan():
+      raise PlanError(
+        f"a Mixture-of-Modules model runs its routed structure, not a plan ({plan.describe()}); "
+        "give no plan (the empty Plan())"
+      )
+    return plan
+
+  def teacher_forced_sums(self, params, batch):
+    """``modjax.scoring``'s per-batch sums (:func:`.loss.teacher_forced_sums`)."""
+    return teacher_forced_sums(self, params, batch)
+
+
+def bank_model(model, meta: Mapping):
+  """The model that runs a stored bank (``bank_io.load_bank``'s ``model`` and ``meta``): a
+  :class:`MoMGPT2` when the entry metadata records a MoM structure (:func:`.pools.bank_meta`),
+  else ``model`` itself. ``model.json`` names GPT-2, the vanilla model the pools stand for."""
+  if not records_structure(meta):
+    return model
+  return MoMGPT2(model.config, structure_from_meta(meta))
 
 
 def _inputs(length: int, attention_mask, segment_ids, token_mask, shape):

@@ -90,11 +90,21 @@ def bank_meta(cfg: MoMConfig, vanilla_layers: int) -> dict:
   return meta
 
 
-def structure_from_meta(meta: Mapping) -> MoMConfig:
-  """The MoM structure a stored bank's metadata records (:func:`bank_meta`)."""
+def _recorded(meta: Mapping):
   for key, info in meta.items():
     if key.startswith("decoder/pools/") and isinstance(info, Mapping) and "mom" in info:
-      return MoMConfig.from_dict(info["mom"])
+      yield info["mom"]
+
+
+def records_structure(meta: Mapping) -> bool:
+  """Whether a stored bank's metadata records a MoM structure (a MoM bank)."""
+  return any(True for _ in _recorded(meta))
+
+
+def structure_from_meta(meta: Mapping) -> MoMConfig:
+  """The MoM structure a stored bank's metadata records (:func:`bank_meta`)."""
+  for recorded in _recorded(meta):
+    return MoMConfig.from_dict(recorded)
   raise MoMError(
     "the bank's metadata records no MoM structure; it is not a Mixture-of-Modules bank"
   )
