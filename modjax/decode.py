@@ -2,13 +2,17 @@
 
 An architecture provides ``start_decoding(params, plan, ids, mask, max_new_tokens)`` -> (cache,
 first logits, next cache index) and ``decode_step(params, plan, cache, tokens, index)`` -> (logits,
-cache). The cache has three parts: ``self`` (per input row and plan slot: keys/values, written in
-place; see ``layers.empty_decode_cache``), ``static`` (per input row: cross-attention keys/values,
-masks) and ``shared`` (no batch axis). Beam search starts decoding once per input row (the encoder
-runs once, as in HF), then gives each row's cache one slot per beam and adds ``ancestry`` (which
-slot holds each beam's entry at each position) instead of reordering the cache every step;
-``decode_step`` then takes input rows x beams tokens, a row's beams consecutive. The whole loop is
-one ``lax.while_loop``: no Python per token.
+cache). The cache has three parts: ``self`` (a tuple with one entry per self-attention the model
+runs, a plan slot or a Mixture-of-Modules round, each in ``layers.empty_decode_cache``'s layout:
+keys/values per input row, written in place), ``static`` (per input row: cross-attention
+keys/values, masks) and ``shared`` (no batch axis). Beam search starts decoding once per input
+row (the encoder runs once, as in HF), then gives each row's cache one slot per beam (it widens
+every ``self`` entry with ``layers.add_beam_slots`` and reads the slot length from the first)
+and adds ``ancestry`` (which slot holds each beam's entry at each position), which
+``decode_step`` turns into its attention mask (``layers.beam_self_bias``), instead of reordering
+the cache every step; ``decode_step`` then takes input rows x beams tokens, a row's beams
+consecutive. The whole loop is one ``lax.while_loop``: no Python per token. A model that runs a
+structure of its own instead of a plan checks the plan itself (:func:`validate_plan`).
 ``generate(..., draft_plan=...)`` decodes greedily by self-speculation instead
 (:mod:`modjax.speculative`: same tokens, fewer full-plan steps).
 

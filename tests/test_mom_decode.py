@@ -1,17 +1,24 @@
-"""Mixture-of-Modules banks through ``modjax.evaluate``: perplexity of a MoM run is the mean
-cross-entropy of its forward without capacity drops, with its router statistics."""
+"""Mixture-of-Modules banks through ``modjax.evaluate`` and ``modjax.decode``: perplexity of a MoM
+run is the mean cross-entropy of its forward without capacity drops, with its router statistics;
+cached decoding (a cache entry per MoM round) equals the full forward step by step, greedy
+decoding is its argmax, and beam search of a one-module MoM is GPT-2's."""
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_mom import CONFIG, _mom_config
+from test_mom import CONFIG, DEEP, ONE_MODULE, _gpt2_config, _ids, _model, _mom_config
 from train_helpers import TRACEBACK, run_module
 
-from modjax import evaluate
+from modjax import decode, evaluate
 from modjax.methods.mom.model import MoMGPT2
+from modjax.methods.mom.pools import mom_bank
 from modjax.methods.mom.run import load_mom_bank, train_mom
+from modjax.methods.mom.structure import MoMConfig
+from modjax.models import GPT2
+from modjax.plan import PlanError
 from modjax.train import experiment
 
 # ---- perplexity of a MoM bank ----------------------------------------------------------------
@@ -91,3 +98,100 @@ def test_mom_bank_refuses_decoded_metrics_and_plans(run):
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert TRACEBACK not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+# ---- cached decoding -------------------------------------------------------------------------
+
+DECODER = dict(DEEP, top_layers=1)  # bottom, MoM, anchor, MoM, anchor, top; K=2, H=2, SKIP
+
+
+def _prompts(batch=2, length=6, pad=(0, 2), seed=3):
+  """Left-padded prompts: row i starts with ``pad[i]`` padding tokens."""
+  ids = np.asarray(_ids(batch, length, seed))
+  mask = (np.arange(length)[None] >= np.asarray(pad)[:, None]).astype(np.int32)
+  return jnp.asarray(np.where(mask, ids, 0)), jnp.asarray(mask)
+
+
+def _full(model, params, ids, mask):
+  """Logits of the full forward without drops on left-padded rows (GPT-2 decoding's positions)."""
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  logits, _ = jax.jit(lambda p, i, m, q: model.exact()(p, i, attention_mask=m, positions=q))(
+    params, ids, mask, positions
+  )
+  return np.asarray(logits)
+
+
+@pytest.mark.parametrize("router,weighted_qkv", [("gru", False), ("mlp", True)])
+def test_cached_decoding_steps_equal_the_full_forward(router, weighted_qkv):
+  model, params = _model(seed=1, **DECODER, router=router, weighted_qkv=weighted_qkv)
+  assert model.mom.dispatch == "capacity"  # decoding runs it without drops
+  prompt, mask = _prompts()
+  new = _ids(2, 5, seed=9)
+  ids = jnp.concatenate([prompt, new], axis=1)
+  full_mask = jnp.concatenate([mask, jnp.ones_like(new)], axis=1)
+  full = _full(model, params, ids, full_mask)
+  plan = model.identity_plan()
+  cache, logits, index = jax.jit(model.start_decoding, static_argnums=(1, 4))(
+    params, plan, prompt, mask, 5
+  )
+  step = jax.jit(model.decode_step, static_argnums=1)
+  got = [logits]
+  for t in range(4):
+    logits, cache = step(params, plan, cache, new[:, t], index + t)
+    got.append(logits)
+  np.testing.assert_allclose(np.stack(got, 1), full[:, 5:-1], atol=1e-4, rtol=0)
+  # three tokens per row in one call from the prefilled cache: the same logits
+  cache, _, index = model.start_decoding(params, plan, prompt, mask, 5)
+  block, _ = jax.jit(model.decode_tokens, static_argnums=1)(params, plan, cache, new[:, :3], index)
+  np.testing.assert_allclose(block, full[:, 6:9], atol=1e-4, rtol=0)
+
+
+def _log_probs(model, params, prompt, mask, tokens):
+  """Per-row sum of the full forward's log-probabilities of ``tokens`` after ``prompt``."""
+  ids = jnp.concatenate([prompt, tokens], axis=1)
+  full = _full(model, params, ids, jnp.concatenate([mask, jnp.ones_like(tokens)], axis=1))
+  n, p = tokens.shape[1], prompt.shape[1]
+  logp = jax.nn.log_softmax(jnp.asarray(full[:, p - 1 : p - 1 + n]), axis=-1)
+  return np.asarray(jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0].sum(1)), full
+
+
+def test_greedy_generate_is_the_argmax_of_the_full_forward():
+  model, params = _model(seed=2, **DECODER)
+  prompt, mask = _prompts()
+  result = decode.generate(
+    model, params, model.identity_plan(), prompt, mask, max_new_tokens=8, eos_id=-1, pad_id=0
+  )
+  tokens = result.tokens
+  assert tokens.shape == (2, 8) and list(result.lengths) == [8, 8]  # no EOS: every step runs
+  summed, full = _log_probs(model, params, prompt, mask, tokens)
+  np.testing.assert_array_equal(full[:, 5:-1].argmax(-1), tokens)
+  np.testing.assert_allclose(result.scores, summed, atol=1e-4, rtol=0)
+  with pytest.raises(PlanError, match="routed structure, not a plan"):
+    decode.generate(model, params, GPT2(model.config).identity_plan(), prompt, max_new_tokens=2)
+
+
+def test_beam_search_of_a_one_module_mom_is_gpt2s():
+  config = _gpt2_config(3)
+  gpt2 = GPT2(config)
+  vanilla = gpt2.init(jax.random.key(5))
+  cfg = MoMConfig(**{**ONE_MODULE, "bottom_layers": 1, "top_layers": 1})
+  mom = MoMGPT2(config, cfg)
+  params = mom_bank(vanilla, cfg, 3, jax.random.key(6))
+  prompt, mask = _prompts(pad=(0, 3))
+  kw = dict(max_new_tokens=6, num_beams=3, eos_id=7, pad_id=0)
+  ours = decode.generate(mom, params, mom.identity_plan(), prompt, mask, **kw)
+  ref = decode.generate(gpt2, vanilla, gpt2.identity_plan(), prompt, mask, **kw)
+  np.testing.assert_array_equal(ours.tokens, ref.tokens)
+  np.testing.assert_array_equal(ours.lengths, ref.lengths)
+  np.testing.assert_allclose(ours.scores, ref.scores, atol=1e-5, rtol=0)
+
+
+def test_beam_search_score_is_the_full_forward_log_prob_of_its_result():
+  model, params = _model(seed=4, **DECODER)
+  prompt, mask = _prompts()
+  result = decode.generate(
+    model, params, model.identity_plan(), prompt, mask, max_new_tokens=5, num_beams=3,
+    eos_id=-1, pad_id=0,
+  )  # fmt: skip
+  summed, _ = _log_probs(model, params, prompt, mask, result.tokens)
+  np.testing.assert_allclose(result.scores, summed / 5, atol=1e-5, rtol=0)  # length penalty 1

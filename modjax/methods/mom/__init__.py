@@ -12,7 +12,8 @@ attention and FFN modules, over a bank and a (static) MoM structure.
 * :mod:`.model`: :class:`MoMGPT2`, GPT-2's embeddings, vanilla blocks and head around MoM blocks;
 * :mod:`.stats`, :mod:`.loss`, :mod:`.run`: router statistics, the step-contract loss and
   ``python -m modjax.train --config configs/mom_gpt2.py:<size>``;
-* ``python -m modjax.evaluate`` scores a MoM bank (:func:`.model.bank_model` tells
+* :mod:`.decoding`: cached greedy and beam decoding through ``modjax.decode`` (a cache entry per
+  MoM round). ``python -m modjax.evaluate`` scores a MoM bank (:func:`.model.bank_model` tells
   it from its entries) with :meth:`MoMGPT2.teacher_forced_sums`: no capacity drops, router
   statistics.
 """

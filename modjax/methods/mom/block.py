@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from modjax.dropout import dropout
@@ -27,12 +29,15 @@ def mom_block(
   *,
   deterministic: bool = True,
   rng=None,
+  attend=None,
 ):
   """Runs MoM block ``b`` of the ``decoder`` stack parameters on ``x_BLD``.
 
   Returns ``(x_BLD, routings, dropped)``: ``routings = {"attn": [...], "ffn": [...]}`` one
   :class:`Routing` per round, ``dropped`` one capacity-drop share per routed sublayer. Each
-  router's state (GRU) starts at zero here and carries across the rounds.
+  router's state (GRU) starts at zero here and carries across the rounds. ``attend``:
+  ``(round, qkv_BL3HK) -> context_BLHK`` in place of the causal attention under ``bias``
+  (cached decoding reads and writes round r's cache there).
   """
   pools, routers = decoder["pools"], decoder["routers"]
   attn_pool, ffn_pool = pools[f"attn_{b}"], pools[f"ffn_{b}"]
@@ -53,6 +58,7 @@ def mom_block(
       weighted_qkv=cfg.weighted_qkv,
       deterministic=deterministic,
       rng=keys[0],
+      attend=None if attend is None else functools.partial(attend, r),
     )
     x_BLD = x_BLD + _residual_dropout(spec, y, keys[1])
     routings["attn"].append(routing)

@@ -8,9 +8,10 @@ the training loop ask of a model (``stacks``, ``stack_block_spec``, ``param_axes
 it like any model. Its ``config`` is the GPT-2 config of the vanilla model the pools stand for
 (``n_layer`` = that model's depth), which is what a stored bank's ``model.json`` records; the
 MoM structure lives in the entry metadata (:func:`.pools.bank_meta`), from which
-:func:`bank_model` rebuilds the model. It also answers what ``modjax.scoring`` asks
-(``teacher_forced_sums``), through :meth:`MoMGPT2.exact`, the dispatch without capacity drops; it
-takes no plan (the empty plan stands for its routed structure).
+:func:`bank_model` rebuilds the model. It also answers what ``modjax.scoring`` and
+``modjax.decode`` ask (``teacher_forced_sums``, ``start_decoding``, ``decode_step``, ...), always
+through :meth:`MoMGPT2.exact`, the dispatch without capacity drops; it takes no plan (the empty
+plan stands for its routed structure).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 from modjax.dropout import dropout
 from modjax.layers import causal_bias, key_padding_bias, segment_bias
+from modjax.methods.mom import decoding
 from modjax.methods.mom.block import mom_block
 from modjax.methods.mom.loss import teacher_forced_sums
 from modjax.methods.mom.pools import (
@@ -81,7 +83,7 @@ class MoMGPT2:
     (a bank trained with capacity drops is scored and decoded without them)."""
     return dataclasses.replace(self, mom=dataclasses.replace(self.mom, dispatch="dense"))
 
-  # ---- what modjax.scoring asks of a model -----------------------------------------------------
+  # ---- what modjax.scoring and modjax.decode ask of a model ---------------------------------
   # A MoM decoder runs its routed structure, not a plan: the empty plan stands for it.
 
   def identity_plan(self) -> Plan:
@@ -99,6 +101,26 @@ class MoMGPT2:
   def teacher_forced_sums(self, params, batch):
     """``modjax.scoring``'s per-batch sums (:func:`.loss.teacher_forced_sums`)."""
     return teacher_forced_sums(self, params, batch)
+
+  def decoding_constants(self, params):
+    return self.gpt2.decoding_constants(params)
+
+  def start_decoding(
+    self, params, plan: Plan, prompt_ids_BP, prompt_mask_BP, max_new_tokens: int, shared=None
+  ):
+    """GPT-2's cached-decoding start (:mod:`.decoding`: a cache entry per MoM round)."""
+    self.check_plan(plan, params)
+    return decoding.start_decoding(
+      self.exact(), params, prompt_ids_BP, prompt_mask_BP, max_new_tokens, shared
+    )
+
+  def decode_step(self, params, plan: Plan, cache, token_ids_B, index):
+    logits, cache = self.decode_tokens(params, plan, cache, token_ids_B[:, None], index)
+    return logits[:, 0], cache
+
+  def decode_tokens(self, params, plan: Plan, cache, token_ids_BN, index):
+    self.check_plan(plan, params)
+    return decoding.decode_tokens(self.exact(), params, cache, token_ids_BN, index)
 
 
 def bank_model(model, meta: Mapping):

@@ -7,6 +7,10 @@ output is the routing-weighted sum of the kept modules' output projections of th
 the routing-weighted sum of the kept modules' ``ffn(norm(x))``. A token whose every kept slot is
 SKIP gets zero from the sublayer (its q, k, v are zero too: other tokens still see it as a zero
 key and value, as in the authors' code). Both return the residual branch (no residual added).
+
+The attention itself is replaceable (``attend``): cached decoding writes each round's summed keys
+and values into that round's cache and attends over it (:mod:`.decoding`); routing, the modules
+and the output projections stay the same code.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ def attention_sublayer(
   weighted_qkv: bool,
   deterministic: bool = True,
   rng=None,
+  attend=None,
 ):
-  """Routed self-attention of one round (``carrier``: a transport of ``routing``)."""
+  """Routed self-attention of one round (``carrier``: a transport of ``routing``). ``attend``:
+  ``qkv_BL3HK -> context_BLHK`` in place of the attention under ``bias``."""
   batch, length, _ = x_BLD.shape
   h_NCD = mods.pool_norm(spec, pool["self_attn_norm"], carrier.send(_tokens(x_BLD)))
   qkv_NC3HK = mods.pool_qkv(spec, pool["self_attn"], h_NCD)
@@ -45,7 +51,10 @@ def attention_sublayer(
     coef_TK = jnp.broadcast_to(routing.mask_BL.reshape(-1, 1), weight_TK.shape)
   qkv_T3HK = carrier.receive(qkv_NC3HK, coef_TK)
   qkv_BL3HK = qkv_T3HK.reshape((batch, length) + qkv_T3HK.shape[1:])
-  ctx_BLHK = mods.attention_context(spec, qkv_BL3HK, bias, deterministic=deterministic, rng=rng)
+  if attend is None:
+    ctx_BLHK = mods.attention_context(spec, qkv_BL3HK, bias, deterministic=deterministic, rng=rng)
+  else:
+    ctx_BLHK = attend(qkv_BL3HK)
   out_NCD = mods.pool_out(spec, pool["self_attn"], carrier.send(_tokens(ctx_BLHK)))
   return carrier.receive(out_NCD, weight_TK).reshape(x_BLD.shape)
 
