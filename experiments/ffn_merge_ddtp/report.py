@@ -20,13 +20,20 @@ def relative(value: float, original: float, higher_is_better: bool) -> float:
   return value / original if higher_is_better else original / value
 
 
+def is_original(row: dict) -> bool:
+  return row["method"] == "original" and row.get("stage", "original") == "original"
+
+
 def recipe_table(recipe: str, rows: list[dict], metric: str, higher: bool) -> list[str]:
-  original = next(r for r in rows if r["method"] == "original")
-  base = original[metric]
+  base = next(r for r in rows if is_original(r))[metric]
+  control = next((r for r in rows if r["method"] == "original" and not is_original(r)), None)
+  after = (
+    f"{control[metric]:.2f} | {relative(control[metric], base, higher):.1%}" if control else " | "
+  )
   lines = [
     f"| method | k | FFNs merged | params | {metric} before | kept | {metric} after recovery | kept |",
     "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    f"| original | 1 | 0 | 1.000 | {base:.2f} | 100% | | |",
+    f"| original | 1 | 0 | 1.000 | {base:.2f} | 100% | {after} |",
   ]
   merged = sorted(
     (r for r in rows if r.get("stage") == "merged"), key=lambda r: (r["k"], r["method"])
@@ -58,7 +65,7 @@ def plot(path: str, by_recipe: dict, recipes: dict) -> None:
   fig, axes = plt.subplots(1, len(by_recipe), figsize=(5.5 * len(by_recipe), 4), squeeze=False)
   for ax, (recipe, rows) in zip(axes[0], by_recipe.items(), strict=True):
     _, _, metric, _ = recipes[recipe]
-    base = next(r[metric] for r in rows if r["method"] == "original")
+    base = next(r[metric] for r in rows if is_original(r))
     for method, color in (("permute", "C0"), ("vanilla", "C1"), ("drop", "C3")):
       for stage, style in (("merged", "-o"), ("recovered", "--s")):
         pts = sorted(
@@ -70,6 +77,9 @@ def plot(path: str, by_recipe: dict, recipes: dict) -> None:
           )
           ax.plot(xs, ys, style, color=color, label=f"{method} ({stage})")
     ax.axhline(base, color="k", lw=0.8, ls=":", label="original")
+    control = [r[metric] for r in rows if r["method"] == "original" and not is_original(r)]
+    if control:
+      ax.plot([1], control, "k*", label="original + recovery budget")
     ax.set_xlabel("FFNs merged into one per stack (k)")
     ax.set_ylabel(metric)
     ax.set_title(f"{recipe}: {metric} vs merged FFNs")
@@ -83,7 +93,7 @@ def plot(path: str, by_recipe: dict, recipes: dict) -> None:
 def write_report(results_dir: str, rows_dir: str, recipes: dict) -> None:
   rows = load_rows(rows_dir)
   by_recipe = {name: [r for r in rows if r["recipe"] == name] for name in recipes}
-  by_recipe = {k: v for k, v in by_recipe.items() if any(r["method"] == "original" for r in v)}
+  by_recipe = {k: v for k, v in by_recipe.items() if any(is_original(r) for r in v)}
   md = ["# FFN merging on DDTP (validation splits)", ""]
   for recipe, recipe_rows in by_recipe.items():
     _, folder, metric, higher = recipes[recipe]

@@ -96,6 +96,10 @@ def recover(recipe: str, args, merged: str) -> str:
 def run_recipe(recipe: str, args) -> None:
   original = os.path.join(args.runs, f"ddtp_{recipe}")
   evaluate(recipe, args, original, f"{recipe}_original_k1_original", dict(method="original", k=1))
+  if args.control:  # the original given the same recovery budget: what the extra steps alone do
+    workdir = recover(recipe, args, original)
+    extra = dict(method="original", k=1, stage="recovered")
+    evaluate(recipe, args, workdir, f"{recipe}_original_k1_recovered", extra)
   for k in args.ks:
     for method in args.methods:
       merged, record = merge(recipe, args, method, k)
@@ -116,6 +120,10 @@ def main() -> None:
   parser.add_argument("--ks", default="2,3", help="window sizes merged (FFNs into one)")
   parser.add_argument("--recover-k", type=int, default=2, help="the window size recovered")
   parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument(
+    "--control", action=argparse.BooleanOptionalAction, default=True,
+    help="also fine-tune the original with the recovery budget",
+  )  # fmt: skip
   parser.add_argument("--calib-tokens", type=int, default=10_000)
   parser.add_argument("--window-examples", type=int, default=500)
   args = parser.parse_args()
