@@ -17,6 +17,7 @@ from benchmarks import (
   assembled_speed,
   decode_vs_hf,
   ffn_merge,
+  mom,
   replacing_overhead,
   speculative,
   train_step,
@@ -170,3 +171,31 @@ def test_ffn_merge_quick_run_times_every_phase_and_saves_exactly_the_merged_ffns
     assert saved == (k - 1) * ffn_bytes * len(model.stacks), name
     assert shape["merged_disk_bytes"] < shape["original_disk_bytes"] and shape["flops"] > 0
   assert "| shape" in capsys.readouterr().out
+
+
+def test_mom_quick_run_keeps_capacity_flops_flat_across_pools(tmp_path, capsys):
+  """XLA's FLOPs per token (of the lowered programs in --quick) of capacity dispatch stay flat
+  as the pools grow 4 -> 16 at K=1, while dense dispatch grows by the same cost per added
+  module; the timed models have equal parameters but for the routers."""
+  out = tmp_path / "mom.json"
+  mom.main(["--quick", "--out", str(out)])
+  report = json.loads(out.read_text())
+  train = {(r["model"], r["dispatch"]): r for r in report["train"]}
+  assert sorted(train) == [("mom", "capacity"), ("mom", "dense"), ("vanilla", "-")]
+  for r in report["train"] + report["decode"]:
+    assert len(r["step_ms_all"]) == report["steps"] and r["tokens_per_s"] > 0, r
+  assert [(r["model"], r["batch"]) for r in report["decode"]] == [("vanilla", 2), ("mom", 2)]
+  assert all(0 < r["pct_peak"] < 100 for r in report["train"])
+  model = mom.mom_model(mom.load_setup(report["size"], None, **report["mom"]))
+  routers = jax.eval_shape(model.init, jax.random.key(0))["decoder"]["routers"]
+  extra = (train["mom", "capacity"]["params_m"] - train["vanilla", "-"]["params_m"]) * 1e6
+  assert extra == pytest.approx(mom.count_params(routers), abs=1)
+  flops = report["flops_per_token"]
+  for kind in ("forward", "train_step"):
+    capacity, dense = ([flops[d][str(n)][kind] for n in (4, 8, 16)] for d in ("capacity", "dense"))
+    assert max(capacity) / min(capacity) < 1.05, capacity
+    assert dense[2] - dense[1] == pytest.approx(2 * (dense[1] - dense[0]), rel=0.05), dense
+    assert dense[0] > capacity[0] and dense[2] > 2 * dense[0], dense
+  vanilla = [flops["vanilla_equal_params"][str(n)]["forward"] for n in (4, 8, 16)]
+  assert vanilla[2] - vanilla[1] == pytest.approx(2 * (vanilla[1] - vanilla[0]), rel=0.05)
+  assert "| part" in capsys.readouterr().out
