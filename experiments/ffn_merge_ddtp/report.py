@@ -49,7 +49,7 @@ def recipe_table(recipe: str, rows: list[dict], metric: str, higher: bool) -> li
     )
     before = f"{r[metric]:.2f} | {relative(r[metric], base, higher):.1%}"
     rec = f"{after[metric]:.2f} | {relative(after[metric], base, higher):.1%}" if after else " | "
-    merged_count = f"{r['k']} of 6 per stack"
+    merged_count = "none: whole layers" if r["method"] == "drop" else f"{r['k']} of 6 per stack"
     lines.append(
       f"| {r['method']} | {r['k']} | {merged_count} | {r['params']['fraction']:.3f} | {before} | {rec} |"
     )
