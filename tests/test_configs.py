@@ -27,16 +27,28 @@ def _finetune_args():
   return [f"{task},{size}" for task in module.TASKS for size in module.SIZES]
 
 
-CASES = [("tiny", ""), ("ddtp_lm", ""), ("ddtp_ende", "")]
+# "{data}": a small jsonl corpus made by the test (the shared corpora may not be beside a checkout)
+CASES = [("tiny", ""), ("ddtp_lm", "{data}"), ("ddtp_ende", "{data}")]
 CASES += [("t5_finetune", a) for a in _finetune_args()]
-CASES += [("ffn_merge", f"{recipe},runs/merged") for recipe in ("tiny", "lm", "ende")]
+CASES += [("ffn_merge", "tiny,runs/merged")]
+CASES += [("ffn_merge", f"{recipe},runs/merged,{{data}}") for recipe in ("lm", "ende")]
+
+
+def write_corpus(directory: pathlib.Path, rows: list[dict]) -> str:
+  """``train.jsonl.gz`` and ``validation.jsonl.gz`` holding ``rows``, as in ../shared/data."""
+  directory.mkdir(parents=True, exist_ok=True)
+  for split in ("train", "validation"):
+    with gzip.open(directory / f"{split}.jsonl.gz", "wt") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+  return str(directory)
 
 
 @pytest.mark.parametrize("name,arg", CASES)
 def test_config_builds_locked_and_valid(name, arg, tmp_path):
   module = _load(name)
   assert "python -m modjax.train --config configs/" in module.__doc__
-  cfg = module.get_config(arg)
+  corpus = [{"inputs": "a package description", "targets": "a synopsis"}]
+  cfg = module.get_config(arg.format(data=write_corpus(tmp_path / "data", corpus)))
   with pytest.raises(AttributeError):
     cfg.train.no_such_key = 1  # locked: unknown keys are errors
   cfg.workdir = str(tmp_path)
@@ -56,10 +68,7 @@ def test_lm_config_models_the_descriptions_not_the_synopses(tmp_path):
     {"inputs": f"package {i} gives tools for editing text files", "targets": f"tool {i}"}
     for i in range(40)
   ]
-  for split in ("train", "validation"):
-    with gzip.open(tmp_path / f"{split}.jsonl.gz", "wt") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
-  cfg = _load("ddtp_lm").get_config(str(tmp_path))
+  cfg = _load("ddtp_lm").get_config(write_corpus(tmp_path, rows))
   cfg.workdir = str(tmp_path / "run")
   cfg.data.vocab_size = 36
   vocabulary = experiment.build_vocabulary(cfg)

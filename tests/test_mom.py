@@ -4,6 +4,7 @@ equals the dense reference (values and gradients), causality holds, a pool shard
 devices gives the same loss, and ``python -m modjax.train`` trains a MoM bank."""
 
 import dataclasses
+import gzip
 import importlib.util
 import json
 import os
@@ -381,6 +382,13 @@ def _mom_config(size="tiny", **values):
 
 @pytest.mark.parametrize("size", ["tiny", "ddtp"])
 def test_mom_configs_build_locked_valid_and_with_the_papers_optimizer(size, tmp_path):
+  if size == "ddtp":  # its own small corpus: the shared one may not be beside a checkout
+    corpus = tmp_path / "data"
+    corpus.mkdir()
+    for split in ("train", "validation"):
+      with gzip.open(corpus / f"{split}.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"inputs": "a package description", "targets": "a synopsis"}) + "\n")
+    size = f"ddtp,{corpus}"
   cfg = _mom_config(size, workdir=str(tmp_path))
   assert "python -m modjax.train --config configs/mom_gpt2.py" in CONFIG_DOC
   with pytest.raises(AttributeError):
