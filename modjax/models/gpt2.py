@@ -171,7 +171,22 @@ class GPT2:
     Positions follow HF's generate: ``cumsum(mask) - 1`` over the prompt, then +1 per token.
     """
     plan.validate(params, self.stacks)
-    b, p = prompt_ids_BP.shape
+    x, bias, prompt_mask_BP, total = self.prompt_inputs(
+      params, prompt_ids_BP, prompt_mask_BP, max_new_tokens
+    )
+    block = Block(self.block_spec())
+    layers = []
+    for slot in plan.decoder:
+      x, k, v = block.apply(
+        {"params": slot_params(params["decoder"], slot)}, x, bias, method="prefill"
+      )
+      layers.append(decode_cache_from_prefill(k, v, total))
+    return self.first_token(params, x, layers, prompt_mask_BP, max_new_tokens, shared)
+
+  def prompt_inputs(self, params, prompt_ids_BP, prompt_mask_BP, max_new_tokens: int):
+    """(embedded prompt x_BPD, its causal + padding bias, the prompt mask, cache length) for
+    a prefill; refuses a prompt + new tokens longer than ``n_positions``."""
+    p = prompt_ids_BP.shape[1]
     if prompt_mask_BP is None:
       prompt_mask_BP = jnp.ones_like(prompt_ids_BP)
     total = p + max_new_tokens
@@ -182,25 +197,25 @@ class GPT2:
     positions = jnp.maximum(jnp.cumsum(prompt_mask_BP, axis=1) - 1, 0)
     x = self._embed(params, prompt_ids_BP, positions)
     bias = causal_bias(p) + key_padding_bias(prompt_mask_BP)
-    block = Block(self.block_spec())
-    layers = []
-    for slot in plan.decoder:
-      x, k, v = block.apply(
-        {"params": slot_params(params["decoder"], slot)}, x, bias, method="prefill"
-      )
-      layers.append(decode_cache_from_prefill(k, v, total))
+    return x, bias, prompt_mask_BP, total
+
+  def first_token(self, params, x_BPD, layer_caches, prompt_mask_BP, max_new_tokens, shared):
+    """(cache, logits of the first new token BV, next cache index) after a prefill that left
+    ``x_BPD`` and one self-attention cache per entry of ``layer_caches``."""
+    b, p = prompt_mask_BP.shape
     key_mask = jnp.concatenate(
       [prompt_mask_BP, jnp.ones((b, max_new_tokens), prompt_mask_BP.dtype)], axis=1
     )
     cache = {
-      "self": tuple(layers),
+      "self": tuple(layer_caches),
       "static": {
         "key_mask": key_mask.astype(bool),
         "position_offset": jnp.sum(prompt_mask_BP, 1) - p,
       },
       "shared": self.decoding_constants(params) if shared is None else shared,
     }
-    return cache, self._logits(params, x[:, -1:], cache["shared"]["head_DV"])[:, 0], jnp.int32(p)
+    logits_BV = self._logits(params, x_BPD[:, -1:], cache["shared"]["head_DV"])[:, 0]
+    return cache, logits_BV, jnp.int32(p)
 
   def decode_step(self, params, plan: Plan, cache, token_ids_B, index):
     """Logits (float32, BV) for the token at cache position ``index`` and the updated cache."""

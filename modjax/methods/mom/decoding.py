@@ -25,10 +25,8 @@ from modjax.layers import (
   _rows_to_beams,
   _write_positions,
   beam_self_bias,
-  causal_bias,
   decode_cache_from_prefill,
   decode_cache_length,
-  key_padding_bias,
 )
 from modjax.methods.mom import modules as mods
 from modjax.methods.mom.block import mom_block
@@ -70,32 +68,12 @@ def _prefill(model, params, x_BPD, bias, mask_BP, total: int):
 def start_decoding(model, params, prompt_ids_BP, prompt_mask_BP, max_new_tokens: int, shared):
   """GPT-2's ``start_decoding`` for a MoM decoder: (cache, logits of the first new token BV,
   index of the next cache position); the prompt is left-padded, positions ``cumsum(mask) - 1``."""
-  b, p = prompt_ids_BP.shape
-  if prompt_mask_BP is None:
-    prompt_mask_BP = jnp.ones_like(prompt_ids_BP)
-  total = p + max_new_tokens
-  if total > model.config.n_positions:
-    raise ValueError(
-      f"prompt ({p}) + new tokens ({max_new_tokens}) exceed n_positions={model.config.n_positions}"
-    )
   gpt2 = model.gpt2
-  positions = jnp.maximum(jnp.cumsum(prompt_mask_BP, axis=1) - 1, 0)
-  x = gpt2._embed(params, prompt_ids_BP, positions)
-  bias = causal_bias(p) + key_padding_bias(prompt_mask_BP)
-  x, caches = _prefill(model, params, x, bias, prompt_mask_BP.astype(jnp.float32), total)
-  key_mask = jnp.concatenate(
-    [prompt_mask_BP, jnp.ones((b, max_new_tokens), prompt_mask_BP.dtype)], axis=1
+  x, bias, prompt_mask_BP, total = gpt2.prompt_inputs(
+    params, prompt_ids_BP, prompt_mask_BP, max_new_tokens
   )
-  cache = {
-    "self": tuple(caches),
-    "static": {
-      "key_mask": key_mask.astype(bool),
-      "position_offset": jnp.sum(prompt_mask_BP, 1) - p,
-    },
-    "shared": gpt2.decoding_constants(params) if shared is None else shared,
-  }
-  logits = gpt2._logits(params, x[:, -1:], cache["shared"]["head_DV"])[:, 0]
-  return cache, logits, jnp.int32(p)
+  x, caches = _prefill(model, params, x, bias, prompt_mask_BP.astype(jnp.float32), total)
+  return gpt2.first_token(params, x, caches, prompt_mask_BP, max_new_tokens, shared)
 
 
 def _cached_attention(spec, layer_cache, qkv_RN3HK, index, self_bias):
