@@ -96,6 +96,19 @@ def hf_checkpoint(tmp_path_factory):
   return get
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+  """After each test module, drop JAX's in-memory compiled programs and collect garbage: one
+  pytest process runs every module's models, and their executables would otherwise pile up."""
+  yield
+  import gc
+
+  import jax
+
+  jax.clear_caches()
+  gc.collect()
+
+
 @pytest.fixture(scope="session")
 def jax_compilation_cache_dir(tmp_path_factory):
   """A persistent XLA compilation cache directory shared by one session's training runs (in
