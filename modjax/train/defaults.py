@@ -115,3 +115,12 @@ def sibling_config(config_file: str, file_name: str, arg: str = ""):
   arg when ``arg`` is empty)."""
   module = sibling_module(config_file, file_name)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def load_config(spec: str):
+  """The ConfigDict that ``--config=spec`` gives (``path/to/config.py[:arg]``), for notebooks
+  and scripts that call the library instead of a command line."""
+  path, _, arg = str(spec).partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist; pass configs/<name>.py[:arg]")
+  return sibling_config(path, os.path.basename(path), arg)

@@ -54,7 +54,7 @@ def check_inputs(k, method: str, start, calib_tokens: int) -> None:
     raise PlanError(f"--calib-tokens {calib_tokens!r} must be a positive integer")
 
 
-def _task_data(cfg, bank_dir, model):
+def task_data(cfg, bank_dir, model):
   """(task, vocabulary) from the config, with the source bank's trained vocabulary."""
   from modjax import evaluate
 
@@ -69,7 +69,9 @@ def _task_data(cfg, bank_dir, model):
   return experiment.build_task(cfg, vocabulary), vocabulary
 
 
-def _batches(cfg, task, model, split: str, max_examples: int | None) -> list[dict]:
+def split_batches(cfg, task, model, split: str, max_examples: int | None) -> list[dict]:
+  """Padded eval batches of ``split`` (at most ``max_examples``; None: all) at the config's
+  lengths and ``eval.batch_size``."""
   batches = scoring.make_eval_batches(
     task,
     split,
@@ -88,7 +90,7 @@ def _calibration(cfg, task, model, params, plan, k, *, stacks, starts, reference
   lengths = experiment.feature_lengths(cfg, model)
   per_example = max(1, min(lengths.values()) // 4)  # generous: short examples need more
   examples = math.ceil(calib_tokens / per_example)
-  batches = _batches(cfg, task, model, cfg.data.train_split, examples)
+  batches = split_batches(cfg, task, model, cfg.data.train_split, examples)
   return calibration_stats(
     model, params, plan, batches, k, reference=reference, stacks=stacks, starts=starts,
     max_tokens=calib_tokens,
@@ -135,9 +137,9 @@ def merge_bank(
   starts = candidate_starts(input_plan, stacks, k)
   if start != "auto" and start not in starts:
     raise PlanError(f"--start {start} does not fit a window of {k} in the stacks {list(stacks)}")
-  task, _ = _task_data(cfg, bank_dir, model)
+  task, _ = task_data(cfg, bank_dir, model)
   timings, t0 = {}, time.perf_counter()
-  val_batches = _batches(cfg, task, model, cfg.data.eval_split, cfg.eval.max_examples or None)
+  val_batches = split_batches(cfg, task, model, cfg.data.eval_split, cfg.eval.max_examples or None)
   stats = None
   if method == "permute":
     stats = _calibration(
