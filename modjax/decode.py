@@ -1,4 +1,4 @@
-"""Cached greedy and beam-search decoding for any architecture and plan, fully jitted.
+"""Cached greedy, sampled and beam-search decoding for any architecture and plan, fully jitted.
 
 An architecture provides ``start_decoding(params, plan, ids, mask, max_new_tokens)`` -> (cache,
 first logits, next cache index) and ``decode_step(params, plan, cache, tokens, index)`` -> (logits,
@@ -19,7 +19,8 @@ structure of its own instead of a plan checks the plan itself (:func:`validate_p
 Semantics follow Hugging Face ``generate`` (transformers 5.x) so results are token-identical:
 
 * greedy: argmax; rows that emitted EOS are padded with ``pad_id``; stops when every row is done
-  or after ``max_new_tokens``.
+  or after ``max_new_tokens``. Sampling (``sampling=``, :mod:`modjax.sampling`) is the same loop
+  with a draw from the warped distribution (temperature, top-k, top-p) in place of the argmax.
 * beam search: per step the top ``2*num_beams`` continuations; those ending in EOS (or reaching
   the length limit) among the first ``num_beams`` join the finished pool with score
   ``sum_logprobs / generated_length**length_penalty``; the best ``num_beams`` unfinished ones keep
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 
 from modjax.layers import add_beam_slots, decode_cache_length
 from modjax.plan import Plan
+from modjax.sampling import Sampling, sample
 
 _NEG = -1.0e9
 
@@ -70,8 +72,14 @@ def generate(
   prepared=None,
   draft_plan: Plan | None = None,
   draft_tokens: int = 4,
+  sampling: Sampling | None = None,
+  rng=None,
 ) -> DecodeResult:
   """Decodes a batch. ``input_ids`` are T5 encoder inputs, or left-padded GPT-2 prompts.
+
+  ``sampling``: draw each token (:class:`modjax.sampling.Sampling`: temperature, top-k, top-p)
+  with the key ``rng`` instead of taking the argmax; ``scores`` stay the summed log-probabilities
+  of the chosen tokens under the model's own (unwarped) distribution.
 
   ``prepared``: :func:`prepare` of these weights, when decoding them repeatedly (otherwise
   each call derives those constants itself). ``draft_plan``: greedy self-speculative decoding
@@ -82,6 +90,8 @@ def generate(
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if num_beams < 1:
     raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+  if sampling is not None:
+    _check_sampling(sampling, rng, num_beams, draft_plan)
   if draft_plan is not None:
     if num_beams != 1:
       raise ValueError("draft_plan= is for greedy decoding; beam search stays plain (num_beams=1)")
@@ -102,7 +112,7 @@ def generate(
     )
   input_mask, eos_id, pad_id = resolve_ids(model, input_ids, input_mask, eos_id, pad_id)
   fn = (
-    _greedy
+    functools.partial(_greedy, sampling=sampling, rng=rng)
     if num_beams == 1
     else functools.partial(_beam, num_beams=num_beams, length_penalty=length_penalty)
   )
@@ -110,6 +120,15 @@ def generate(
   if prepared is not None:
     _check_prepared(model, params, prepared)
   return fn(model, params, plan, input_ids, input_mask, max_new_tokens, eos_id, pad_id, prepared)
+
+
+def _check_sampling(sampling, rng, num_beams: int, draft_plan) -> None:
+  if not isinstance(sampling, Sampling):
+    raise TypeError(f"sampling= takes a modjax.sampling.Sampling, got {type(sampling).__name__}")
+  if rng is None:
+    raise ValueError("sampling= needs rng=jax.random.key(seed)")
+  if num_beams != 1 or draft_plan is not None:
+    raise ValueError("sampling= draws one sequence per row: use num_beams=1 and no draft_plan")
 
 
 def validate_plan(model, params, plan: Plan) -> Plan:
@@ -154,15 +173,21 @@ def _check_prepared(model, params, prepared):
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 5, 6, 7))
-def _greedy(model, params, plan, input_ids, input_mask, max_new, eos_id, pad_id, prepared):
+@functools.partial(jax.jit, static_argnums=(0, 2, 5, 6, 7), static_argnames=("sampling",))
+def _greedy(
+  model, params, plan, input_ids, input_mask, max_new, eos_id, pad_id, prepared, sampling, rng
+):
+  """Greedy decoding, or sampling with ``sampling`` and the key ``rng`` (a draw per step)."""
   b = input_ids.shape[0]
   cache, logits, index = model.start_decoding(
     params, plan, input_ids, input_mask, max_new, shared=prepared
   )
 
   def pick(logits, done, tokens, score, t):
-    tok = _argmax(logits)
+    if sampling is None:
+      tok = _argmax(logits)
+    else:
+      tok = sample(logits, jax.random.fold_in(rng, t), sampling)
     logp = jnp.take_along_axis(logits, tok[:, None], 1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
     score = score + jnp.where(done, 0.0, logp)
     tok = jnp.where(done, pad_id, tok)
