@@ -1,5 +1,6 @@
-"""Table and loss curves of experiments/mom_ddtp/run.sh: validation perplexity of each run (the
-``modjax.evaluate`` metrics) and its training loss per step (``metrics/train.jsonl``).
+"""Table and loss curves of experiments/mom_ddtp/run.sh (phase two) and scratch.sh (from scratch):
+validation perplexity of each run (the ``modjax.evaluate`` metrics) and its training loss per step
+(``metrics/train.jsonl``).
 
   python experiments/mom_ddtp/report.py --runs runs      # results/results.md, results.json, curves.png
 """
@@ -17,11 +18,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUNS = {  # workdir name -> label
-  "mom_cmp_vanilla": "vanilla GPT-2 (6 layers), continued",
-  "mom_cmp_renormalized": "MoM from it, renormalised gate (paper)",
-  "mom_cmp_softmax": "MoM from it, softmax gate",
+GROUPS = {  # start -> {workdir name: label}
+  "phase two": {
+    "mom_cmp_vanilla": "vanilla GPT-2 (6 layers), continued",
+    "mom_cmp_renormalized": "MoM from it, renormalised gate (paper)",
+    "mom_cmp_softmax": "MoM from it, softmax gate",
+  },
+  "from scratch": {
+    "mom_scratch_vanilla": "vanilla GPT-2 (6 layers)",
+    "mom_scratch_renormalized": "MoM, renormalised gate (paper)",
+    "mom_scratch_softmax": "MoM, softmax gate",
+  },
 }
+METRICS = ("perplexity", "cross_entropy", "tokens", "examples")
 
 
 def _metrics(workdir: str) -> dict | None:
@@ -35,31 +44,41 @@ def _losses(workdir: str) -> tuple[list[int], list[float]]:
   return [r["step"] for r in rows], [r[key] for r in rows]
 
 
+def _panel(ax, start: str, runs: dict, root: str) -> list[dict]:
+  """Plots the group's loss curves on ``ax``; returns the rows of the runs that were scored."""
+  rows = []
+  for name, label in runs.items():
+    workdir = os.path.join(root, name)
+    metrics = _metrics(workdir)
+    if metrics is None:
+      continue
+    steps, losses = _losses(workdir)
+    ax.plot(steps, losses, label=label, lw=1)
+    rows.append({"start": start, "run": name, "label": label, "steps": steps[-1]})
+    rows[-1].update({k: metrics[k] for k in METRICS})
+  ax.set_xlabel("step" + (" (after the 900-step vanilla run)" if start == "phase two" else ""))
+  ax.set_ylabel("training cross-entropy")
+  ax.set_title(f"{start}, equal parameters")
+  ax.legend()
+  return rows
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--runs", default="runs")
   args = p.parse_args()
   out = os.path.join(HERE, "results")
   os.makedirs(out, exist_ok=True)
-  rows, fig = [], plt.figure(figsize=(6.5, 4))
-  for name, label in RUNS.items():
-    workdir = os.path.join(args.runs, name)
-    metrics = _metrics(workdir)
-    if metrics is None:
-      continue
-    steps, losses = _losses(workdir)
-    plt.plot(steps, losses, label=label, lw=1)
-    rows.append({"run": name, "label": label, "steps": steps[-1], **{
-      k: metrics[k] for k in ("perplexity", "cross_entropy", "tokens", "examples")}})  # fmt: skip
-  plt.xlabel("step (after the 900-step vanilla run)")
-  plt.ylabel("training cross-entropy")
-  plt.title("phase two on DDTP-summ descriptions, equal parameters")
-  plt.legend()
+  fig, axes = plt.subplots(1, len(GROUPS), figsize=(12, 4))
+  rows = []
+  for ax, (start, runs) in zip(axes, GROUPS.items(), strict=True):
+    rows += _panel(ax, start, runs, args.runs)
   fig.tight_layout()
   fig.savefig(os.path.join(out, "curves.png"), dpi=120)
-  lines = ["| run | steps | validation perplexity | cross-entropy |", "| --- | --- | --- | --- |"]
+  lines = ["| start | run | steps | validation perplexity | cross-entropy |"]
+  lines += ["| --- | --- | --- | --- | --- |"]
   lines += [
-    f"| {r['label']} | {r['steps']} | {r['perplexity']:.2f} | {r['cross_entropy']:.4f} |"
+    f"| {r['start']} | {r['label']} | {r['steps']} | {r['perplexity']:.2f} | {r['cross_entropy']:.4f} |"
     for r in rows
   ]
   with open(os.path.join(out, "results.md"), "w") as f:
