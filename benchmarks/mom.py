@@ -22,7 +22,9 @@ MoM pools start from the vanilla model's layers (``mom_bank``, phase two of trai
   row stops early), with ``decode.prepare``'d constants; one call includes the prefill
   (``compile_s`` = first call - median call).
   ``tokens_per_s`` = rows x new tokens / median call. MoM decodes through ``MoMGPT2.exact()``
-  (dense dispatch: a step must not depend on the other rows), so each round runs every module.
+  (no drops: a step must not depend on the other rows): a step of B rows gathers its B*K chosen
+  modules while B*K < N, else runs every module (``dispatch`` says which; both against each
+  other and per pool size: ``benchmarks/mom_decode.py``).
 * FLOPs: ``flops`` of XLA's cost analysis of the compiled program
   (``jitted.lower(...).compile().cost_analysis()``) over the batch's tokens, for the forward
   (logits and aux, no loss) and for the whole train step (forward, backward, optimizer). XLA
@@ -267,10 +269,19 @@ def decode_side(model, params, rows: int, args, seed: int) -> Side:
   assert (lengths == args.new_tokens).all(), f"decoded lengths {lengths}, not {args.new_tokens}"
   is_mom = isinstance(model, MoMGPT2)
   row = {"part": "decode", "model": "mom" if is_mom else "vanilla"}
-  row |= {"dispatch": "dense (exact)" if is_mom else "-", "batch": rows}
+  row |= {"dispatch": exact_dispatch(model, rows) if is_mom else "-", "batch": rows}
   row |= {"prompt": args.prompt_length, "new_tokens": args.new_tokens}
   row |= {"tokens": rows * args.new_tokens, "params_m": count_params(params) / 1e6}
   return Side(f"decode {row['model']} {rows}", call, row, first_s=first_s)
+
+
+def exact_dispatch(model: MoMGPT2, rows: int) -> str:
+  """What a decode step of ``rows`` rows runs: ``exact (gather)`` or ``exact (dense)``."""
+  mom = model.exact().mom
+  if mom.dispatch != "exact":
+    return mom.dispatch
+  kinds = {"gather" if rows * mom.top_k < n else "dense" for n in (mom.num_attn, mom.num_ffn)}
+  return f"exact ({'/'.join(sorted(kinds))})"
 
 
 def finish_rows(sides: list[Side], peak_flops: float) -> list[dict]:

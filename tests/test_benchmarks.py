@@ -18,6 +18,7 @@ from benchmarks import (
   decode_vs_hf,
   ffn_merge,
   mom,
+  mom_decode,
   replacing_overhead,
   speculative,
   train_step,
@@ -199,3 +200,22 @@ def test_mom_quick_run_keeps_capacity_flops_flat_across_pools(tmp_path, capsys):
   vanilla = [flops["vanilla_equal_params"][str(n)]["forward"] for n in (4, 8, 16)]
   assert vanilla[2] - vanilla[1] == pytest.approx(2 * (vanilla[1] - vanilla[0]), rel=0.05)
   assert "| part" in capsys.readouterr().out
+
+
+def test_mom_decode_quick_run_keeps_the_exact_step_flat_across_pools(tmp_path, capsys):
+  """At one row and K=1 the exact decode step gathers one module per sublayer: XLA's FLOPs and
+  bytes per step stay flat as the pools grow 4 -> 8, while the dense step's grow."""
+  out = tmp_path / "mom_decode.json"
+  mom_decode.main(["--quick", "--out", str(out)])
+  report = json.loads(out.read_text())
+  rows = {(r["pool"], r["side"]): r for r in report["results"]}
+  assert sorted(rows) == [(p, s) for p in (4, 8) for s in ("dense", "exact", "vanilla")]
+  assert (
+    rows[4, "exact"]["dispatch"] == "exact (gather)" and rows[4, "dense"]["dispatch"] == "dense"
+  )
+  for key in ("mflop_per_step", "mb_per_step"):
+    assert rows[8, "exact"][key] == pytest.approx(rows[4, "exact"][key], rel=0.02)
+    assert rows[8, "dense"][key] > 1.3 * rows[4, "dense"][key]
+    assert rows[4, "exact"][key] < rows[4, "dense"][key]
+  assert all(r["tokens_per_s"] > 0 and r["pct_bw"] > 0 for r in report["results"])
+  assert "| pool" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """Mixture-of-Modules: a one-module MoM block is a GPT-2 block (modjax's and transformers'),
-SKIP adds nothing, gates and the balancing loss match hand computation, the capacity dispatch
-equals the dense reference (values and gradients), causality holds, a pool sharded over four
+SKIP adds nothing, gates and the balancing loss match hand computation, the capacity and gather
+dispatches equal the dense reference (values and gradients), causality holds, a pool sharded over four
 devices gives the same loss, and ``python -m modjax.train`` trains a MoM bank."""
 
 import dataclasses
@@ -21,7 +21,7 @@ from modjax import bank, bank_io, sharding
 from modjax.interop.hf import import_checkpoint
 from modjax.layers import Block, FeedForward, Norm, causal_bias
 from modjax.methods.mom.block import mom_block
-from modjax.methods.mom.dispatch import Capacity
+from modjax.methods.mom.dispatch import Capacity, Dense, Gather, transport
 from modjax.methods.mom.model import MoMGPT2
 from modjax.methods.mom.pools import mom_bank
 from modjax.methods.mom.routers import (
@@ -215,17 +215,20 @@ def _probe_loss(model, ids, probe):
   return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
-@pytest.mark.parametrize("weighted_qkv,blocks", [(False, 2), (True, 1)])
-def test_capacity_dispatch_equals_dense_forward_and_gradients(weighted_qkv, blocks):
+@pytest.mark.parametrize(
+  "dispatch,weighted_qkv,blocks",
+  [("capacity", False, 2), ("capacity", True, 1), ("gather", True, 2)],
+)
+def test_dispatch_equals_dense_forward_and_gradients(dispatch, weighted_qkv, blocks):
   mom = dict(DEEP, num_blocks=blocks, weighted_qkv=weighted_qkv, dispatch="dense")
   dense, params = _model(**mom)
-  capacity = MoMGPT2(
-    dense.config, dataclasses.replace(dense.mom, dispatch="capacity", capacity_factor=0)
+  routed = MoMGPT2(
+    dense.config, dataclasses.replace(dense.mom, dispatch=dispatch, capacity_factor=0)
   )
   ids = _ids()
   probe = jnp.asarray(np.random.default_rng(5).normal(size=ids.shape + (64,)), jnp.float32)
   (_, ref), ref_grads = _probe_loss(dense, ids, probe)(params)
-  (_, ours), grads = _probe_loss(capacity, ids, probe)(params)
+  (_, ours), grads = _probe_loss(routed, ids, probe)(params)
   np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
   moved = jax.tree.map(lambda g: float(jnp.abs(g).max()), ref_grads)
   assert moved["decoder"]["routers"]["attn_0"]["input"]["kernel"] > 0  # K=2: routers learn
@@ -246,6 +249,20 @@ def test_no_token_sees_a_later_token(dispatch, factor):
   assert not np.allclose(after[0, j:], before[0, j:])
   if dispatch == "capacity":
     assert float(aux["router/dropped"]) > 0  # the capacity buffers overflowed and dropped slots
+
+
+def test_exact_dispatch_gathers_the_chosen_modules_only_for_fewer_rows_than_modules():
+  def routing(tokens, k):
+    index = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (1, tokens, k))
+    return Routing(
+      jnp.zeros((1, tokens, 9)), index, jnp.ones((1, tokens, k)), jnp.ones((1, tokens))
+    )
+
+  assert isinstance(transport("exact", routing(3, 2), 8, 2.0), Gather)  # 6 rows < 8 modules
+  assert isinstance(transport("exact", routing(4, 2), 8, 2.0), Dense)  # 8 rows: the pool once
+  pool = {"w": jnp.arange(8.0)[:, None] * jnp.ones((8, 5))}
+  gathered = Gather(routing(3, 2), 8).params(pool)["w"]
+  np.testing.assert_array_equal(gathered[:, 0], [0, 1, 0, 1, 0, 1])  # row t*K + k: its module
 
 
 def test_capacity_buffers_scale_with_k_not_with_the_pool():

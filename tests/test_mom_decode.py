@@ -13,6 +13,7 @@ from test_mom import CONFIG, DEEP, ONE_MODULE, _gpt2_config, _ids, _model, _mom_
 from train_helpers import TRACEBACK, run_module
 
 from modjax import decode, evaluate
+from modjax.methods.mom import decoding
 from modjax.methods.mom.model import MoMGPT2
 from modjax.methods.mom.pools import mom_bank
 from modjax.methods.mom.run import load_mom_bank, train_mom
@@ -144,6 +145,40 @@ def test_cached_decoding_steps_equal_the_full_forward(router, weighted_qkv):
   cache, _, index = model.start_decoding(params, plan, prompt, mask, 5)
   block, _ = jax.jit(model.decode_tokens, static_argnums=1)(params, plan, cache, new[:, :3], index)
   np.testing.assert_allclose(block, full[:, 6:9], atol=1e-4, rtol=0)
+
+
+def test_one_row_decode_step_gathers_the_chosen_modules_and_equals_the_full_forward():
+  """B*K < N: each step runs the K chosen modules' gathered weights, not the pool."""
+  model, params = _model(seed=4, **dict(DECODER, num_attn=4, num_ffn=4, top_k=1))
+  prompt, mask = _prompts(batch=1, pad=(1,))
+  new = _ids(1, 4, seed=8)
+  full = _full(
+    model,
+    params,
+    jnp.concatenate([prompt, new], 1),
+    jnp.pad(mask, ((0, 0), (0, 4)), constant_values=1),
+  )
+  plan = model.identity_plan()
+  cache, logits, index = model.start_decoding(params, plan, prompt, mask, 4)
+  step = jax.jit(model.decode_step, static_argnums=1)
+  got = [logits]
+  for t in range(3):
+    logits, cache = step(params, plan, cache, new[:, t], index + t)
+    got.append(logits)
+  np.testing.assert_allclose(np.stack(got, 1), full[:, 5:-1], atol=1e-4, rtol=0)
+
+  # XLA's count of the step's FLOPs: the dense pool does 3 more modules' matmuls per round
+  def step_flops(dispatch):
+    routed = MoMGPT2(model.config, dataclasses.replace(model.mom, dispatch=dispatch))
+    lowered = jax.jit(decoding.decode_tokens, static_argnums=0).lower(
+      routed, params, cache, new[:, :1], index
+    )
+    return lowered.cost_analysis()["flops"]
+
+  d, rounds = model.config.n_embd, model.mom.num_blocks * model.mom.rounds
+  module_flops = 2 * (3 * d * d + d * d + 2 * 4 * d * d)  # q, k, v, out; FFN in and out
+  saved = step_flops("dense") - step_flops("exact")
+  assert saved >= 0.9 * rounds * 3 * module_flops
 
 
 def _log_probs(model, params, prompt, mask, tokens):

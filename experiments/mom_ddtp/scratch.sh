@@ -3,7 +3,7 @@
 # trained FROM SCRATCH for STEPS steps on the same batches with the same optimizer (configs/ddtp_lm.py's
 # AdamW 1e-3, cosine, warm-up 100), then scored on the whole validation split (perplexity).
 #
-#   RUNS=/work/runs STEPS=300 bash experiments/mom_ddtp/scratch.sh
+#   RUNS=/work/runs STEPS=900 bash experiments/mom_ddtp/scratch.sh    # workdirs mom_scratch900_*
 set -euo pipefail
 RUNS=${RUNS:-runs}
 DATA=${DATA:-../shared/data/ddtp-summ}
@@ -11,11 +11,11 @@ STEPS=${STEPS:-300}
 COMMON=(--config.train.num_steps="$STEPS" --config.checkpoint.every_steps=100)
 
 python -m modjax.train --config "configs/ddtp_lm.py:$DATA" \
-  --config.workdir="$RUNS/mom_scratch_vanilla" "${COMMON[@]}"
-python -m modjax.evaluate --config "configs/ddtp_lm.py:$DATA" --config.workdir="$RUNS/mom_scratch_vanilla"
+  --config.workdir="$RUNS/mom_scratch${STEPS}_vanilla" "${COMMON[@]}"
+python -m modjax.evaluate --config "configs/ddtp_lm.py:$DATA" --config.workdir="$RUNS/mom_scratch${STEPS}_vanilla"
 for gate in softmax renormalized; do
   python -m modjax.train --config "configs/mom_gpt2.py:ddtp,$DATA" \
-    --config.workdir="$RUNS/mom_scratch_$gate" --config.mom.gate="$gate" "${COMMON[@]}"
+    --config.workdir="$RUNS/mom_scratch${STEPS}_$gate" --config.mom.gate="$gate" "${COMMON[@]}"
   python -m modjax.evaluate --config "configs/mom_gpt2.py:ddtp,$DATA" \
-    --config.workdir="$RUNS/mom_scratch_$gate"
+    --config.workdir="$RUNS/mom_scratch${STEPS}_$gate"
 done

@@ -8,9 +8,11 @@ plain layout, beam search widens them with ``add_beam_slots`` and masks through 
 exactly as for GPT-2; ``static`` and ``shared`` are GPT-2's.
 
 Routing is per token (a router reads that token's residual stream; the GRU state runs over that
-token's rounds), so a step routes its new tokens only. The model runs here is ``model.exact()``
-(dense dispatch): capacity drops depend on the other tokens of a batch, which a step does not
-see, and without them a step equals the full forward.
+token's rounds), so a step routes its new tokens only. The model run here is ``model.exact()``:
+capacity drops depend on the other tokens of a batch, which a step does not see, and without
+them a step equals the full forward. A step of B rows routes B*K (token, slot) pairs, so while
+B*K < N it gathers just the chosen modules' weights (``dispatch.Gather``): the step reads K
+modules per row, not the pool; with more rows it runs the pool densely.
 """
 
 from __future__ import annotations

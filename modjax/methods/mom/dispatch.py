@@ -5,6 +5,9 @@ A *transport* has ``send(x_TX) -> buffers [N, C, X]`` and ``receive(buffers, wei
 
 * :class:`Dense` (the reference): every module gets every token (C = T) and ``receive`` masks
   with the routing weights: compute grows with the pool size N.
+* :class:`Gather` (exact, for a few tokens): each (token, kept slot) row runs its own module,
+  whose weights are gathered for it (``params``), so T*K modules' weights are read instead of N:
+  less work and traffic than :class:`Dense` while T*K < N, as when decoding a few rows.
 * :class:`Capacity` (MaxText's and Switch's dropping scheme): module n gets a buffer of
   ``C = ceil(capacity_factor * T * K / N)`` rows (T tokens, K kept slots), filled by gathering
   the tokens routed to it, and ``receive`` gathers each token's rows back. Buffers hold about
@@ -13,6 +16,10 @@ A *transport* has ``send(x_TX) -> buffers [N, C, X]`` and ``receive(buffers, wei
   makes C = T, which never drops. Assignments are ranked position-major (all rows' position 0,
   then position 1, ...; a token's first choice before its second), so whether a token is dropped
   depends only on tokens at its own or earlier positions: causality holds.
+
+A transport also says which weights its buffers run through (``params(pool)``: the pool itself,
+or the gathered modules). ``dispatch="exact"`` (:func:`transport`) picks :class:`Gather` when
+T*K < N and :class:`Dense` otherwise: never a drop, so scoring and cached decoding use it.
 
 ``jax.lax.ragged_dot`` would avoid drops, but XLA:CPU lowers it to a dense product over every
 group (DESIGN.md, "Pitfalls"), so on CPU it costs what :class:`Dense` does.
@@ -45,6 +52,9 @@ class Dense:
     self.index_TK, self.weight_TK = _flat(routing)
     self.dropped = jnp.zeros((), jnp.float32)
 
+  def params(self, pool):
+    return pool
+
   def send(self, x_TX):
     return jnp.broadcast_to(x_TX[None], (self.modules,) + x_TX.shape)
 
@@ -52,6 +62,29 @@ class Dense:
     # one_hot of SKIP (index N) is a zero row, so SKIP contributes nothing
     coef_TN = jnp.einsum("tk,tkn->tn", weight_TK, jax.nn.one_hot(self.index_TK, self.modules))
     return jnp.einsum("tn,nt...->t...", coef_TN.astype(buffers_NTX.dtype), buffers_NTX)
+
+
+class Gather:
+  """Row t*K + k runs the module token t kept in slot k, with that module's gathered weights."""
+
+  def __init__(self, routing: Routing, modules: int):
+    self.modules = modules
+    self.index_TK, _ = _flat(routing)
+    self.dropped = jnp.zeros((), jnp.float32)
+
+  def params(self, pool):
+    """The pool's weights of each row's module: ``[T*K, ...]`` (a SKIP row takes module 0's;
+    ``receive`` discards its result)."""
+    row_module = jnp.minimum(self.index_TK, self.modules - 1).reshape(-1)
+    return jax.tree.map(lambda w: w[row_module], pool)
+
+  def send(self, x_TX):
+    return jnp.repeat(x_TX, self.index_TK.shape[1], axis=0)[:, None]  # [T*K, 1, X]
+
+  def receive(self, buffers_R1X, weight_TK):
+    y_TKX = buffers_R1X.reshape(self.index_TK.shape + buffers_R1X.shape[2:])
+    coef_TK = jnp.where(self.index_TK < self.modules, weight_TK, 0).astype(y_TKX.dtype)
+    return jnp.einsum("tk,tk...->t...", coef_TK, y_TKX)
 
 
 class Capacity:
@@ -86,6 +119,9 @@ class Capacity:
     self.row_TK = jnp.swapaxes(row.reshape(length, batch, k), 0, 1).reshape(tokens, k)
     self.dropped = jnp.sum(valid & ~kept) / jnp.maximum(jnp.sum(valid), 1)
 
+  def params(self, pool):
+    return pool
+
   def send(self, x_TX):
     return _pad_row(x_TX)[self.tokens_NC]
 
@@ -98,6 +134,11 @@ class Capacity:
 
 def transport(kind: str, routing: Routing, modules: int, capacity_factor: float):
   """The ``MoMConfig.dispatch`` transport for one routing decision."""
+  if kind == "exact":
+    rows = math.prod(routing.index_BLK.shape)  # T*K, known when tracing
+    kind = "gather" if rows < modules else "dense"
   if kind == "dense":
     return Dense(routing, modules)
+  if kind == "gather":
+    return Gather(routing, modules)
   return Capacity(routing, modules, capacity_factor)

@@ -78,10 +78,13 @@ class MoMGPT2:
     return forward(self, params, input_ids_BL, **kwargs)
 
   def exact(self) -> MoMGPT2:
-    """This model with the dense dispatch: no capacity drops, so a token's result depends on
-    its prefix alone, never on the other tokens of a batch. Scoring and cached decoding run it
-    (a bank trained with capacity drops is scored and decoded without them)."""
-    return dataclasses.replace(self, mom=dataclasses.replace(self.mom, dispatch="dense"))
+    """This model without capacity drops, so a token's result depends on its prefix alone,
+    never on the other tokens of a batch: ``capacity`` becomes ``exact`` (gathered modules for
+    fewer rows than modules, else dense); ``dense``, ``gather`` and ``exact`` stay. Scoring and
+    cached decoding run it (a bank trained with capacity drops is scored and decoded without)."""
+    if self.mom.dispatch != "capacity":
+      return self
+    return dataclasses.replace(self, mom=dataclasses.replace(self.mom, dispatch="exact"))
 
   # ---- what modjax.scoring and modjax.decode ask of a model ---------------------------------
   # A MoM decoder runs its routed structure, not a plan: the empty plan stands for it.

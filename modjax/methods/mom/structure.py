@@ -44,7 +44,7 @@ from collections.abc import Mapping
 ROUTERS = ("linear", "mlp", "gru")
 GATES = ("renormalized", "softmax", "raw")
 BALANCE = ("depthwise", "pooled")
-DISPATCH = ("capacity", "dense")
+DISPATCH = ("capacity", "dense", "gather", "exact")
 
 
 class MoMError(ValueError):
@@ -71,7 +71,7 @@ class MoMConfig:
   weighted_qkv: bool = False
   balance_weight: float = 0.01
   balance: str = "depthwise"
-  dispatch: str = "capacity"
+  dispatch: str = "capacity"  # | "dense" | "gather" | "exact" (modjax/methods/mom/dispatch.py)
   capacity_factor: float = 2.0  # buffer per module = factor * tokens * K / N; 0 = never drop
 
   def __post_init__(self):

@@ -42,6 +42,7 @@ def attention_sublayer(
   """Routed self-attention of one round (``carrier``: a transport of ``routing``). ``attend``:
   ``qkv_BL3HK -> context_BLHK`` in place of the attention under ``bias``."""
   batch, length, _ = x_BLD.shape
+  pool = carrier.params(pool)
   h_NCD = mods.pool_norm(spec, pool["self_attn_norm"], carrier.send(_tokens(x_BLD)))
   qkv_NC3HK = mods.pool_qkv(spec, pool["self_attn"], h_NCD)
   weight_TK = routing.weight_BLK.reshape(batch * length, -1)
@@ -63,6 +64,7 @@ def ffn_sublayer(
   spec: BlockSpec, pool, routing: Routing, carrier, x_BLD, *, deterministic=True, rng=None
 ):
   """Routed feed-forward of one round."""
+  pool = carrier.params(pool)
   h_NCD = mods.pool_norm(spec, pool["ffn_norm"], carrier.send(_tokens(x_BLD)))
   y_NCD = mods.pool_ffn(spec, pool["ffn"], h_NCD, deterministic=deterministic, rng=rng)
   weight_TK = routing.weight_BLK.reshape(-1, routing.weight_BLK.shape[-1])
