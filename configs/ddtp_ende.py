@@ -8,18 +8,13 @@ merging compresses (configs/ffn_merge.py). BLEU is sacrebleu's corpus BLEU, toke
       --config.workdir=runs/ddtp_ende
 """
 
-import os
-
-from modjax.train.defaults import base_config, lock
+from modjax.train.defaults import base_config, jsonl_corpus, lock
 
 
 def get_config(arg: str = "../shared/data/ddtp-ende"):
   data_dir = arg or "../shared/data/ddtp-ende"
-  c = base_config()
+  c = jsonl_corpus(base_config(), data_dir)
   c.model.preset = "small-cpu-6"
-  c.data.task = "jsonl"
-  c.data.train_files = os.path.join(data_dir, "train.jsonl.gz")
-  c.data.validation_files = os.path.join(data_dir, "validation.jsonl.gz")
   c.data.inputs_prefix = "translate English to German: "
   c.data.vocab_size = 6000  # one SentencePiece model over both languages
   c.data.inputs_length = 128  # median ~55 English words
@@ -33,7 +28,6 @@ def get_config(arg: str = "../shared/data/ddtp-ende"):
   c.optimizer.warmup_steps = 100
   c.checkpoint.every_steps = 100
   c.eval.batch_size = 64
-  c.eval.max_examples = 0  # the whole validation split (635)
   c.eval.max_new_tokens = 128
   c.eval.metrics = "bleu"
   return lock(c)

@@ -8,18 +8,13 @@ DDTP-summ (the JSON field ``inputs``): the decoder-only original that FFN mergin
       --config.workdir=runs/ddtp_lm
 """
 
-import os
-
-from modjax.train.defaults import base_config, lock
+from modjax.train.defaults import base_config, jsonl_corpus, lock
 
 
 def get_config(arg: str = "../shared/data/ddtp-summ"):
   data_dir = arg or "../shared/data/ddtp-summ"
-  c = base_config()
+  c = jsonl_corpus(base_config(), data_dir)
   c.model.preset = "gpt2-small-cpu"
-  c.data.task = "jsonl"
-  c.data.train_files = os.path.join(data_dir, "train.jsonl.gz")
-  c.data.validation_files = os.path.join(data_dir, "validation.jsonl.gz")
   c.data.targets_field = "inputs"  # the LM models the descriptions themselves
   c.data.vocab_size = 4000
   c.data.targets_length = 128  # median description ~80 pieces
@@ -34,6 +29,5 @@ def get_config(arg: str = "../shared/data/ddtp-summ"):
   c.optimizer.weight_decay = 0.1
   c.checkpoint.every_steps = 250
   c.eval.batch_size = 64
-  c.eval.max_examples = 0  # the whole validation split (2,686)
   c.eval.metrics = "perplexity"
   return lock(c)

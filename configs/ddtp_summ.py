@@ -11,18 +11,13 @@ Modular Transformers distils (configs/modular_t5.py:ddtp_summ).
       --config.workdir=runs/ddtp_summ6
 """
 
-import os
-
-from modjax.train.defaults import base_config, lock
+from modjax.train.defaults import base_config, jsonl_corpus, lock
 
 
 def get_config(arg: str = "../shared/data/ddtp-summ"):
   data_dir, _, layers = (arg or "../shared/data/ddtp-summ").partition(",")
-  c = base_config()
+  c = jsonl_corpus(base_config(), data_dir)
   c.model.preset = "small-cpu"
-  c.data.task = "jsonl"
-  c.data.train_files = os.path.join(data_dir, "train.jsonl.gz")
-  c.data.validation_files = os.path.join(data_dir, "validation.jsonl.gz")
   c.data.inputs_prefix = "summarize: "
   c.data.vocab_size = 4000  # trained on the training split into workdir/vocab
   c.data.inputs_length = 96  # median description ~80 pieces
@@ -36,7 +31,6 @@ def get_config(arg: str = "../shared/data/ddtp-summ"):
   c.optimizer.warmup_steps = 100
   c.checkpoint.every_steps = 250
   c.eval.batch_size = 64
-  c.eval.max_examples = 0  # the whole validation split (2,686)
   c.eval.max_new_tokens = 24
   c.eval.metrics = "rouge"
   if layers == "6":  # the Modular Transformers teacher: 6+6 layers, ~0.8 epoch

@@ -94,6 +94,16 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def jsonl_corpus(c: ml_collections.ConfigDict, data_dir: str) -> ml_collections.ConfigDict:
+  """Points ``c.data`` at a corpus folder of ``train.jsonl.gz`` and ``validation.jsonl.gz``
+  (../shared/data's layout) and scores the whole validation split."""
+  c.data.task = "jsonl"
+  c.data.train_files = os.path.join(data_dir, "train.jsonl.gz")
+  c.data.validation_files = os.path.join(data_dir, "validation.jsonl.gz")
+  c.eval.max_examples = 0
+  return c
+
+
 def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.lock()
   return c
