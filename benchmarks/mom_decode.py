@@ -17,7 +17,9 @@ prompt): ``mflop_per_step`` and ``mb_per_step`` (bytes accessed); and cached gre
 (median of ``--calls`` calls, prefill included): ``tokens_per_s`` and ``ms_per_step`` (median
 call / new tokens). ``pct_bw`` = bytes per step / ms per step / the peak memory bandwidth
 measured in the same run (``benchmarks/hardware.py``): a step at these sizes reads its weights
-once per step, so bandwidth, not FLOP/s, is the ceiling.
+once per step, so bandwidth, not FLOP/s, is the ceiling. XLA's byte count takes every operand
+and result of every op as memory traffic, gathered weight copies included, some of which stay in
+cache: where it exceeds 100% the count overstates the traffic, not the machine its limit.
 
     python -m benchmarks.mom_decode                  # ddtp, pools 4,8,16, rows 1,4 (~10 min)
     python -m benchmarks.mom_decode --quick          # tiny shapes: a smoke test
