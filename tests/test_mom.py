@@ -1,7 +1,7 @@
 """Mixture-of-Modules: a one-module MoM block is a GPT-2 block (modjax's and transformers'),
 SKIP adds nothing, gates and the balancing loss match hand computation, the capacity and gather
-dispatches equal the dense reference (values and gradients), causality holds, a pool sharded over four
-devices gives the same loss, and ``python -m modjax.train`` trains a MoM bank."""
+dispatches equal the dense reference (values and gradients), causality holds, a pool sharded over
+four devices gives the same loss, and ``python -m modjax.train`` trains a MoM bank."""
 
 import dataclasses
 import gzip
