@@ -122,6 +122,21 @@ def _full(model, params, ids, mask):
   return np.asarray(logits)
 
 
+def _decode_steps(model, params, prompt, mask, new):
+  """(logits [B, N, V], cache, index): the prefill's next-token logits, then those of feeding
+  ``new[:, t]`` one cached step at a time for t < N - 1."""
+  plan = model.identity_plan()
+  cache, logits, index = jax.jit(model.start_decoding, static_argnums=(1, 4))(
+    params, plan, prompt, mask, new.shape[1]
+  )
+  step = jax.jit(model.decode_step, static_argnums=1)
+  got = [logits]
+  for t in range(new.shape[1] - 1):
+    logits, cache = step(params, plan, cache, new[:, t], index + t)
+    got.append(logits)
+  return np.stack(got, 1), cache, index
+
+
 @pytest.mark.parametrize("router,weighted_qkv", [("gru", False), ("mlp", True)])
 def test_cached_decoding_steps_equal_the_full_forward(router, weighted_qkv):
   model, params = _model(seed=1, **DECODER, router=router, weighted_qkv=weighted_qkv)
@@ -131,16 +146,9 @@ def test_cached_decoding_steps_equal_the_full_forward(router, weighted_qkv):
   ids = jnp.concatenate([prompt, new], axis=1)
   full_mask = jnp.concatenate([mask, jnp.ones_like(new)], axis=1)
   full = _full(model, params, ids, full_mask)
+  stepped, _, _ = _decode_steps(model, params, prompt, mask, new)
+  np.testing.assert_allclose(stepped, full[:, 5:-1], atol=1e-4, rtol=0)
   plan = model.identity_plan()
-  cache, logits, index = jax.jit(model.start_decoding, static_argnums=(1, 4))(
-    params, plan, prompt, mask, 5
-  )
-  step = jax.jit(model.decode_step, static_argnums=1)
-  got = [logits]
-  for t in range(4):
-    logits, cache = step(params, plan, cache, new[:, t], index + t)
-    got.append(logits)
-  np.testing.assert_allclose(np.stack(got, 1), full[:, 5:-1], atol=1e-4, rtol=0)
   # three tokens per row in one call from the prefilled cache: the same logits
   cache, _, index = model.start_decoding(params, plan, prompt, mask, 5)
   block, _ = jax.jit(model.decode_tokens, static_argnums=1)(params, plan, cache, new[:, :3], index)
@@ -158,14 +166,8 @@ def test_one_row_decode_step_gathers_the_chosen_modules_and_equals_the_full_forw
     jnp.concatenate([prompt, new], 1),
     jnp.pad(mask, ((0, 0), (0, 4)), constant_values=1),
   )
-  plan = model.identity_plan()
-  cache, logits, index = model.start_decoding(params, plan, prompt, mask, 4)
-  step = jax.jit(model.decode_step, static_argnums=1)
-  got = [logits]
-  for t in range(3):
-    logits, cache = step(params, plan, cache, new[:, t], index + t)
-    got.append(logits)
-  np.testing.assert_allclose(np.stack(got, 1), full[:, 5:-1], atol=1e-4, rtol=0)
+  stepped, cache, index = _decode_steps(model, params, prompt, mask, new)
+  np.testing.assert_allclose(stepped, full[:, 5:-1], atol=1e-4, rtol=0)
 
   # XLA's count of the step's FLOPs: the dense pool does 3 more modules' matmuls per round
   def step_flops(dispatch):
