@@ -8,12 +8,13 @@ attention and FFN modules, over a bank and a (static) MoM structure.
   fresh routers) and its entry metadata;
 * :mod:`.routers`: linear, MLP and GRU routers, top-K gates, the Switch balancing loss;
 * :mod:`.modules`, :mod:`.dispatch`, :mod:`.sublayers`, :mod:`.block`: the pools' modules on
-  token buffers, dense and capacity dispatch, routed attention and FFN, one MoM block;
+  token buffers, dense, capacity and gathered dispatch (``exact``: gathered below N rows, else
+  dense), routed attention and FFN, one MoM block;
 * :mod:`.model`: :class:`MoMGPT2`, GPT-2's embeddings, vanilla blocks and head around MoM blocks;
 * :mod:`.stats`, :mod:`.loss`, :mod:`.run`: router statistics, the step-contract loss and
   ``python -m modjax.train --config configs/mom_gpt2.py:<size>``;
-* :mod:`.decoding`: cached greedy and beam decoding through ``modjax.decode`` (a cache entry per
-  MoM round). ``python -m modjax.evaluate`` scores a MoM bank (:func:`.model.bank_model` tells
+* :mod:`.decoding`: cached greedy, sampled and beam decoding through ``modjax.decode`` (a cache
+  entry per MoM round; a step of few rows gathers its chosen modules). ``python -m modjax.evaluate`` scores a MoM bank (:func:`.model.bank_model` tells
   it from its entries) with :meth:`MoMGPT2.teacher_forced_sums`: no capacity drops, router
   statistics.
 """
