@@ -12,7 +12,7 @@ import pytest
 from test_mom import CONFIG, DEEP, ONE_MODULE, _gpt2_config, _ids, _model, _mom_config
 from train_helpers import TRACEBACK, run_module
 
-from modjax import decode, evaluate
+from modjax import bank, decode, evaluate, sharding
 from modjax.methods.mom import decoding
 from modjax.methods.mom.model import MoMGPT2
 from modjax.methods.mom.pools import mom_bank
@@ -181,6 +181,19 @@ def test_one_row_decode_step_gathers_the_chosen_modules_and_equals_the_full_forw
   module_flops = 2 * (3 * d * d + d * d + 2 * 4 * d * d)  # q, k, v, out; FFN in and out
   saved = step_flops("dense") - step_flops("exact")
   assert saved >= 0.9 * rounds * 3 * module_flops
+
+
+def test_gathered_decoding_of_a_pool_sharded_over_four_devices_equals_one_device():
+  """The one-row step gathers modules from a pool whose modules live on 4 different devices."""
+  model, params = _model(seed=5, **dict(DECODER, num_attn=4, num_ffn=4, top_k=1))
+  mesh = sharding.make_mesh(data=1, expert=4, devices=jax.devices()[:4])
+  placed = jax.device_put(params, bank.shardings(model, params, mesh))
+  assert placed["decoder"]["pools"]["ffn_1"]["ffn"]["wi"]["kernel"].sharding.spec[0] == "expert"
+  prompt, mask = _prompts(batch=1, pad=(1,))
+  new = _ids(1, 4, seed=8)
+  ref, _, _ = _decode_steps(model, params, prompt, mask, new)
+  ours, _, _ = _decode_steps(model, placed, prompt, mask, new)
+  np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
 
 
 def _log_probs(model, params, prompt, mask, tokens):
