@@ -64,6 +64,7 @@ import numpy as np
 
 from modjax import bank, decode, sharding
 from modjax.methods.mom import MoMGPT2
+from modjax.methods.mom.dispatch import exact_kind
 from modjax.methods.mom.loss import mom_loss
 from modjax.methods.mom.pools import mom_bank
 from modjax.methods.mom.run import structure_from_config
@@ -164,12 +165,15 @@ def build_step(model, setup: Setup):
   return step, abstract, state_shardings, optimizer
 
 
+def cost_analysis(compiled) -> dict:
+  """XLA's cost analysis of a compiled (or only lowered) program."""
+  cost = compiled.cost_analysis()
+  return cost[0] if isinstance(cost, list | tuple) else cost  # older JAX: one per computation
+
+
 def compiled_flops(compiled) -> float:
   """``flops`` of XLA's cost analysis of a compiled (or only lowered) program."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, list | tuple):  # older JAX: one dict per computation
-    cost = cost[0]
-  return float(cost.get("flops", float("nan")))
+  return float(cost_analysis(compiled).get("flops", float("nan")))
 
 
 def xla_flops(jitted, *args, cost: str = "compiled") -> float:
@@ -280,7 +284,7 @@ def exact_dispatch(model: MoMGPT2, rows: int) -> str:
   mom = model.exact().mom
   if mom.dispatch != "exact":
     return mom.dispatch
-  kinds = {"gather" if rows * mom.top_k < n else "dense" for n in (mom.num_attn, mom.num_ffn)}
+  kinds = {exact_kind(rows * mom.top_k, n) for n in (mom.num_attn, mom.num_ffn)}
   return f"exact ({'/'.join(sorted(kinds))})"
 
 

@@ -53,8 +53,7 @@ def step_cost(model, params, rows: int, args) -> dict:
   cache, _, index = model.start_decoding(params, plan, prompt, mask, args.new_tokens)
   step = jax.jit(model.decode_step, static_argnums=1)
   compiled = step.lower(params, plan, cache, prompt[:, 0], index).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  cost = mom.cost_analysis(compiled)
   return {"mflop_per_step": cost["flops"] / 1e6, "mb_per_step": cost["bytes accessed"] / 1e6}
 
 

@@ -132,11 +132,16 @@ class Capacity:
     return jnp.sum(picked_TKX * weight.astype(picked_TKX.dtype), axis=1)
 
 
+def exact_kind(rows: int, modules: int) -> str:
+  """What ``dispatch="exact"`` runs for ``rows`` (token, slot) pairs over a pool of ``modules``:
+  ``"gather"`` while there are fewer rows than modules, else ``"dense"``."""
+  return "gather" if rows < modules else "dense"
+
+
 def transport(kind: str, routing: Routing, modules: int, capacity_factor: float):
   """The ``MoMConfig.dispatch`` transport for one routing decision."""
   if kind == "exact":
-    rows = math.prod(routing.index_BLK.shape)  # T*K, known when tracing
-    kind = "gather" if rows < modules else "dense"
+    kind = exact_kind(math.prod(routing.index_BLK.shape), modules)  # T*K, known when tracing
   if kind == "dense":
     return Dense(routing, modules)
   if kind == "gather":
