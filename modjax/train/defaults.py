@@ -52,6 +52,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10
   c.train.label_smoothing = 0.0
   c.train.z_loss = 0.0
+  # Validation loss during training (modjax.train.validation): every N steps (0 = off) on the
+  # first eval_max_examples examples of data.eval_split (0 = all); stop once the best loss fell by
+  # less than plateau_min_improvement (relative) over the last plateau_window steps (0 = never).
+  c.train.eval_every = 0
+  c.train.eval_max_examples = 0
+  c.train.plateau_window = 0
+  c.train.plateau_min_improvement = 0.01
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adafactor"  # adafactor | adamw

@@ -292,6 +292,7 @@ def validate_config(cfg) -> None:
     "use a positive number",
   )
   need(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "use 0 (off) or a positive norm")
+  _validate_plateau(cfg.train, need)
   need(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "use a positive interval")
   need(c.keep >= 1, "checkpoint.keep", c.keep, "keep at least 1 checkpoint")
   need(cfg.eval.batch_size > 0, "eval.batch_size", cfg.eval.batch_size, "use a positive batch size")
@@ -320,3 +321,26 @@ def validate_config(cfg) -> None:
       d.vocab_path,
       "no such file; give a SentencePiece .model",
     )
+
+
+def _validate_plateau(t, need) -> None:
+  """Validation-loss checks during training (``modjax.train.validation``)."""
+  need(t.eval_every >= 0, "train.eval_every", t.eval_every, "use 0 (off) or a step interval")
+  need(
+    t.eval_max_examples >= 0,
+    "train.eval_max_examples",
+    t.eval_max_examples,
+    "use 0 (the whole split) or a positive count",
+  )
+  need(
+    t.plateau_window == 0 or (t.eval_every > 0 and t.plateau_window >= t.eval_every),
+    "train.plateau_window",
+    t.plateau_window,
+    "use 0 (never stop early) or a window of at least train.eval_every steps (set eval_every)",
+  )
+  need(
+    0 < t.plateau_min_improvement < 1,
+    "train.plateau_min_improvement",
+    t.plateau_min_improvement,
+    "use a relative improvement in (0, 1), e.g. 0.01",
+  )

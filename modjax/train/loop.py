@@ -22,7 +22,7 @@ from etils import epath
 from modjax import bank, bank_io, checkpoint, sharding
 from modjax.interop import hf
 from modjax.plan import PlanError
-from modjax.train import experiment, losses, optim, plots
+from modjax.train import experiment, losses, optim, plots, validation
 from modjax.train.step import (
   RESERVED_METRICS,
   TrainState,
@@ -117,6 +117,20 @@ def train(
     data_position = int(meta["data_position"])
     log.info("resumed from step %d (data position %d)", step, data_position)
   start = int(state.step)
+  batch_sharding = sharding.batch_sharding(mesh)
+  monitor = validation.Monitor(
+    cfg,
+    root,
+    model,
+    task,
+    plans.get(bank_io.DEFAULT_PLAN) or model.identity_plan(),
+    start,
+    lambda b: _global_batch(b, batch_sharding, by_source=False),
+  )
+  if monitor.converged:
+    log.info("validation loss plateaued by step %d (%s); nothing to train", start, monitor.path)
+    ckpt.close()
+    return TrainResult(state, {}, model, frozen, start)
   batches = experiment.train_batches(cfg, model, task, data_position)
 
   step_fn = jit_train_step(
@@ -129,7 +143,6 @@ def train(
   )
   rng = jax.random.key(cfg.train.seed)
   logger = _MetricsLogger(root, cfg, start)
-  batch_sharding = sharding.batch_sharding(mesh)
   by_source = cfg.data.host_split == "source" and jax.process_count() > 1
   pending = None
   try:
@@ -139,7 +152,11 @@ def train(
       if pending is not None:  # read the previous step's metrics while this one runs
         logger.record(*pending)
       pending = (step + 1, metrics)
-      if (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.train.num_steps:
+      plateau = (
+        monitor.due(step + 1, cfg.train.num_steps)
+        and monitor.score(step + 1, state.params, frozen)["plateau"]
+      )
+      if (step + 1) % cfg.checkpoint.every_steps == 0 or step + 1 == cfg.train.num_steps or plateau:
         logger.record(*pending)
         pending = None
         ckpt.save(
@@ -148,6 +165,8 @@ def train(
           {"data_position": batches.position, "config": cfg.to_dict()},
           force=True,
         )
+      if plateau:
+        break
     if pending is not None:
       logger.record(*pending)
   finally:
@@ -263,8 +282,9 @@ class _MetricsLogger:
     self.jsonl.close()
     self.writer.close()
     try:
+      metrics = self.root / "metrics"
       plots.plot_training_curve(
-        self.root / "metrics" / "train.jsonl", self.root / "metrics" / "train_loss.png"
+        metrics / "train.jsonl", metrics / "train_loss.png", metrics / validation.FILE_NAME
       )
     except Exception as e:  # a plot is a convenience; never fail a run over it
       log.warning("could not plot the training curve: %s", e)

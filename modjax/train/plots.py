@@ -4,6 +4,7 @@ runs plot once per step)."""
 from __future__ import annotations
 
 import json
+import os
 
 import matplotlib
 
@@ -21,13 +22,21 @@ def read_metrics(path) -> dict[int, dict]:
   return dict(sorted(records.items()))
 
 
-def plot_training_curve(jsonl_path, png_path) -> None:
+def plot_training_curve(jsonl_path, png_path, validation_path=None) -> None:
+  """Training loss per step; with ``validation_path`` (``metrics/validation.jsonl``) the
+  validation cross-entropy at its points on the same axes."""
   records = read_metrics(jsonl_path)
   steps = list(records)
   fig, ax = plt.subplots(figsize=(6, 3.5))
-  ax.plot(steps, [records[s]["loss"] for s in steps], lw=1)
+  ax.plot(steps, [records[s]["loss"] for s in steps], lw=1, label="training")
+  if validation_path is not None and os.path.exists(validation_path):
+    points = read_metrics(validation_path)
+    ax.plot(
+      list(points), [p["cross_entropy"] for p in points.values()], "o-", ms=3, label="validation"
+    )
+    ax.legend()
   ax.set_xlabel("step")
-  ax.set_ylabel("training loss (token cross-entropy)")
+  ax.set_ylabel("token cross-entropy")
   ax.set_yscale("log")
   ax.grid(alpha=0.3)
   fig.tight_layout()
