@@ -1,7 +1,8 @@
 """The CPU teacher: a small T5 trained from scratch on DDTP-summ (package description ->
 one-line synopsis), the headline-style summarisation corpus in ../shared/data/ddtp-summ.
 The arg is the corpus folder, optionally followed by ``,6`` for the 6+6-layer teacher that
-Modular Transformers distils (configs/modular_t5.py:ddtp_summ).
+Modular Transformers distils (configs/modular_t5.py:ddtp_summ), trained until its validation
+loss improves by less than 1% over an epoch (experiments/converged_teacher/).
 
   python -m modjax.train --config configs/ddtp_summ.py:../shared/data/ddtp-summ \\
       --config.workdir=runs/ddtp_summ
@@ -33,10 +34,13 @@ def get_config(arg: str = "../shared/data/ddtp-summ"):
   c.eval.batch_size = 64
   c.eval.max_new_tokens = 24
   c.eval.metrics = "rouge"
-  if layers == "6":  # the Modular Transformers teacher: 6+6 layers, ~0.8 epoch
+  if layers == "6":  # the Modular Transformers teacher: 6+6 layers, trained to a plateau
     c.model.preset = "small-cpu-6"
-    c.train.num_steps = 1200
-    c.checkpoint.every_steps = 200
+    c.train.num_steps = 30_000  # a cap; the plateau stops it first
+    c.train.eval_every = 500  # whole validation split, teacher-forced
+    c.train.plateau_window = 1500  # ~one epoch (48,755 examples / 32 per batch)
+    c.train.plateau_min_improvement = 0.01
+    c.checkpoint.every_steps = 500
   elif layers:
     raise ValueError(f"unknown teacher depth {layers!r}; use '<data dir>' or '<data dir>,6'")
   return lock(c)

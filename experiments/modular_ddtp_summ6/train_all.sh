@@ -11,7 +11,11 @@ TEACHER=$RUNS/ddtp_summ6
 # size, an SFT student 300 (the session's CPU time ran short; see compute.json per run).
 declare -A STEPS=([kd]=600 [sft]=300 [pseudo]=600)
 
-python -m modjax.train --config "configs/ddtp_summ.py:$DATA,6" --config.workdir="$TEACHER"
+# The committed results used the 1,200-step teacher (~0.8 epoch); the converged one is
+# experiments/converged_teacher/run.sh.
+python -m modjax.train --config "configs/ddtp_summ.py:$DATA,6" --config.workdir="$TEACHER" \
+  --config.train.num_steps=1200 --config.train.eval_every=0 --config.train.plateau_window=0 \
+  --config.checkpoint.every_steps=200
 python -m modjax.train --config "configs/modular_t5.py:ddtp_summ,$TEACHER,$DATA" \
   --config.workdir="$RUNS/summ6_bank" --config.train.num_steps=900 \
   --config.checkpoint.every_steps=150
