@@ -20,8 +20,14 @@ Metrics (``eval.metrics``, comma-separated): ``perplexity`` (mean cross-entropy 
 over the first ``eval.max_examples`` examples, its exp, and the token count; T5 and GPT-2, which
 reads the task's targets as text), ``rouge`` (1/2/L/Lsum, Lsum with newline-split sentences) and
 ``bleu`` (sacreBLEU on detokenised text); the last two decode and need an encoder-decoder.
-Writes ``workdir/eval/<split>_step<N>[_plan-<name>].metrics.json`` (with the plan) and, when
-decoding, ``.predictions.jsonl`` (input, target, prediction per example). The scoring itself is
+Writes ``workdir/eval/<stem>.metrics.json`` and, when decoding, ``<stem>.predictions.jsonl``
+(input, target, prediction per example), where ``<stem>`` is
+``<split>[_step<N>][_plan-<name>][_draft-<name>-k<K>]_<bank|hf>-<dir>_data-<source>_<digest>`` and
+the digest covers everything that changes the numbers (``modjax.results``: bank path and step,
+plan, data files' contents or TFDS version, vocabulary, metrics, example limit, lengths, decoding
+mode, beams). The metrics JSON records all of it under ``evaluation``. A different evaluation
+never overwrites another's files; a rerun of the same one replaces its own and logs it. Both
+files are written atomically (temporary file, then rename). The scoring itself is
 ``modjax.scoring`` (pure functions over model, params, plan and batches) and what is scored is
 loaded by ``modjax.scored``; both re-exported here.
 
@@ -30,25 +36,21 @@ with that plan of the bank (a saved name or a JSON file; for T5 only its decoder
 drafting K tokens per round (default: the ``draft_tokens`` that ``python -m modjax.assemble
 draft`` recorded for NAME, else 4). The texts are those of plain greedy decoding; the metrics add
 ``acceptance_rate``, ``mean_accepted_length`` and ``speculative`` (draft, K, counts), and the
-output names end in ``_draft-<name>-k<K>``. Beam search stays plain: ``eval.num_beams`` > 1 with
+output names carry ``_draft-<name>-k<K>``. Beam search stays plain: ``eval.num_beams`` > 1 with
 a draft is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import re
 
 import jax
 import numpy as np
 from etils import epath
 
-from modjax import metrics
+from modjax import metrics, results
 from modjax.data import make_eval_examples
-from modjax.plan import Plan
 from modjax.scored import Draft, Scored, load_draft, load_eval_vocabulary, load_scored
 from modjax.scoring import make_eval_batches, predict, teacher_forced_metrics
 from modjax.train import experiment
@@ -115,6 +117,8 @@ def evaluate(
   _check_fit(cfg, names, scored.model, vocabulary)
   drafting = load_draft(scored, draft, draft_tokens) if draft is not None else None
   task = experiment.build_task(cfg, vocabulary)
+  record = _evaluation_record(cfg, names, scored, vocabulary, drafting)
+  paths = _claim_result_files(cfg, record)
   scored.params = jax.device_put(scored.params)
   log.info(
     "evaluating %s with plan %s: %s", scored.origin, scored.plan_name, scored.plan.describe()
@@ -133,9 +137,12 @@ def evaluate(
     "plan_name": scored.plan_name,
     "plan": scored.plan.to_dict(),
     **scores,
+    "evaluation": record,
+    "digest": results.digest(record),
+    "files": {name: path.name for name, path in paths.items() if name == "metrics" or predictions},
   }
   if jax.process_index() == 0:
-    _write(cfg, scored, summary, examples, predictions)
+    _write(paths, summary, examples, predictions)
   return summary
 
 
@@ -229,43 +236,79 @@ def _no_examples(cfg):
   )
 
 
-def output_stem(split: str, scored: Scored, draft: dict | None = None) -> str:
-  """``<split>[_step<N>][_plan-<name>][_draft-<name>-k<K>]``: a file plan is named by its file
-  and a digest; ``draft`` is a summary's ``speculative`` record."""
-  stem = split if scored.step is None else f"{split}_step{scored.step}"
-  if not scored.default_plan:
-    stem += f"_plan-{_file_label(scored.plan_name, scored.plan)}"
-  if draft:
-    label = _file_label(draft["draft"], Plan.from_dict(draft["draft_plan"]))
-    stem += f"_draft-{label}-k{draft['draft_tokens']}"
-  return stem
+def _evaluation_record(cfg, names, scored: Scored, vocabulary, drafting: Draft | None) -> dict:
+  """What identifies this evaluation (``modjax.results``): the bank and plan, the data, and the
+  settings that change the numbers of the metrics asked for."""
+  d, e = cfg.data, cfg.eval
+  data = results.data_record(
+    d.task,
+    d.eval_split,
+    experiment.file_spec(cfg),
+    vocabulary=vocabulary,
+    inputs_prefix=d.inputs_prefix,
+    fields=[d.inputs_field, d.targets_field] if d.task == "jsonl" else None,
+    tfds_data_dir=d.tfds_data_dir,
+  )
+  settings = {"metrics": sorted(set(names)), "max_examples": e.max_examples or None}
+  if set(names) & set(TEACHER_FORCED_METRICS):
+    settings["feature_lengths"] = dict(experiment.feature_lengths(cfg, scored.model))
+  if set(names) & set(DECODED_METRICS):
+    mode = "speculative" if drafting else "beam" if e.num_beams > 1 else "greedy"
+    settings.update(
+      decoding=mode,
+      num_beams=e.num_beams,
+      inputs_length=d.inputs_length,
+      max_new_tokens=e.max_new_tokens,
+    )
+    if "bleu" in names:
+      settings["bleu_tokenize"] = e.bleu_tokenize
+  if drafting is not None:
+    plan_sha = results.plan_digest(drafting.plan)
+    settings["draft"] = {"name": drafting.name, "sha256": plan_sha, "tokens": drafting.tokens}
+  if scored.kind == "hf":  # a bank's dtypes are its own; an import's come from the config
+    settings["dtypes"] = {"param": cfg.model.param_dtype, "compute": cfg.model.dtype}
+  return results.as_stored(results.evaluation_record(scored, data=data, settings=settings))
 
 
-def _file_label(label: str, plan: Plan) -> str:
-  if os.path.isfile(label):
-    digest = hashlib.sha256(plan.to_json().encode()).hexdigest()[:8]
-    label = f"{epath.Path(label).stem}-{digest}"
-  return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
-
-
-def _write(cfg, scored, summary, examples, predictions) -> None:
+def _claim_result_files(cfg, record: dict) -> dict[str, epath.Path]:
+  """The metrics and predictions files of ``record`` under ``workdir/eval``. A metrics file
+  there from this same evaluation is replaced (and the log says so); one that holds another
+  record (a digest collision, or a file edited by hand) is an error, before anything runs."""
   out = experiment.workdir(cfg) / "eval"
-  out.mkdir(parents=True, exist_ok=True)
-  stem = output_stem(summary["split"], scored, summary.get("speculative"))
+  stem = results.result_stem(record, results.digest(record))
+  paths = {
+    "metrics": out / f"{stem}.metrics.json",
+    "predictions": out / f"{stem}.predictions.jsonl",
+  }
+  if paths["metrics"].exists():
+    if results.stored_record(paths["metrics"]) != record:
+      raise experiment.ConfigError(
+        f'{paths["metrics"]} exists and holds another evaluation\'s results (its "evaluation" '
+        "record differs from this run's); move or delete it, then rerun"
+      )
+    log.info("replacing %s: it holds this same evaluation (bank, plan, data, settings)", out / stem)
+  return paths
+
+
+def _write(paths: dict, summary: dict, examples, predictions) -> None:
+  """Predictions first, then the metrics, each written atomically: a metrics file is only ever
+  there with its complete predictions beside it."""
+  paths["metrics"].parent.mkdir(parents=True, exist_ok=True)
   if predictions is not None:
-    with (out / f"{stem}.predictions.jsonl").open("w") as f:
-      for ex, pred in zip(examples, predictions, strict=True):
-        f.write(
-          json.dumps({"inputs": ex["inputs"], "target": ex["targets"], "prediction": pred}) + "\n"
-        )
-  (out / f"{stem}.metrics.json").write_text(json.dumps(summary, indent=2))
+    results.write_atomically(paths["predictions"], _prediction_lines(examples, predictions))
+  results.write_text_atomically(paths["metrics"], json.dumps(summary, indent=2))
   log.info(
     "metrics (step %s, plan %s) -> %s: %s",
-    scored.step,
-    scored.plan_name,
-    out / f"{stem}.metrics.json",
+    summary["step"],
+    summary["plan_name"],
+    paths["metrics"],
     {k: round(v, 4) for k, v in summary.items() if isinstance(v, float)},
   )
+
+
+def _prediction_lines(examples, predictions):
+  for ex, pred in zip(examples, predictions, strict=True):
+    yield json.dumps({"inputs": ex["inputs"], "target": ex["targets"], "prediction": pred}) + "\n"
 
 
 def define_flags() -> None:

@@ -36,6 +36,7 @@ class Scored:
   origin: str  # the bank or HF directory
   vocab_dir: epath.Path | None  # where a trained vocab/spm.model may be
   default_plan: bool  # the plan is the bank's default (output names carry no plan suffix)
+  kind: str = "bank"  # "bank" (a saved bank or training workdir) or "hf" (a save_pretrained dir)
 
 
 def load_scored(cfg, *, bank: str | None = None, hf_dir: str | None = None, plan=None) -> Scored:
@@ -125,7 +126,8 @@ def _load_hf(cfg, hf_dir, plan_label, file_plan) -> Scored:
   chosen = model.identity_plan() if file_plan is None else file_plan
   chosen = _validated(chosen, params, model, plan_label)
   name = plan_label or "identity"
-  return Scored(model, params, chosen, name, 0, hf_dir, None, chosen == model.identity_plan())
+  default = chosen == model.identity_plan()
+  return Scored(model, params, chosen, name, 0, hf_dir, None, default, kind="hf")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -121,7 +121,9 @@ def test_t5_perplexity_from_the_workdir_alone_matches_transformers(t5_workdir, t
   assert summary["step"] == 30 and summary["plan_name"] == "default"
   stored = bank_io.load_bank(t5_workdir)
   assert summary["plan"] == stored.model.identity_plan().to_dict()
-  with open(os.path.join(t5_workdir, "eval", "validation_step30.metrics.json")) as f:
+  name = summary["files"]["metrics"]
+  assert name.startswith("validation_step30_bank-run_data-embedded_lead_"), name
+  with open(os.path.join(t5_workdir, "eval", name)) as f:
     assert json.load(f) == summary
 
   vocabulary = evaluate.load_eval_vocabulary(cfg, t5_workdir)
@@ -175,8 +177,9 @@ def test_a_shorter_decoder_plan_from_a_file(t5_workdir, tmp_path):
   reference, _ = _hf_mean_cross_entropy(hf_model, batches, encdec=True)
   np.testing.assert_allclose(short["cross_entropy"], reference, rtol=1e-5)
   written = sorted(os.listdir(out / "eval"))
-  assert "validation_step30.metrics.json" in written
-  assert any(n.startswith("validation_step30_plan-short-") for n in written), written
+  assert identity["files"]["metrics"].startswith("validation_step30_bank-run_")
+  assert short["files"]["metrics"].startswith("validation_step30_plan-short_bank-run_")
+  assert {identity["files"]["metrics"], short["files"]["metrics"]} <= set(written), written
 
 
 def test_hf_directory_is_scored_like_the_bank_it_came_from(t5_workdir, tmp_path):
@@ -353,12 +356,12 @@ def test_cli_scores_a_bank_with_a_saved_plan(cli, t5_workdir, tmp_path):
   results, _, out = cli
   result = results["bank_and_saved_plan"]
   assert result["code"] == 0, result["stderr"][-3000:]
-  with open(out / "eval" / "validation_step30_plan-short.metrics.json") as f:
-    summary = json.load(f)
+  (metrics_file,) = (out / "eval").glob("validation_step30_plan-short_bank-run_*.metrics.json")
+  summary = json.loads(metrics_file.read_text())
   assert summary["plan_name"] == "short"
   assert summary["plan"] == Plan.from_dict(SHORT_DECODER).to_dict()
   assert 0.0 <= summary["rouge1"] <= 100.0 and summary["examples"] == 8
-  predictions = out / "eval" / "validation_step30_plan-short.predictions.jsonl"
+  predictions = out / "eval" / summary["files"]["predictions"]
   assert len(predictions.read_text().splitlines()) == 8
   cfg = micro_config(tmp_path, eval__metrics="perplexity")
   in_process = evaluate.evaluate(cfg, bank=t5_workdir, plan="short")

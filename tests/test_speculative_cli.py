@@ -79,9 +79,11 @@ def _one_error(result, needle):
   assert TRACEBACK not in result.stderr
 
 
-def _read(eval_dir, stem):
-  metrics = json.loads((eval_dir / f"{stem}.metrics.json").read_text())
-  lines = (eval_dir / f"{stem}.predictions.jsonl").read_text().splitlines()
+def _read(eval_dir, prefix):
+  """The metrics and predicted texts of the one evaluation whose file name starts ``prefix``."""
+  (metrics_file,) = eval_dir.glob(f"{prefix}*.metrics.json")
+  metrics = json.loads(metrics_file.read_text())
+  lines = (eval_dir / metrics["files"]["predictions"]).read_text().splitlines()
   return metrics, [json.loads(line)["prediction"] for line in lines]
 
 
@@ -93,8 +95,8 @@ def test_evaluate_with_a_draft_gives_plain_greedy_predictions_and_acceptance(ban
   result = run_module("modjax.evaluate", args, device_count=1, timeout=300)
   assert result.returncode == 0, result.stderr
   eval_dir = banks["root"] / "data" / "eval"
-  _, plain_texts = _read(eval_dir, "validation")
-  drafted, texts = _read(eval_dir, "validation_draft-dec2-k3")
+  _, plain_texts = _read(eval_dir, "validation_bank-random_")
+  drafted, texts = _read(eval_dir, "validation_draft-dec2-k3_bank-random_")
   assert texts == plain_texts and len(texts) == plain["examples"] == 8
   assert len(set(texts)) > 1  # varied outputs, not one repeated string
   for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):

@@ -229,7 +229,10 @@ def test_evaluate_cli_writes_predictions_and_rouge(one_device_run, evaluation):
   except subprocess.TimeoutExpired:
     code = None
   assert code == 0, f"exit code {code}:\n{log_path.read_text()[-3000:]}"
-  stem = os.path.join(cfg.workdir, "eval", f"validation_step{NUM_STEPS}")
+  (metrics_file,) = glob.glob(
+    os.path.join(cfg.workdir, "eval", f"validation_step{NUM_STEPS}_bank-*.metrics.json")
+  )
+  stem = metrics_file.removesuffix(".metrics.json")
   with open(stem + ".predictions.jsonl") as f:
     predictions = [json.loads(line) for line in f]
   assert len(predictions) == cfg.eval.max_examples
