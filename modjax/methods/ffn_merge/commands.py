@@ -26,7 +26,7 @@ import time
 
 from etils import epath
 
-from modjax import bank_io, cost, export, scoring
+from modjax import bank_io, cost, export, results, scoring
 from modjax.methods.ffn_merge.align import reference_offset
 from modjax.methods.ffn_merge.merge import METHODS, merge_windows
 from modjax.methods.ffn_merge.window import (
@@ -173,7 +173,7 @@ def merge_bank(
     "plan": merged_plan.to_dict(),
     "timings_s": timings,
   }
-  (epath.Path(out) / "merge.json").write_text(json.dumps(record, indent=1))
+  results.write_text_atomically(epath.Path(out) / "merge.json", json.dumps(record, indent=1))
   log.info(
     "merged %s window %d..%d of %s (%s): cross-entropy %.4f (original %.4f) -> %s",
     method, chosen, chosen + k - 1, list(stacks), record["params"]["fraction"],

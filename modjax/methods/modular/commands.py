@@ -14,7 +14,7 @@ import os
 import jax
 from etils import epath
 
-from modjax import bank_io, export
+from modjax import bank_io, export, results
 from modjax.methods.modular import latency
 from modjax.methods.modular import strategies as st
 from modjax.methods.modular import sweep as sw
@@ -64,7 +64,7 @@ def _load(bank_dir) -> bank_io.StoredBank:
 def _record(bank_dir, name: str, data: dict) -> None:
   root = epath.Path(bank_dir) / RECORDS
   root.mkdir(parents=True, exist_ok=True)
-  (root / f"{name}.json").write_text(json.dumps(data, indent=1))
+  results.write_text_atomically(root / f"{name}.json", json.dumps(data, indent=1))
 
 
 def _workload(shapes: st.Shapes, runs: int, warmup: int) -> dict:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 from etils import epath
 
-from modjax import scoring
+from modjax import results, scoring
 from modjax.methods.modular import latency
 from modjax.methods.modular import strategies as st
 from modjax.plan import Plan
@@ -286,8 +286,8 @@ def write_sweep(out, rows: Sequence[Row], info: dict) -> dict:
   root = epath.Path(out)
   root.mkdir(parents=True, exist_ok=True)
   record = {**info, "plans": [r.to_dict() for r in rows]}
-  (root / "sweep.json").write_text(json.dumps(record, indent=1))
-  (root / "sweep.md").write_text(markdown_table(rows, info))
+  results.write_text_atomically(root / "sweep.json", json.dumps(record, indent=1))
+  results.write_text_atomically(root / "sweep.md", markdown_table(rows, info))
   plot(rows, info, root / "pareto.png")
   log.info("sweep: %d plans -> %s (sweep.json, sweep.md, pareto.png)", len(rows), root)
   return record
