@@ -16,6 +16,9 @@ CLOUD_SCOPE=https://www.googleapis.com/auth/cloud-platform
 # Where everything lives on a worker, relative to the login directory: the checkout (configs/,
 # launch/) in modjax/src, the virtual environment in modjax/.venv, run logs in modjax/logs.
 WORKER_SH=modjax/src/launch/worker.sh
+# The VMs' metadata for launch/startup.sh (KEY=VALUE,...); set by create.sh/supervise.sh
+# --unattended (common_unattended.sh), empty otherwise.
+STARTUP_META=""
 
 die() {
   printf 'error: %s\n' "$*" >&2
@@ -26,7 +29,7 @@ usage() { printf '%s\n' "$HELP"; }
 # --- options ------------------------------------------------------------------------------------
 declare -A OPT=()
 CMD=()
-FLAG_OPTS=" dry-run spot reserved no-wait gpu detach recreate "
+FLAG_OPTS=" dry-run spot reserved no-wait gpu detach recreate local "
 for _key in name zone project accelerator runtime-version service-account wait-timeout \
   machine-type image-family image-project disk-size repo ref wheel python config bucket workdir \
   run worker upload-logs follow-worker $FLAG_OPTS; do
@@ -88,6 +91,7 @@ require() {
 }
 
 dry_run() { [[ ${OPT[dry-run]} == 1 ]]; }
+here() { [[ ${OPT[local]} == 1 ]]; } # install.sh --local: this machine is the worker
 gpu() { [[ ${OPT[gpu]} == 1 || -n ${OPT[machine-type]} ]]; }
 
 validate_target() {
@@ -227,7 +231,9 @@ note() {
 }
 
 on_workers() { # WORKER COMMAND: one shell command on a TPU worker (or all) or the GPU VM
-  if gpu; then
+  if here; then
+    run bash -c "cd && $2"
+  elif gpu; then
     run gcloud compute ssh "${OPT[name]}" "--zone=${OPT[zone]}" "--command=$2" "${PROJECT_ARGS[@]}"
   else
     run gcloud compute tpus tpu-vm ssh "${OPT[name]}" "--zone=${OPT[zone]}" "--worker=$1" \
@@ -238,7 +244,9 @@ on_workers() { # WORKER COMMAND: one shell command on a TPU worker (or all) or t
 copy_to_workers() { # DEST SRC...: copies local files to every worker (or the GPU VM)
   local dest=$1
   shift
-  if gpu; then
+  if here; then
+    run cp -r "$@" "$HOME/$dest"
+  elif gpu; then
     run gcloud compute scp --recurse "$@" "${OPT[name]}:$dest" "--zone=${OPT[zone]}" "${PROJECT_ARGS[@]}"
   else
     run gcloud compute tpus tpu-vm scp --recurse "$@" "${OPT[name]}:$dest" "--zone=${OPT[zone]}" \
@@ -268,6 +276,8 @@ create_tpu() {
   [[ ${OPT[spot]} != 1 ]] || extra+=(--spot)
   [[ ${OPT[reserved]} != 1 ]] || extra+=(--reserved)
   [[ -z ${OPT[service-account]} ]] || extra+=("--service-account=${OPT[service-account]}")
+  [[ -z $STARTUP_META ]] ||
+    extra+=("--metadata-from-file=startup-script=$LAUNCH_DIR/startup.sh" "--metadata=$STARTUP_META")
   note "${OPT[accelerator]}: $TPU_HOSTS host(s), $TPU_DEVICES JAX devices, runtime ${OPT[runtime-version]}"
   run gcloud compute tpus queued-resources create "${OPT[name]}" "--node-id=${OPT[name]}" \
     "--zone=${OPT[zone]}" "--accelerator-type=${OPT[accelerator]}" \
@@ -319,12 +329,13 @@ create_gpu() {
   local extra=()
   [[ ${OPT[spot]} != 1 ]] || extra+=(--provisioning-model=SPOT --instance-termination-action=STOP)
   [[ -z ${OPT[service-account]} ]] || extra+=("--service-account=${OPT[service-account]}")
+  [[ -z $STARTUP_META ]] || extra+=("--metadata-from-file=startup-script=$LAUNCH_DIR/startup.sh")
   note "${OPT[machine-type]}: $GPU_COUNT x $GPU_KIND on one VM"
   run gcloud compute instances create "${OPT[name]}" "--zone=${OPT[zone]}" \
     "--machine-type=${OPT[machine-type]}" "--image-family=${OPT[image-family]}" \
     "--image-project=${OPT[image-project]}" "--boot-disk-size=${OPT[disk-size]}" \
-    --maintenance-policy=TERMINATE --metadata=install-nvidia-driver=True "--scopes=$CLOUD_SCOPE" \
-    "${extra[@]}" "${PROJECT_ARGS[@]}"
+    --maintenance-policy=TERMINATE "--metadata=install-nvidia-driver=True${STARTUP_META:+,$STARTUP_META}" \
+    "--scopes=$CLOUD_SCOPE" "${extra[@]}" "${PROJECT_ARGS[@]}"
 }
 
 # Installs modjax into modjax/.venv on every worker (uv brings Python 3.11 when the image has an

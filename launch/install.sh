@@ -5,6 +5,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 HELP="usage: launch/install.sh --name NAME --zone ZONE (--repo URL [--ref REF] | --wheel FILE) [options]
+       launch/install.sh --local (--repo URL [--ref REF] | --wheel FILE) [options]
 
 On every worker at once: a Python ${OPT[python]} virtual environment in ~/modjax/.venv (uv fetches
 that Python when the image has an older one), jax[tpu]==$JAX_VERSION (jax[cuda12] with --gpu)
@@ -17,6 +18,8 @@ Running it again updates the install in place.
                    and launch/ are copied beside it
   --python X.Y     the workers' Python (default ${OPT[python]}; modjax needs 3.11)
   --gpu            NAME is a GPU VM made by launch/create.sh --machine-type
+  --local          install on this machine, in \$HOME (what a worker's launch/startup.sh does
+                   at boot) instead of over ssh; --name and --zone are then not needed
   --project ID     Google Cloud project (default: gcloud's configured one)
   --dry-run        print the gcloud commands instead of running them
   --help           this text
@@ -24,9 +27,9 @@ Running it again updates the install in place.
 Example: launch/install.sh --name modjax-v4-32 --zone us-central2-b \\
            --repo https://github.com/ORG/modjax.git --ref v0.1.0"
 
-parse_args "name zone project gpu repo ref wheel python dry-run" "$@"
+parse_args "name zone project gpu repo ref wheel python local dry-run" "$@"
 ((${#CMD[@]} == 0)) || die "$PROG takes no command after --"
-validate_target
+here || validate_target
 validate_install
 dry_run_header
 install_workers

@@ -30,7 +30,18 @@ worker_id() { # the TPU worker index from the VM metadata; 0 on a single VM
     echo 0
 }
 
-alive() { [[ -f $LOGS/$1.pid ]] && kill -0 "$(cat "$LOGS/$1.pid")" 2>/dev/null; }
+booted_at() { # seconds since the epoch when this machine booted
+  local up
+  read -r up _ </proc/uptime
+  echo $(($(date +%s) - ${up%.*}))
+}
+
+# A run is alive while the process of its pid file is; a pid file from before the last boot (a
+# restarted VM) names some other process by now.
+alive() {
+  [[ -f $LOGS/$1.pid ]] && (($(stat -c %Y "$LOGS/$1.pid") >= $(booted_at) - 2)) &&
+    kill -0 "$(cat "$LOGS/$1.pid")" 2>/dev/null
+}
 
 start() {
   local run=$1 upload=$2

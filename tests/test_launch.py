@@ -9,7 +9,9 @@ Bad options end in one ``error:`` line and exit status 2 before anything is crea
 ``gcloud`` that fails loudly comes first on PATH in every test, so a dry run (or a refused
 option) that called gcloud anyway would fail here; the real-mode tests use a scripted fake that
 records its calls instead. worker.sh, the part that runs on a worker, is run here for real under
-a throw-away HOME.
+a throw-away HOME. The unattended path (create.sh --unattended, the workers' startup.sh and
+supervise.sh) runs against a fake metadata server and a fake gcloud whose bucket is a local
+directory.
 """
 
 import json
@@ -27,7 +29,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = sorted(LAUNCH.glob("*.sh"))
-USER_SCRIPTS = [p.name for p in SCRIPTS if p.name not in ("common.sh", "worker.sh")]
 QR = ["gcloud", "compute", "tpus", "queued-resources"]
 TPU_SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
 ZONE = "us-central2-b"
@@ -121,7 +122,7 @@ def test_scripts_pass_shellcheck():
   assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("script", [p.name for p in SCRIPTS if p.name != "common.sh"])
+@pytest.mark.parametrize("script", [p.name for p in SCRIPTS if not p.name.startswith("common")])
 def test_script_is_strict_bash_with_help(script, fake_bin):
   text = (LAUNCH / script).read_text()
   assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
@@ -350,6 +351,43 @@ BAD = {
   "run_bad_worker": ("run.sh", [*TARGET, "--worker", "first", "--", "true"], "--worker"),
   "logs_missing_run": ("logs.sh", TARGET, "--run"),
   "delete_missing_zone": ("delete.sh", ["--name", "t"], "--zone"),
+  "unattended_without_config": (
+    "create.sh",
+    [*TARGET, "--accelerator", "v4-8", "--unattended", "--bucket", BUCKET, "--repo", "u"],
+    "--config",
+  ),
+  "unattended_without_source": (
+    "create.sh",
+    [*TRAIN, "--accelerator", "v4-8", "--unattended", "--bucket", BUCKET],
+    "--repo",
+  ),
+  "run_options_without_unattended": (
+    "create.sh",
+    [*TRAIN, "--accelerator", "v4-8", "--bucket", BUCKET],
+    "--unattended",
+  ),
+  "unattended_bad_worker_user": (
+    "create.sh",
+    [*TRAIN, "--accelerator", "v4-8", "--unattended", "--bucket", BUCKET, "--repo", "u"]
+    + ["--worker-user", "Bob Smith"],
+    "--worker-user",
+  ),
+  "unattended_comma_in_workdir": (
+    "create.sh",
+    [*TRAIN, "--accelerator", "v4-8", "--unattended", "--workdir", f"{BUCKET}/a,b", "--repo", "u"],
+    "--workdir",
+  ),
+  "supervise_missing_workdir": ("supervise.sh", [*TARGET, "--accelerator", "v4-8"], "--bucket"),
+  "supervise_bad_interval": (
+    "supervise.sh",
+    [*TARGET, "--accelerator", "v4-8", "--bucket", BUCKET, "--interval", "5m"],
+    "--interval",
+  ),
+  "supervise_takes_no_command": (
+    "supervise.sh",
+    [*TARGET, "--accelerator", "v4-8", "--bucket", BUCKET, "--", "--config.x=1"],
+    "--",
+  ),
 }
 
 
@@ -450,3 +488,333 @@ def test_worker_script_runs_detached_and_reports_status(tmp_path, fake_bin):
     time.sleep(0.2)
   stopped = worker("logs", "r2")
   assert stopped.returncode == 2 and "without an exit status" in stopped.stderr
+
+
+def test_worker_ignores_a_pid_file_from_before_the_boot(tmp_path, fake_bin):
+  """After a VM restart the old run's pid may name another live process: not a running run."""
+  home = tmp_path / "home"
+  for d in ("modjax/logs", "modjax/.venv/bin", "modjax/src"):
+    (home / d).mkdir(parents=True)
+  (home / "modjax/.venv/bin/activate").write_text("")
+  pid_file = home / "modjax/logs/r.pid"
+  pid_file.write_text(str(os.getpid()))  # a live process, not the run
+
+  def start():
+    return subprocess.run(
+      ["bash", str(LAUNCH / "worker.sh"), "start", "r", "", "--", "true"],
+      capture_output=True, text=True, env=_env(fake_bin, HOME=str(home)), timeout=60,
+    )  # fmt: skip
+
+  refused = start()
+  assert refused.returncode == 2 and "still running" in refused.stderr  # written in this boot
+  booted_at = time.time() - float(Path("/proc/uptime").read_text().split()[0])
+  os.utime(pid_file, (booted_at - 60, booted_at - 60))
+  started = start()
+  assert started.returncode == 0, started.stderr
+  assert pid_file.read_text().strip() != str(os.getpid())
+
+
+# --- unattended runs: create.sh --unattended, the workers' startup.sh, supervise.sh -------------
+
+# gcloud with a bucket: gs://B/P is the file bucket/B/P beside bin/ ("storage cat, ls, cp", "-"
+# for stdin); every call recorded; "describe" answers as SCRIPTED_GCLOUD, and the state DONE
+# (answered as ACTIVE) first writes a finished status to $FAKE_DONE_STATUS.
+BUCKET_GCLOUD = f"""#!{sys.executable}
+import json, os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+args = sys.argv[1:]
+with open(os.path.join(here, "calls.jsonl"), "a") as f:
+  f.write(json.dumps(args) + "\\n")
+def local(url):
+  return os.path.join(here, "..", "bucket", url[5:]) if url.startswith("gs://") else url
+def write(url, text):
+  os.makedirs(os.path.dirname(local(url)), exist_ok=True)
+  open(local(url), "w").write(text)
+if args[0] == "storage":
+  src, *dest = [a for a in args[2:] if a == "-" or not a.startswith("-")]
+  if args[1] in ("cat", "ls") and not os.path.isfile(local(src)):
+    sys.exit("ERROR: (gcloud.storage) The following URLs matched no objects or files: " + src)
+  if args[1] == "cat":
+    sys.stdout.write(open(local(src)).read())
+  elif args[1] == "cp":
+    write(dest[0], sys.stdin.read() if src == "-" else open(local(src)).read())
+elif "describe" in args:
+  path = os.path.join(here, "states.txt")
+  states = open(path).read().split()
+  open(path, "w").write("\\n".join(states[1:]))
+  if states[0] == "NOT_FOUND":
+    sys.exit(1)
+  if states[0] == "DONE":
+    write(os.environ["FAKE_DONE_STATUS"], "finished 2026-01-01T00:00:00Z: exit status 0\\n")
+  print("ACTIVE" if states[0] == "DONE" else states[0])
+"""
+
+# The metadata server: an attribute is the file metadata/NAME beside bin/.
+METADATA_CURL = """#!/bin/sh
+for url; do :; done
+f="$(dirname "$0")/../metadata/${url##*/}"
+[ -f "$f" ] && exec cat "$f"
+exit 22
+"""
+
+WORKDIR = f"{BUCKET}/runs/xsum-large"
+V4_32 = ["--name", "mj-v4", "--zone", ZONE, "--accelerator", "v4-32", "--spot"]
+RUN_ARGS = [
+  *["--bucket", BUCKET, "--run", "xsum-large", "--config", "configs/t5_finetune.py:xsum,t5-large"],
+  *["--repo", "https://example.org/modjax.git", "--ref", "v0.1.0"],
+]
+OVERRIDES = ["--", "--config.mesh.fsdp=16", "--config.data.vocab_path=gs://b/my vocab.model"]
+
+
+def cloud(fake_bin: Path, states=(), metadata=None, objects=None) -> Path:
+  """The fake gcloud, metadata server and bucket; returns the bucket directory."""
+  _write_exe(fake_bin / "gcloud", BUCKET_GCLOUD)
+  _write_exe(fake_bin / "curl", METADATA_CURL)
+  (fake_bin / "states.txt").write_text("\n".join(states))
+  (fake_bin.parent / "metadata").mkdir(exist_ok=True)
+  for key, value in (metadata or {}).items():
+    (fake_bin.parent / "metadata" / key).write_text(value)
+  bucket = fake_bin.parent / "bucket"
+  for url, text in (objects or {}).items():
+    (bucket / url[5:]).parent.mkdir(parents=True, exist_ok=True)
+    (bucket / url[5:]).write_text(text)
+  return bucket
+
+
+def piped(argv: list[str]) -> tuple[list[str], list[str]]:
+  """``printf '%s\\n' LINE... | gcloud storage cp - URL``: (the lines, the gcloud command)."""
+  bar = argv.index("|")
+  assert argv[:2] == ["printf", "%s\\n"]
+  return argv[2:bar], argv[bar + 1 :]
+
+
+def spec_of(lines: list[str]) -> dict[str, list[str]]:
+  spec = {}
+  for line in lines:
+    if not line.startswith("#"):
+      key, _, word = line.partition(" ")
+      spec.setdefault(key, []).append(word)
+  return spec
+
+
+def test_create_unattended_records_the_run_and_the_startup_script(fake_bin):
+  status, upload, create, wait = dry(
+    "create.sh", *V4_32, "--unattended", "--worker-user", "alice", *RUN_ARGS, *OVERRIDES,
+    bin_dir=fake_bin,
+  )  # fmt: skip
+  assert status == ["gcloud", "storage", "cat", f"{WORKDIR}/launch/status"]  # an ended run: refused
+  lines, cp = piped(upload)
+  assert cp == ["gcloud", "storage", "cp", "-", f"{WORKDIR}/launch/run.args"]
+  (train_start, _) = dry(
+    "train.sh", "--name", "mj-v4", "--zone", ZONE, *RUN_ARGS[:6], *OVERRIDES, bin_dir=fake_bin
+  )
+  assert spec_of(lines) == {
+    "user": ["alice"],
+    "run": ["xsum-large"],
+    "install": ["--repo", "https://example.org/modjax.git", "--ref", "v0.1.0", "--python", "3.11"],
+    "train": remote(train_start)[9:],  # what train.sh runs after python -m modjax.train
+  }
+  assert remote(train_start)[6:9] == ["python", "-m", "modjax.train"]
+  assert "--config.multihost.initialize=True" in spec_of(lines)["train"]
+  assert create[:6] == [*QR, "create", "mj-v4"] and "--spot" in create
+  assert flag(create, "metadata-from-file") == f"startup-script={LAUNCH / 'startup.sh'}"
+  assert flag(create, "metadata") == f"modjax-workdir={WORKDIR}"
+  assert wait[4] == "describe"
+
+
+def test_create_unattended_gpu_vm_stages_the_wheel(fake_bin, tmp_path):
+  wheel = tmp_path / "modjax-0.1.0-py3-none-any.whl"
+  wheel.write_bytes(b"")
+  gpu = ["--name", "g", "--zone", "us-west1-a", "--machine-type", "a2-highgpu-8g", "--spot"]
+  cmds = dry(
+    "create.sh", *gpu, "--unattended", "--worker-user", "alice", "--wheel", str(wheel),
+    "--bucket", BUCKET, "--config", "configs/tiny.py", bin_dir=fake_bin,
+  )  # fmt: skip
+  src = f"{BUCKET}/runs/g/launch/src"
+  assert cmds[1] == ["gcloud", "storage", "cp", str(wheel), f"{src}/{wheel.name}"]
+  rsync = ["gcloud", "storage", "rsync", "-r", "--delete-unmatched-destination-objects"]
+  assert cmds[2] == [*rsync, str(REPO / "configs"), f"{src}/configs"]
+  assert cmds[3] == [*rsync, str(REPO / "launch"), f"{src}/launch"]
+  spec = spec_of(piped(cmds[4])[0])
+  assert spec["install"] == ["--wheel", f"modjax/staged/{wheel.name}", "--python", "3.11", "--gpu"]
+  assert not any("multihost" in a for a in spec["train"])  # one process sees every GPU
+  create = cmds[5]
+  assert create[:4] == ["gcloud", "compute", "instances", "create"]
+  assert flag(create, "metadata") == f"install-nvidia-driver=True,modjax-workdir={BUCKET}/runs/g"
+  assert flag(create, "metadata-from-file") == f"startup-script={LAUNCH / 'startup.sh'}"
+  assert flag(create, "instance-termination-action") == "STOP"
+
+
+def test_create_unattended_refuses_an_ended_run(fake_bin):
+  cloud(fake_bin, objects={f"{WORKDIR}/launch/status": "finished 2026-01-01T00:00:00Z: ok\n"})
+  r = launch("create.sh", *V4_32, "--unattended", *RUN_ARGS, bin_dir=fake_bin, USER="alice")
+  assert r.returncode == 2 and "has ended" in r.stderr and "gcloud storage rm" in r.stderr
+  assert [c[:3] for c in calls(fake_bin / "calls.jsonl")] == [
+    ["storage", "cat", f"{WORKDIR}/launch/status"]
+  ]
+
+
+def run_args(install: list[str], worker_user: str = "mjtestuser") -> str:
+  train = ["--config", "configs/tiny.py", f"--config.workdir={WORKDIR}", "--config.x=a b"]
+  lines = ["# written by launch/create.sh", f"user {worker_user}", "run xsum-large"]
+  return "\n".join(lines + [f"install {w}" for w in install] + [f"train {w}" for w in train]) + "\n"
+
+
+REPO_INSTALL = ["--repo", "https://example.org/modjax.git", "--ref", "v0.1.0", "--python", "3.11"]
+
+
+def test_startup_installs_and_resumes_an_unfinished_run(fake_bin):
+  cloud(
+    fake_bin,
+    metadata={"modjax-workdir": WORKDIR},  # no agent-worker-number: worker 0
+    objects={f"{WORKDIR}/launch/run.args": run_args(REPO_INSTALL)},
+  )
+  r = launch("startup.sh", "--dry-run", bin_dir=fake_bin)
+  assert r.returncode == 0, r.stderr
+  assert "no status: run xsum-large has not ended" in r.stdout
+  cmds = [shlex.split(line) for line in r.stdout.splitlines() if not line.startswith("#")]
+  assert cmds[0] == ["useradd", "--create-home", "--shell", "/bin/bash", "mjtestuser"]
+  assert cmds[3] == [
+    *["setsid", "nohup", "runuser", "-l", "mjtestuser", "-c"],
+    "bash modjax/startup.sh boot >>modjax/logs/boot.log 2>&1",
+  ]
+  git = ["git", "-C", "modjax/staged"]
+  assert [*git, "fetch", "-q", "--depth=1", "https://example.org/modjax.git", "v0.1.0"] in cmds
+  install = ["bash", "modjax/staged/launch/install.sh", "--local", *REPO_INSTALL]
+  start = [
+    *["bash", "modjax/src/launch/worker.sh", "start", "xsum-large", WORKDIR, "--"],
+    *["python", "-m", "modjax.train", "--config", "configs/tiny.py"],
+    *[f"--config.workdir={WORKDIR}", "--config.x=a b"],
+  ]
+  copy_log = ["gcloud", "storage", "cp", "--quiet", "modjax/logs/boot.log"]
+  copy_log.append(f"{WORKDIR}/logs/xsum-large.boot.worker0.log")
+  i = cmds.index(install)
+  assert cmds[i + 1 : i + 3] == [start, copy_log]  # installed, resumed, boot log copied
+  assert f"{WORKDIR}/logs/xsum-large.worker0.log every 5 minutes" in r.stdout  # the run's log
+  assert cmds[-1] == copy_log  # and at exit
+  record = [c for c in cmds if "|" in c]
+  assert len(record) == 1 and piped(record[0])[0][0].startswith("finished ")
+  assert piped(record[0])[1] == ["gcloud", "storage", "cp", "-", f"{WORKDIR}/launch/status"]
+  reads = calls(fake_bin / "calls.jsonl")  # a dry run only reads
+  assert reads == [["storage", "cat", f"{WORKDIR}/launch/run.args"]] + [
+    ["storage", "cat", f"{WORKDIR}/launch/status"]
+  ]
+
+  # The install line, run here as the worker would (dry): a local install, no ssh.
+  (local_install,) = dry("install.sh", *install[2:], bin_dir=fake_bin)
+  assert local_install[:2] == ["bash", "-c"] and local_install[2].startswith("cd && ")
+  assert "fetch -q --depth=1 https://example.org/modjax.git v0.1.0" in local_install[2]
+  assert "'jax[tpu]==" in local_install[2] and "uv pip install" in local_install[2]
+
+
+def test_startup_of_a_wheel_run_on_worker_1(fake_bin):
+  wheel_install = ["--wheel", "modjax/staged/modjax-0.1.0-py3-none-any.whl", "--python", "3.11"]
+  cloud(
+    fake_bin,
+    metadata={"modjax-workdir": WORKDIR, "agent-worker-number": "1"},
+    objects={f"{WORKDIR}/launch/run.args": run_args(wheel_install)},
+  )
+  r = launch("startup.sh", "--dry-run", bin_dir=fake_bin)
+  assert r.returncode == 0, r.stderr
+  cmds = [shlex.split(line) for line in r.stdout.splitlines() if not line.startswith("#")]
+  rsync = ["gcloud", "storage", "rsync", "-r", "--delete-unmatched-destination-objects"]
+  assert [*rsync, f"{WORKDIR}/launch/src", "modjax/staged"] in cmds
+  assert ["bash", "modjax/staged/launch/install.sh", "--local", *wheel_install] in cmds
+  assert not any("git" in c for c in cmds) and not any("|" in c for c in cmds)  # worker 0 records
+  assert "worker 0 records it" in r.stdout
+  assert cmds[-1][-1] == f"{WORKDIR}/logs/xsum-large.boot.worker1.log"
+
+
+@pytest.mark.parametrize("status", ["finished 2026-01-01T00:00:00Z: exit status 0", "failed x: 3"])
+def test_startup_does_not_restart_an_ended_run(status, fake_bin, tmp_path):
+  objects = {
+    f"{WORKDIR}/launch/run.args": run_args(REPO_INSTALL),
+    f"{WORKDIR}/launch/status": status,
+  }
+  bucket = cloud(
+    fake_bin, metadata={"modjax-workdir": WORKDIR, "agent-worker-number": "2"}, objects=objects
+  )
+  planned = launch("startup.sh", "--dry-run", bin_dir=fake_bin)
+  assert planned.returncode == 0, planned.stderr
+  assert "install.sh" not in planned.stdout and "worker.sh" not in planned.stdout
+  assert f"has ended ({WORKDIR}/launch/status: {status})" in planned.stdout
+
+  home = tmp_path / "home"  # the user's part, for real (no install needed to stop)
+  (home / "modjax/logs").mkdir(parents=True)
+  (fake_bin / "calls.jsonl").unlink()
+  r = subprocess.run(
+    f"bash {shlex.quote(str(LAUNCH / 'startup.sh'))} boot >>modjax/logs/boot.log 2>&1",
+    shell=True, cwd=home, env=_env(fake_bin, HOME=str(home)), timeout=60,
+  )  # fmt: skip
+  assert r.returncode == 0
+  log = (home / "modjax/logs/boot.log").read_text()
+  assert "has ended" in log and "not starting it again" in log
+  copied = bucket / f"{WORKDIR}/logs/xsum-large.boot.worker2.log"[5:]
+  assert "not starting it again" in copied.read_text()
+  assert [c[1] for c in calls(fake_bin / "calls.jsonl")] == ["cat", "cat", "cp"]
+
+
+@pytest.mark.parametrize(
+  "metadata,objects,named",
+  [
+    ({}, {}, "modjax-workdir"),
+    ({"modjax-workdir": WORKDIR}, {}, "run.args"),
+    ({"modjax-workdir": WORKDIR}, {f"{WORKDIR}/launch/run.args": "user a\nrm -rf /\n"}, "rm -rf"),
+  ],
+  ids=["no_metadata", "no_run_args", "unknown_line"],
+)
+def test_startup_refuses_a_vm_it_cannot_serve(metadata, objects, named, fake_bin):
+  cloud(fake_bin, metadata=metadata, objects=objects)
+  r = launch("startup.sh", "--dry-run", bin_dir=fake_bin, MODJAX_LAUNCH_POLL_S="0")
+  assert r.returncode == 2
+  assert r.stderr.splitlines()[-1].startswith("error: ") and named in r.stderr.splitlines()[-1]
+
+
+def test_supervise_dry_run_recreates_with_the_startup_script(fake_bin):
+  cmds = dry(
+    "supervise.sh", *V4_32, "--bucket", BUCKET, "--run", "xsum-large", "--delete-when-done",
+    bin_dir=fake_bin,
+  )  # fmt: skip
+  assert cmds[0] == ["gcloud", "storage", "ls", f"{WORKDIR}/launch/run.args"]
+  assert cmds[1] == ["gcloud", "storage", "cat", f"{WORKDIR}/launch/status"]
+  assert [c[4] for c in cmds[2:]] == ["delete", "describe", "delete", "create"]
+  create = cmds[-1]
+  assert flag(create, "metadata-from-file") == f"startup-script={LAUNCH / 'startup.sh'}"
+  assert flag(create, "metadata") == f"modjax-workdir={WORKDIR}"
+  assert flag(create, "accelerator-type") == "v4-32" and "--spot" in create
+
+
+def supervise(fake_bin, *extra, **env):
+  return launch(
+    "supervise.sh", *V4_32, "--bucket", BUCKET, "--run", "xsum-large", "--interval", "0", *extra,
+    bin_dir=fake_bin, FAKE_DONE_STATUS=f"{WORKDIR}/launch/status", **env,
+  )  # fmt: skip
+
+
+def test_supervisor_recreates_a_preempted_slice_until_the_run_ends(fake_bin):
+  log = fake_bin / "calls.jsonl"
+  run_args_url = f"{WORKDIR}/launch/run.args"
+  states = ["SUSPENDED", "WAITING_FOR_RESOURCES", "ACTIVE", "NOT_FOUND", "DONE"]
+  cloud(fake_bin, states)
+  refused = supervise(fake_bin)
+  assert refused.returncode == 2 and "create.sh --unattended" in refused.stderr
+  cloud(fake_bin, states, objects={run_args_url: run_args(REPO_INSTALL)})
+  log.unlink()
+  r = supervise(fake_bin, "--delete-when-done")
+  assert r.returncode == 0, r.stderr
+  steps = [c[3] if c[0] == "compute" else c[1] for c in calls(log)]
+  assert steps == ["ls"] + ["cat", "describe", "delete", "create"] + ["cat", "describe"] * 2 + [
+    *["cat", "describe", "create"],
+    *["cat", "describe", "cat", "delete"],  # DONE: the run finished; the slice is deleted
+  ]
+  creates = [c for c in calls(log) if c[:4] == ["compute", "tpus", "queued-resources", "create"]]
+  assert all(flag(c, "metadata") == f"modjax-workdir={WORKDIR}" for c in creates)
+  assert "has ended: finished" in r.stderr
+
+
+def test_supervisor_once_reports_a_failed_run(fake_bin):
+  objects = {f"{WORKDIR}/launch/run.args": "x", f"{WORKDIR}/launch/status": "failed x: 2\n"}
+  cloud(fake_bin, ["ACTIVE"], objects=objects)
+  r = supervise(fake_bin, "--once")
+  assert r.returncode == 1 and "has ended: failed" in r.stderr
+  assert [c[1] for c in calls(fake_bin / "calls.jsonl")] == ["ls", "cat"]  # nothing deleted
