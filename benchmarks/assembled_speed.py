@@ -21,7 +21,7 @@ the fastest call: the least disturbed by other processes (every call's time is i
   early (the lengths are checked).
 
 The ideal is a roofline per plan from ``modjax.cost.plan_cost`` against the machine's ceilings
-measured in the same run (``benchmarks/hardware.py``: peak float32 matmul FLOP/s; memory
+measured in the same run (``benchmarks/harness.py``: peak float32 matmul FLOP/s; memory
 bandwidth, the better of read and copy; measured before and after the plans, the better kept):
 time = max(FLOPs / peak FLOP/s, bytes / bandwidth).
 
@@ -42,13 +42,10 @@ Run from the repository root:
 
     python -m benchmarks.assembled_speed            # t5-small shapes, several minutes on CPU
     python -m benchmarks.assembled_speed --quick    # micro shapes: a smoke test
-
-On a shared machine absolute numbers are noisy: compare ratios within one run.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
@@ -57,17 +54,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import harness
 from modjax import bank, cost
 from modjax.decode import _argmax, generate, prepare
 from modjax.methods.modular import add_modules, bank_granularities, tiling_plan
 from modjax.model_config import to_dtype
 from modjax.models import T5
 from modjax.presets import get_preset
-
-try:
-  from benchmarks import hardware
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-  import hardware
 
 NEVER = -1  # an EOS id no token has: every row generates exactly max_new_tokens
 
@@ -104,25 +97,10 @@ SHAPES = {
     },
   ),
 }
-TABLE = [
-  "plan",
-  "batch",
-  "enc",
-  "dec",
-  "encode_ms",
-  "decode_ms_per_token",
-  "speedup",
-  "ideal_speedup",
-  "realised_over_ideal",
-  "encode_speedup",
-  "encode_ideal_speedup",
-  "sequence_speedup",
-  "sequence_ideal_speedup",
-  "step_mb",
-  "bound",
-  "pct_peak_flops",
-  "pct_peak_bw",
-]
+TABLE = "plan batch enc dec encode_ms decode_ms_per_token speedup ideal_speedup"
+TABLE += " realised_over_ideal encode_speedup encode_ideal_speedup sequence_speedup"
+TABLE += " sequence_ideal_speedup step_mb bound pct_peak_flops pct_peak_bw"
+PARTS = ("encode", "steps", "start", "generate")
 
 
 def build_bank(shape: str, seed: int):
@@ -171,15 +149,11 @@ def head_figures(model, teacher_plan, batch: int, input_length: int, new: int, l
   )
   head_s = max(head_flops / limits["peak_flops"], head_bytes / limits["peak_bytes_per_s"])
   teacher_s = roofline(model, teacher_plan, batch, input_length, new, limits).step_s
-  return {
-    "batch": batch,
-    "head_mb": head_bytes / 1e6,
-    "teacher_weight_mb": teacher.decode_weight_bytes / 1e6,
-    "teacher_step_mb": teacher.decode_step_bytes() / 1e6,
-    "head_gflop": head_flops / 1e9,
-    "teacher_step_gflop": teacher.decode_step_flops() / 1e9,
-    "head_cap_speedup": teacher_s / head_s,
-  }
+  out = {"batch": batch, "head_mb": head_bytes / 1e6}
+  out["teacher_weight_mb"] = teacher.decode_weight_bytes / 1e6
+  out["teacher_step_mb"] = teacher.decode_step_bytes() / 1e6
+  out |= {"head_gflop": head_flops / 1e9, "teacher_step_gflop": teacher.decode_step_flops() / 1e9}
+  return out | {"head_cap_speedup": teacher_s / head_s}
 
 
 def plan_calls(model, params, plan, ids, mask, new: int, prepared, chunk: int):
@@ -225,26 +199,20 @@ def plan_calls(model, params, plan, ids, mask, new: int, prepared, chunk: int):
 
 
 def time_plans(calls: dict, rounds: int, repeats: int) -> dict:
-  """{plan: {part: [seconds]}}: first calls untimed, then every plan in turn each round:
-  ``repeats`` encode and chunked-steps calls, two starts, one generate."""
+  """{plan: {part: [seconds]}}: first calls untimed (every row checked to generate in full),
+  then ``rounds`` interleaved rounds, each timing every plan in turn: ``repeats`` encode and
+  chunked-steps calls, two starts, one generate."""
   for name, fns in calls.items():
-    out = hardware.block(fns["generate"]())
+    out = jax.block_until_ready(fns["generate"]())
     lengths = np.asarray(out.lengths)
     if not (lengths == out.tokens.shape[1]).all():
       raise RuntimeError(f"{name}: generated lengths {lengths}; expected all full length")
     for part in ("start", "encode", "steps"):
-      hardware.block(fns[part]())
-  seconds = {
-    name: {part: [] for part in ("encode", "start", "steps", "generate")} for name in calls
-  }
-  for _ in range(rounds):
-    for name, fns in calls.items():
-      s = seconds[name]
-      s["encode"] += hardware.time_calls(fns["encode"], repeats, warmup=0)
-      s["steps"] += hardware.time_calls(fns["steps"], repeats, warmup=0)
-      s["start"] += hardware.time_calls(fns["start"], 2, warmup=0)
-      s["generate"] += hardware.time_calls(fns["generate"], 1, warmup=0)
-  return seconds
+      jax.block_until_ready(fns[part]())
+  fns = {(name, part): calls[name][part] for name in calls for part in PARTS}
+  per_round = dict(encode=repeats, steps=repeats, start=2, generate=1)
+  seconds = harness.interleaved(fns, rounds, calls={key: per_round[key[1]] for key in fns})
+  return {name: {part: seconds[name, part] for part in PARTS} for name in calls}
 
 
 def batch_seconds(model, params, plans, batch: int, args, prepared) -> dict:
@@ -267,30 +235,17 @@ def batch_rows(model, params, plans, batch: int, args, limits: dict, seconds: di
     s = {part: min(v) for part, v in seconds[name].items()}
     ideal = roofline(model, plan, batch, args.input_length, new, limits)
     step_s = s["steps"] / args.chunk
-    used = bank.subset(params, plan, model.stacks)
-    rows.append(
-      {
-        "plan": name,
-        "batch": batch,
-        "enc": len(plan.encoder),
-        "dec": len(plan.decoder),
-        "params_m": bank.count_params(used) / 1e6,
-        "encode_ms": 1e3 * s["encode"],
-        "start_ms": 1e3 * s["start"],
-        "generate_ms": 1e3 * s["generate"],
-        "decode_ms_per_token": 1e3 * step_s,
-        "seconds_all": seconds[name],
-        "ideal_step_ms": 1e3 * ideal.step_s,
-        "ideal_encode_ms": 1e3 * ideal.encode_s,
-        "ideal_sequence_ms": 1e3 * ideal.sequence_s,
-        "step_gflop": ideal.step_flops / 1e9,
-        "step_mb": ideal.step_bytes / 1e6,
-        "bound": ideal.step_bound,
-        "pct_peak_flops": 100 * ideal.step_flops / step_s / limits["peak_flops"],
-        "pct_peak_bw": 100 * ideal.step_bytes / step_s / limits["peak_bytes_per_s"],
-        "encode_pct_peak_flops": 100 * ideal.encode_flops / s["encode"] / limits["peak_flops"],
-      }
-    )
+    row = {"plan": name, "batch": batch, "enc": len(plan.encoder), "dec": len(plan.decoder)}
+    row["params_m"] = bank.count_params(bank.subset(params, plan, model.stacks)) / 1e6
+    row |= {f"{part}_ms": 1e3 * s[part] for part in ("encode", "start", "generate")}
+    row |= {"decode_ms_per_token": 1e3 * step_s, "seconds_all": seconds[name]}
+    row |= {"ideal_step_ms": 1e3 * ideal.step_s, "ideal_encode_ms": 1e3 * ideal.encode_s}
+    row |= {"ideal_sequence_ms": 1e3 * ideal.sequence_s, "step_gflop": ideal.step_flops / 1e9}
+    row |= {"step_mb": ideal.step_bytes / 1e6, "bound": ideal.step_bound}
+    row["pct_peak_flops"] = 100 * ideal.step_flops / step_s / limits["peak_flops"]
+    row["pct_peak_bw"] = 100 * ideal.step_bytes / step_s / limits["peak_bytes_per_s"]
+    row["encode_pct_peak_flops"] = 100 * ideal.encode_flops / s["encode"] / limits["peak_flops"]
+    rows.append(row)
   add_speedups(rows)
   return rows
 
@@ -313,24 +268,17 @@ def add_speedups(rows: list[dict]):
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,8; quick 1,2)")
+  p = harness.parser(__doc__, "assembled_speed")
+  p.add_argument("--batch-sizes", type=harness.ints, help="comma-separated (1,8; quick 1,2)")
   p.add_argument("--new-tokens", type=int, default=None, help="default 64; quick 6")
   p.add_argument("--input-length", type=int, default=None, help="default 64; quick 16")
   p.add_argument("--rounds", type=int, default=None, help="timed rounds over the plans (7)")
   p.add_argument("--repeats", type=int, default=3, help="encode and steps calls per round")
   p.add_argument("--chunk", type=int, default=None, help="decode steps per timed call (8; quick 4)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=os.path.join("benchmarks", "results", "assembled_speed.json"))
-  p.add_argument("--quick", action="store_true", help="micro shapes: a smoke test")
   args = p.parse_args(argv)
-  q = args.quick
-  args.shape = "micro" if q else "t5-small"
-  args.batch_sizes = [int(b) for b in (args.batch_sizes or ("1,2" if q else "1,8")).split(",")]
-  args.new_tokens = args.new_tokens or (6 if q else 64)
-  args.input_length = args.input_length or (16 if q else 64)
-  args.rounds = args.rounds or (1 if q else 7)
-  args.chunk = args.chunk or (4 if q else 8)
+  args.shape = "micro" if args.quick else "t5-small"
+  harness.defaults(args, batch_sizes=([1, 2], [1, 8]), new_tokens=(6, 64), input_length=(16, 64))
+  harness.defaults(args, rounds=(1, 7), chunk=(4, 8))
   if not 1 <= args.chunk < args.new_tokens:
     p.error(
       f"--chunk must lie in [1, new tokens): the steps run inside a {args.new_tokens}-token cache"
@@ -354,67 +302,50 @@ def summary_lines(rows: list[dict], heads: list[dict]) -> list[str]:
   return lines
 
 
-def limits_now(quick: bool) -> dict:
-  return hardware.measure_limits(512, 32 * 2**20) if quick else hardware.measure_limits()
-
-
 def main(argv=None):
   args = parse_args(argv)
   print(f"JAX {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPU cores")
-  before = limits_now(args.quick)
   model, params, meta, plans = build_bank(args.shape, args.seed)
-  prepared = hardware.block(prepare(model, params))
-  seconds = {}
-  for batch in args.batch_sizes:
-    print(f"batch {batch}: compiling and timing {len(plans)} plans ...", flush=True)
-    seconds[batch] = batch_seconds(model, params, plans, batch, args, prepared)
-  after = limits_now(args.quick)
-  limits = {k: max(before[k], after[k]) for k in before}  # the better of the two: less disturbed
-  print(
-    f"measured peak: {limits['peak_flops'] / 1e9:.1f} GFLOP/s (f32 {limits['matmul_n']}^2 "
-    f"matmul); bandwidth: read {limits['read_bytes_per_s'] / 1e9:.1f} GB/s, "
-    f"copy {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s (best of before and after)"
-  )
+  prepared = jax.block_until_ready(prepare(model, params))
+
+  def run():
+    seconds = {}
+    for batch in args.batch_sizes:
+      harness.say(f"batch {batch}: compiling and timing {len(plans)} plans ...")
+      seconds[batch] = batch_seconds(model, params, plans, batch, args, prepared)
+    return seconds
+
+  seconds, limits = harness.around(args.quick, run)
   rows, heads = [], []
   for batch in args.batch_sizes:
     rows += batch_rows(model, params, plans, batch, args, limits, seconds[batch])
     heads.append(
       head_figures(model, plans["teacher"], batch, args.input_length, args.new_tokens, limits)
     )
-  print()
-  table = hardware.print_table(rows, TABLE)
+  table = harness.table(rows, TABLE)
   notes = summary_lines(rows, heads)
   print("\n".join(notes))
-  path = hardware.write_json(
-    args.out,
-    {
-      "benchmark": "assembled_speed",
-      "quick": args.quick,
-      "model": dataclasses.asdict(model.config),
-      "weights": "random (T5 init; modules copied from their span's first layer): speed does "
-      "not depend on training",
-      "granularities": {s: list(bank_granularities(meta, s)) for s in model.stacks},
-      "plans": {
-        name: {s: [slot.block for slot in plan.stack(s)] for s in model.stacks}
-        for name, plan in plans.items()
-      },
-      "input_length": args.input_length,
-      "new_tokens": args.new_tokens,
-      "rounds": args.rounds,
-      "machine": hardware.machine(),
-      "limits": limits,
-      "limits_before": before,
-      "limits_after": after,
-      "lm_head": heads,
-      "min_realised_over_ideal": min(
-        r["realised_over_ideal"] for r in rows if r["plan"] != "teacher"
-      ),
-      "results": rows,
-      "notes": notes,
-      "table": table,
+  harness.report(
+    args,
+    "assembled_speed",
+    "input_length new_tokens rounds",
+    model=dataclasses.asdict(model.config),
+    weights="random (T5 init; modules copied from their span's first layer): speed does "
+    "not depend on training",
+    granularities={s: list(bank_granularities(meta, s)) for s in model.stacks},
+    plans={
+      name: {s: [slot.block for slot in plan.stack(s)] for s in model.stacks}
+      for name, plan in plans.items()
     },
+    limits=limits,
+    limits_before=limits["before"],
+    limits_after=limits["after"],
+    lm_head=heads,
+    min_realised_over_ideal=min(r["realised_over_ideal"] for r in rows if r["plan"] != "teacher"),
+    results=rows,
+    notes=notes,
+    table=table,
   )
-  print(f"wrote {path}")
 
 
 if __name__ == "__main__":

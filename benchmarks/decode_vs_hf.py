@@ -9,11 +9,12 @@ for greedy and beam search alike; the tokens each side really generated are repo
 whether their outputs agree.
 
 Throughput is generated tokens per second, batch * new tokens / seconds, the median of
-``--repeats`` timed calls after one warm-up call; modjax's compile time is its first call minus
-that median. modjax lays the weights out for decoding once (``decode.prepare``: the tied head
+``--repeats`` interleaved rounds (modjax, HF, modjax, HF, ... with a pause after each call, as
+``benchmarks/harness.py`` times) after one warm-up call each; modjax's compile time is its first
+call minus that median. modjax lays the weights out for decoding once (``decode.prepare``: the tied head
 transposed), as HF's are laid out at load; that time is reported as ``modjax_prepare_s``. The
-machine's limits (peak float32 matmul FLOP/s, memory bandwidth) are measured in the same run
-with ``benchmarks/hardware.py``; modjax's achieved FLOP/s and bandwidth are quoted against them,
+machine's limits (peak float32 matmul FLOP/s, memory bandwidth) are measured in the same run,
+before and after the cases (the better counts); modjax's achieved FLOP/s and bandwidth are quoted against them,
 from XLA's cost analysis of its compiled prefill and decode step and from the bytes a step must
 read (decoder weights once, the KV caches).
 
@@ -21,21 +22,18 @@ Run from the repository root:
 
     python -m benchmarks.decode_vs_hf                       # full run, several minutes on CPU
     python -m benchmarks.decode_vs_hf --quick               # tiny model: a smoke test
-    python -m benchmarks.decode_vs_hf --batch-sizes 1,8 --new-tokens 64 --repeats 3 \\
+    python -m benchmarks.decode_vs_hf --batch-sizes 1,8 --new-tokens 64 --repeats 5 \\
         --out benchmarks/results/decode_vs_hf.json
 
-On a shared machine the numbers are noisy: compare ratios from one run, not across runs. Both
-frameworks use ``--threads`` threads (default: every core). When another process keeps a core
+Both frameworks use ``--threads`` threads (default: every core). When another process keeps a core
 busy, all-core threading oversubscribes: with 2 cores and one busy, PyTorch with 2 threads ran
 about 5x slower than with 1 in our runs (XLA suffered less), so also run ``--threads 1`` there.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -43,15 +41,12 @@ import numpy as np
 import torch
 import transformers
 
+from benchmarks import harness
+from modjax import timing
 from modjax.decode import generate, prepare
 from modjax.interop.hf import import_checkpoint
 from modjax.layers import add_beam_slots
 from modjax.models import architecture_for
-
-try:
-  from benchmarks import hardware
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-  import hardware
 
 T5_SMALL = dict(
   vocab_size=32128,
@@ -115,9 +110,7 @@ def xla_costs(model, params, batch: int, beams: int, input_length: int, new: int
     ("prefill", start, (params, ids, ids)),
     ("step", step, (params, cache, tok, index, ancestry)),
   ):
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    out[name] = {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost["bytes accessed"])}
+    out[name] = harness.xla_cost(jax.jit(fn), *args)
   return out
 
 
@@ -147,60 +140,33 @@ def useful_flops(config, batch: int, beams: int, input_length: int, new: int) ->
   return float(batch * (encoder + cross_kv) + batch * beams * (new * per_token + attention))
 
 
-def run_case(
-  hf,
-  model,
-  params,
-  prepared,
-  batch: int,
-  beams: int,
-  input_length: int,
-  new: int,
-  repeats: int,
-  limits: dict,
-  seed: int,
-) -> dict:
-  rng = np.random.default_rng(seed)
+def run_case(hf, model, params, prepared, batch: int, beams: int, args) -> dict:
+  """One (batch, beams) case: both sides timed interleaved, outputs compared, XLA's and the
+  model's costs; the percentages of the ceilings come later (:func:`add_percentages`)."""
+  input_length, new = args.input_length, args.new_tokens
+  rng = np.random.default_rng(args.seed)
   ids = rng.integers(2, model.config.vocab_size, size=(batch, input_length)).astype(np.int32)
   mask = np.ones_like(ids)
   plan = model.identity_plan()
   ids_j, mask_j = jnp.asarray(ids), jnp.asarray(mask)
   ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+  kw = dict(max_new_tokens=new, num_beams=beams)
 
   def run_modjax():
-    return generate(
-      model,
-      params,
-      plan,
-      ids_j,
-      mask_j,
-      max_new_tokens=new,
-      num_beams=beams,
-      eos_id=NEVER,
-      prepared=prepared,
-    )
+    return generate(model, params, plan, ids_j, mask_j, **kw, eos_id=NEVER, prepared=prepared)
 
   def run_hf():
     with torch.inference_mode():
       return hf.generate(
-        input_ids=ids_t,
-        attention_mask=mask_t,
-        max_new_tokens=new,
-        num_beams=beams,
-        do_sample=False,
-        eos_token_id=None,
+        input_ids=ids_t, attention_mask=mask_t, **kw, do_sample=False, eos_token_id=None
       )
 
-  start = time.perf_counter()
-  mj_out = hardware.block(run_modjax())
-  mj_first = time.perf_counter() - start
-  mj_s = hardware.median(hardware.time_calls(run_modjax, repeats, warmup=0))
-  hardware.settle()  # XLA's spinning threads would slow the PyTorch calls
-  start = time.perf_counter()
-  hf_out = run_hf()
-  hf_first = time.perf_counter() - start
-  hf_s = hardware.median(hardware.time_calls(run_hf, repeats, warmup=0))
-  hardware.settle()
+  mj_out, mj_first = timing.timed(run_modjax)
+  harness.settle()  # XLA's spinning threads would slow the PyTorch calls
+  hf_out, hf_first = timing.timed(run_hf)
+  harness.settle()
+  seconds = harness.interleaved({"modjax": run_modjax, "hf": run_hf}, args.repeats, pause=2.0)
+  mj_s, hf_s = harness.median(seconds["modjax"]), harness.median(seconds["hf"])
 
   mj_tokens, hf_tokens = np.asarray(mj_out.tokens), hf_out.numpy()[:, 1:]
   same = [np.array_equal(a, b) for a, b in zip(mj_tokens, hf_tokens, strict=True)]
@@ -209,63 +175,42 @@ def run_case(
   xla_flops = costs["prefill"]["flops"] + (new - 1) * costs["step"]["flops"]
   moved = step_bytes(c, batch, beams, input_length, new)
   per_step = moved["weights"] + moved["kv_cache"]
-  peak_bw = limits["peak_bytes_per_s"]
-  return {
-    "batch": batch,
-    "beams": beams,
-    "new_tokens_modjax": int(np.min(np.asarray(mj_out.lengths))),
-    "new_tokens_hf": int(hf_tokens.shape[1]),
-    "rows_equal": f"{sum(same)}/{batch}",
-    "modjax_tok_s": batch * new / mj_s,
-    "hf_tok_s": batch * new / hf_s,
-    "ratio": hf_s / mj_s,
-    "modjax_s": mj_s,
-    "hf_s": hf_s,
-    "modjax_compile_s": mj_first - mj_s,
-    "hf_first_call_s": hf_first,
-    "modjax_ms_per_step": 1e3 * mj_s / new,
-    "xla_gflop_prefill": costs["prefill"]["flops"] / 1e9,
-    "xla_gflop_step": costs["step"]["flops"] / 1e9,
-    "xla_mb_step": costs["step"]["bytes"] / 1e6,
-    "useful_gflop": useful_flops(c, batch, beams, input_length, new) / 1e9,
-    "mb_step": per_step / 1e6,
-    "mb_step_weights": moved["weights"] / 1e6,
-    "mb_step_kv": moved["kv_cache"] / 1e6,
-    "modjax_gflop_s": xla_flops / mj_s / 1e9,
-    "modjax_pct_peak_flops": 100 * xla_flops / mj_s / limits["peak_flops"],
-    "hf_useful_gflop_s": useful_flops(c, batch, beams, input_length, new) / hf_s / 1e9,
-    "modjax_gb_s": per_step * new / mj_s / 1e9,
-    "modjax_pct_peak_bw": 100 * per_step * new / mj_s / peak_bw,
-  }
+  useful = useful_flops(c, batch, beams, input_length, new)
+  row = {"batch": batch, "beams": beams}
+  row["new_tokens_modjax"] = int(np.min(np.asarray(mj_out.lengths)))
+  row |= {"new_tokens_hf": int(hf_tokens.shape[1]), "rows_equal": f"{sum(same)}/{batch}"}
+  row |= {"modjax_tok_s": batch * new / mj_s, "hf_tok_s": batch * new / hf_s}
+  row |= {"ratio": hf_s / mj_s, "modjax_s": mj_s, "hf_s": hf_s}
+  row |= {"modjax_compile_s": mj_first - mj_s, "hf_first_call_s": hf_first}
+  row["modjax_ms_per_step"] = 1e3 * mj_s / new
+  row["xla_gflop_prefill"] = costs["prefill"]["flops"] / 1e9
+  row["xla_gflop_step"] = costs["step"]["flops"] / 1e9
+  row["xla_mb_step"] = costs["step"]["bytes"] / 1e6
+  row |= {"useful_gflop": useful / 1e9, "mb_step": per_step / 1e6}
+  row |= {"mb_step_weights": moved["weights"] / 1e6, "mb_step_kv": moved["kv_cache"] / 1e6}
+  row |= {"modjax_gflop_s": xla_flops / mj_s / 1e9, "hf_useful_gflop_s": useful / hf_s / 1e9}
+  return row | {"modjax_gb_s": per_step * new / mj_s / 1e9}
 
 
-TABLE = [
-  "batch",
-  "beams",
-  "new_tokens_modjax",
-  "new_tokens_hf",
-  "rows_equal",
-  "modjax_tok_s",
-  "hf_tok_s",
-  "ratio",
-  "modjax_compile_s",
-  "modjax_ms_per_step",
-  "xla_gflop_step",
-  "modjax_gflop_s",
-  "modjax_pct_peak_flops",
-  "mb_step",
-  "modjax_gb_s",
-  "modjax_pct_peak_bw",
-]
+def add_percentages(row: dict, limits: dict) -> dict:
+  """modjax's achieved FLOP/s and bandwidth as percentages of this run's ceilings."""
+  row["modjax_pct_peak_flops"] = 100 * row["modjax_gflop_s"] * 1e9 / limits["peak_flops"]
+  row["modjax_pct_peak_bw"] = 100 * row["modjax_gb_s"] * 1e9 / limits["peak_bytes_per_s"]
+  return row
+
+
+TABLE = "batch beams new_tokens_modjax new_tokens_hf rows_equal modjax_tok_s hf_tok_s ratio"
+TABLE += " modjax_compile_s modjax_ms_per_step xla_gflop_step modjax_gflop_s modjax_pct_peak_flops"
+TABLE += " mb_step modjax_gb_s modjax_pct_peak_bw"
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,8; quick 1,2)")
-  p.add_argument("--beams", default="1,4", help="comma-separated beam counts (1 = greedy)")
+  p = harness.parser(__doc__, "decode_vs_hf")
+  p.add_argument("--batch-sizes", type=harness.ints, help="comma-separated (1,8; quick 1,2)")
+  p.add_argument("--beams", type=harness.ints, default=[1, 4], help="beam counts (1 = greedy)")
   p.add_argument("--new-tokens", type=int, default=None, help="default 64; quick 8")
   p.add_argument("--input-length", type=int, default=None, help="default 64; quick 16")
-  p.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 3)")
+  p.add_argument("--repeats", type=int, default=None, help="timed rounds per case (5; quick 1)")
   p.add_argument(
     "--threads",
     type=int,
@@ -273,17 +218,9 @@ def parse_args(argv=None):
     help="CPU threads of both frameworks (default: all cores): torch.set_num_threads, and for\n"
     "fewer than all cores XLA's intra_op_parallelism_threads (set before JAX starts)",
   )
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=os.path.join("benchmarks", "results", "decode_vs_hf.json"))
-  p.add_argument("--quick", action="store_true", help="tiny model and sizes: a smoke test")
   args = p.parse_args(argv)
-  quick = args.quick
-  args.batch_sizes = [int(b) for b in (args.batch_sizes or ("1,2" if quick else "1,8")).split(",")]
-  args.beams = [int(b) for b in args.beams.split(",")]
-  args.new_tokens = args.new_tokens or (8 if quick else 64)
-  args.input_length = args.input_length or (16 if quick else 64)
-  args.repeats = args.repeats or (1 if quick else 3)
-  return args
+  harness.defaults(args, batch_sizes=([1, 2], [1, 8]), new_tokens=(8, 64), repeats=(1, 5))
+  return harness.defaults(args, input_length=(16, 64))
 
 
 def limit_xla_threads(threads: int):
@@ -307,71 +244,46 @@ def main(argv=None):
     f"cores). JAX {jax.__version__} on {jax.default_backend()}, torch {torch.__version__}, "
     f"transformers {transformers.__version__}"
   )
-  limits = hardware.measure_limits(512, 32 * 2**20) if args.quick else hardware.measure_limits()
-  hardware.settle()
-  print(
-    f"measured peak: {limits['peak_flops'] / 1e9:.1f} GFLOP/s (f32 {limits['matmul_n']}^2 "
-    f"matmul); bandwidth: read {limits['read_bytes_per_s'] / 1e9:.1f} GB/s, "
-    f"copy {limits['copy_bytes_per_s'] / 1e9:.1f} GB/s"
-  )
   shape = TINY if args.quick else T5_SMALL
   with tempfile.TemporaryDirectory() as directory:
     hf, model, params = build(shape, args.seed, directory)
   # The weights laid out for decoding once (the tied head transposed), as HF's are at load time.
-  start = time.perf_counter()
-  prepared = hardware.block(prepare(model, params))
-  prepare_s = time.perf_counter() - start
-  results = []
-  for batch in args.batch_sizes:
-    for beams in args.beams:
-      print(f"batch {batch}, beams {beams} ...", flush=True)
-      results.append(
-        run_case(
-          hf,
-          model,
-          params,
-          prepared,
-          batch,
-          beams,
-          args.input_length,
-          args.new_tokens,
-          args.repeats,
-          limits,
-          args.seed,
-        )
-      )
-  print()
-  table = hardware.print_table(results, TABLE)
+  prepared, prepare_s = timing.timed(lambda: prepare(model, params))
+
+  def run():
+    results = []
+    for batch in args.batch_sizes:
+      for beams in args.beams:
+        harness.say(f"batch {batch}, beams {beams} ...")
+        results.append(run_case(hf, model, params, prepared, batch, beams, args))
+    return results
+
+  results, limits = harness.around(args.quick, run)
+  results = [add_percentages(row, limits) for row in results]
+  table = harness.table(results, TABLE)
   print(
     "ratio = modjax tok/s / HF tok/s; %peak against this run's measured limits; "
     "mb_step = decoder weights + KV caches read per step; peak bandwidth = the better of "
     "read and copy."
   )
-  path = hardware.write_json(
-    args.out,
-    {
-      "benchmark": "decode_vs_hf",
-      "model": shape,
-      "quick": args.quick,
-      "input_length": args.input_length,
-      "new_tokens": args.new_tokens,
-      "repeats": args.repeats,
-      "torch_threads": torch.get_num_threads(),
-      "xla_threads": xla_threads,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "machine": hardware.machine(),
-      "limits": limits,
-      "modjax_prepare_s": prepare_s,
-      "versions": {
-        "jax": jax.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-      },
-      "results": results,
-      "table": table,
+  harness.report(
+    args,
+    "decode_vs_hf",
+    "input_length new_tokens repeats",
+    model=shape,
+    torch_threads=torch.get_num_threads(),
+    xla_threads=xla_threads,
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
+    limits=limits,
+    modjax_prepare_s=prepare_s,
+    versions={
+      "jax": jax.__version__,
+      "torch": torch.__version__,
+      "transformers": transformers.__version__,
     },
+    results=results,
+    table=table,
   )
-  print(f"wrote {path}")
 
 
 if __name__ == "__main__":

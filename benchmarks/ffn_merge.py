@@ -9,7 +9,8 @@ k=2 in both stacks, GPT-2 k=4):
   ``--batch`` x 128, with the cross sums of every (reference, other) pair that some candidate
   window needs (what ``python -m modjax.merge --start auto`` collects). Timed after a compiling
   pass; FLOPs and bytes per batch from XLA's cost analysis of the jitted accumulation step;
-  ``%peak`` against the matmul peak and ``%bw`` against the memory bandwidth measured in this run.
+  ``%peak`` against the matmul peak and ``%bw`` against the memory bandwidth measured in this run
+  (``benchmarks/harness.py``: before and after the shapes, the better of each).
 * ``correlations``: every pair's [F, F] Pearson matrix from the streamed sums (NumPy).
 * ``assignments``: ``linear_sum_assignment`` (SciPy, maximise) on the first
   ``--max-assignments`` of them (every pair is one [F, F] problem of the same size).
@@ -24,26 +25,20 @@ k=2 in both stacks, GPT-2 k=4):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modjax import export
+from benchmarks import harness
+from modjax import export, timing
 from modjax.methods.ffn_merge import assignment, features, merge_windows, window_pairs
 from modjax.methods.ffn_merge.window import candidate_starts
 from modjax.models import GPT2, T5
 from modjax.presets import get_preset
-
-try:
-  from benchmarks import hardware
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-  import hardware
 
 SHAPES = {  # name -> (preset, overrides, k)
   "t5-small": ("t5-small", dict(vocab_size=32128), 2),
@@ -52,7 +47,7 @@ SHAPES = {  # name -> (preset, overrides, k)
   "micro-gpt2": ("gpt2-tiny", dict(n_layer=3), 2),
 }
 LENGTH = 128
-TABLE = ["shape", "phase", "seconds", "per_unit", "gflops", "%peak", "%bw", "note"]
+TABLE = "shape phase seconds per_unit gflops %peak %bw note"
 
 
 def build(name: str):
@@ -90,30 +85,25 @@ def feature_cost(model, plan, params, pairs, batch) -> dict:
   d_ff = model.stack_block_spec(model.stacks[0]).d_ff
   state = {s: features._initial_state(len(plan.stack(s)), d_ff, len(p)) for s, p in static}  # noqa: SLF001
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  lowered = features._accumulate.lower(model, plan, static, state, params, batch)  # noqa: SLF001
-  cost = lowered.compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
+  accumulate = features._accumulate  # noqa: SLF001
+  return harness.xla_cost(accumulate, model, plan, static, state, params, batch)
 
 
 def time_features(model, plan, params, pairs, batches, tokens: int):
   features.collect_stats(model, params, plan, batches[:1], pairs=pairs)  # compiles
-  start = time.perf_counter()
-  stats = features.collect_stats(model, params, plan, batches, pairs=pairs, max_tokens=tokens)
-  return stats, time.perf_counter() - start
+  return timing.timed(
+    lambda: features.collect_stats(model, params, plan, batches, pairs=pairs, max_tokens=tokens)
+  )
 
 
 def time_alignment(model, stats, pairs, max_assignments: int) -> dict:
   """Seconds for every pair's correlation, and for the assignments of the first
   ``max_assignments`` pairs (each costs the same: one [F, F] problem)."""
-  start = time.perf_counter()
-  corr = [stats.correlation(s, i, j) for s in model.stacks for i, j in pairs[s]]
-  corr_s = time.perf_counter() - start
+  corr, corr_s = timing.timed(
+    lambda: [stats.correlation(s, i, j) for s in model.stacks for i, j in pairs[s]]
+  )
   timed = corr[:max_assignments]
-  start = time.perf_counter()
-  for c in timed:
-    assignment(c)
-  assign_s = time.perf_counter() - start
+  assign_s = timing.seconds(lambda: [assignment(c) for c in timed])
   return {"pairs": len(corr), "corr_s": corr_s, "assign_s": assign_s, "assigned": len(timed)}
 
 
@@ -139,7 +129,9 @@ def _disk_bytes(directory: str) -> int:
   )
 
 
-def run_shape(name: str, args, limits: dict) -> tuple[list[dict], dict]:
+def run_shape(name: str, args) -> tuple[list[dict], dict]:
+  """The phases' rows (percentages of the ceilings later: :func:`add_percentages`) and the
+  shape's record."""
   model, params, k = build(name)
   plan = model.identity_plan()
   pairs = stack_pairs(model, plan, k)
@@ -153,18 +145,15 @@ def run_shape(name: str, args, limits: dict) -> tuple[list[dict], dict]:
   n_pairs, corr_s, assign_s, assigned = (
     align[k] for k in ("pairs", "corr_s", "assign_s", "assigned")
   )
-  start = time.perf_counter()
-  merged = merge_windows(model, params, plan, {s: 0 for s in model.stacks}, k, stats=stats)
-  jax.block_until_ready(merged[0])
-  merge_s = time.perf_counter() - start
+  merged, merge_s = timing.timed(
+    lambda: merge_windows(model, params, plan, {s: 0 for s in model.stacks}, k, stats=stats)
+  )
   size = sizes(model, params, plan, *merged)
   d_ff = model.stack_block_spec(model.stacks[0]).d_ff
   tokens = int(min(stats.count.values()))
   rows = [
     dict(shape=name, phase="features", seconds=feat_s, per_unit=f"{feat_s / tokens * 1e6:.1f} us/token",
-         gflops=flops / 1e9, **{"%peak": 100 * flops / feat_s / limits["peak_flops"],
-         "%bw": 100 * nbytes / feat_s / limits["peak_bytes_per_s"]},
-         note=f"{tokens} tokens/stack, {n_pairs} pairs"),
+         gflops=flops / 1e9, gbytes=nbytes / 1e9, note=f"{tokens} tokens/stack, {n_pairs} pairs"),
     dict(shape=name, phase="correlations", seconds=corr_s, per_unit=f"{corr_s / n_pairs * 1e3:.1f} ms/pair",
          note=f"[{d_ff}, {d_ff}] each"),
     dict(shape=name, phase="assignments", seconds=assign_s, per_unit=f"{assign_s / assigned:.2f} s/pair",
@@ -185,38 +174,44 @@ def run_shape(name: str, args, limits: dict) -> tuple[list[dict], dict]:
   return rows, record
 
 
+def add_percentages(row: dict, limits: dict) -> dict:
+  """The feature pass's FLOP/s and bytes/s as percentages of this run's ceilings."""
+  if "gflops" in row:
+    row["%peak"] = 100 * row["gflops"] * 1e9 / row["seconds"] / limits["peak_flops"]
+    row["%bw"] = 100 * row["gbytes"] * 1e9 / row["seconds"] / limits["peak_bytes_per_s"]
+  return row
+
+
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true", help="micro shapes (a smoke test)")
-  parser.add_argument("--shapes", default=None, help="comma-separated names of SHAPES")
+  parser = harness.parser(__doc__, "ffn_merge")
+  parser.add_argument("--shapes", type=lambda t: t.split(","), help="comma-separated SHAPES")
   parser.add_argument("--tokens", type=int, default=10_240, help="real tokens per stack")
   parser.add_argument("--batch", type=int, default=16, help="rows of 128 tokens per batch")
   parser.add_argument("--max-assignments", type=int, default=4, help="assignments timed per shape")
-  parser.add_argument("--out", default="benchmarks/results/ffn_merge.json")
   args = parser.parse_args(argv)
-  names = args.shapes.split(",") if args.shapes else (
-    ["micro-t5", "micro-gpt2"] if args.quick else ["t5-small", "gpt2"]
-  )  # fmt: skip
+  harness.defaults(args, shapes=(["micro-t5", "micro-gpt2"], ["t5-small", "gpt2"]))
   if args.quick:
     args.tokens, args.batch = min(args.tokens, 512), min(args.batch, 2)
-  limits = hardware.measure_limits()
-  rows, records = [], {}
-  for name in names:
-    shape_rows, records[name] = run_shape(name, args, limits)
-    rows += shape_rows
-    print(f"{name}: {records[name]}", flush=True)
-  hardware.print_table(rows, TABLE)
+
+  def run():
+    rows, records = [], {}
+    for name in args.shapes:
+      shape_rows, records[name] = run_shape(name, args)
+      rows += shape_rows
+      print(f"{name}: {records[name]}", flush=True)
+    return rows, records
+
+  (rows, records), limits = harness.around(args.quick, run)
+  rows = [add_percentages(row, limits) for row in rows]
+  harness.table(rows, TABLE)
   size_rows = [
     {"shape": n, **{k: r[k] for k in r if k.endswith(("_bytes", "_ratio"))}}
     for n, r in records.items()
   ]
-  hardware.print_table(size_rows)
-  out = hardware.write_json(
-    args.out,
-    {"machine": hardware.machine(), "limits": limits, "rows": rows, "shapes": records,
-     "tokens": args.tokens, "batch": args.batch, "length": LENGTH},
-  )  # fmt: skip
-  print(f"wrote {out}")
+  harness.table(size_rows)
+  harness.report(
+    args, "ffn_merge", "tokens batch", limits=limits, rows=rows, shapes=records, length=LENGTH
+  )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ prompt): ``mflop_per_step`` and ``mb_per_step`` (bytes accessed); and cached gre
 ``modjax.decode.generate`` of ``--new-tokens`` tokens per row after a ``--prompt-length`` prompt
 (median of ``--calls`` calls, prefill included): ``tokens_per_s`` and ``ms_per_step`` (median
 call / new tokens). ``pct_bw`` = bytes per step / ms per step / the peak memory bandwidth
-measured in the same run (``benchmarks/hardware.py``): a step at these sizes reads its weights
+measured in the same run (``benchmarks/harness.py``): a step at these sizes reads its weights
 once per step, so bandwidth, not FLOP/s, is the ceiling. XLA's byte count takes every operand
 and result of every op as memory traffic, gathered weight copies included, some of which stay in
 cache: where it exceeds 100% the count overstates the traffic, not the machine its limit.
@@ -27,22 +27,15 @@ cache: where it exceeds 100% the count overstates the traffic, not the machine i
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import time
 
 import jax
 import jax.numpy as jnp
 
-try:
-  from benchmarks import hardware, mom
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-  import hardware
-  import mom
+from benchmarks import harness, mom
 
-TABLE = ["pool", "batch", "side", "dispatch", "params_m", "mflop_per_step", "mb_per_step"]
-TABLE += ["ms_per_step", "tokens_per_s", "vs_vanilla", "pct_bw"]
+TABLE = "pool batch side dispatch params_m mflop_per_step mb_per_step ms_per_step tokens_per_s"
+TABLE += " vs_vanilla pct_bw"
 
 
 def step_cost(model, params, rows: int, args) -> dict:
@@ -52,9 +45,8 @@ def step_cost(model, params, rows: int, args) -> dict:
   mask = jnp.ones_like(prompt)
   cache, _, index = model.start_decoding(params, plan, prompt, mask, args.new_tokens)
   step = jax.jit(model.decode_step, static_argnums=1)
-  compiled = step.lower(params, plan, cache, prompt[:, 0], index).compile()
-  cost = mom.cost_analysis(compiled)
-  return {"mflop_per_step": cost["flops"] / 1e6, "mb_per_step": cost["bytes accessed"] / 1e6}
+  cost = harness.xla_cost(step, params, plan, cache, prompt[:, 0], index)
+  return {"mflop_per_step": cost["flops"] / 1e6, "mb_per_step": cost["bytes"] / 1e6}
 
 
 def pool_sides(setup, pool: int, rows: int, args) -> list:
@@ -79,7 +71,7 @@ def pool_sides(setup, pool: int, rows: int, args) -> list:
 def finish(sides: list, args, peak_bytes_per_s: float) -> list[dict]:
   rows = []
   for side in sides:
-    call_s = hardware.median(side.seconds)
+    call_s = harness.median(side.seconds)
     row = dict(side.row, call_ms_all=[1e3 * s for s in side.seconds])
     row["ms_per_step"] = 1e3 * call_s / args.new_tokens
     row["tokens_per_s"] = row["tokens"] / call_s
@@ -92,35 +84,21 @@ def finish(sides: list, args, peak_bytes_per_s: float) -> list[dict]:
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p = harness.parser(__doc__, "mom_decode")
   p.add_argument("--size", default=None, help="configs/mom_gpt2.py size (default ddtp)")
-  p.add_argument("--pools", default=None, help="pool sizes N_A = N_F, comma-separated (4,8,16)")
-  p.add_argument("--batches", default=None, help="decode rows, comma-separated (1,4)")
+  p.add_argument("--pools", type=harness.ints, help="pool sizes N_A = N_F (4,8,16; quick 4,8)")
+  p.add_argument("--batches", type=harness.ints, help="decode rows, comma-separated (1,4)")
   p.add_argument("--prompt-length", type=int, default=None, help="prompt tokens (32)")
   p.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (64)")
   p.add_argument("--calls", type=int, default=None, help="timed generate calls per side (6)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=os.path.join("benchmarks", "results", "mom_decode.json"))
-  p.add_argument("--quick", action="store_true", help="tiny shapes, few calls: a smoke test")
   args = p.parse_args(argv)
-  quick = args.quick
-  args.size = args.size or ("tiny" if quick else "ddtp")
-  args.prompt_length = args.prompt_length or (8 if quick else 32)
-  args.new_tokens = args.new_tokens or (8 if quick else 64)
-  args.calls = args.calls or (2 if quick else 6)
-  try:
-    args.pools = [int(n) for n in (args.pools or ("4,8" if quick else "4,8,16")).split(",")]
-    args.batches = [int(n) for n in (args.batches or ("1" if quick else "1,4")).split(",")]
-  except ValueError:
-    p.error("--pools and --batches take comma-separated positive integers, e.g. 4,8,16")
-  if any(n < 1 for n in args.pools + args.batches):
-    p.error("--pools and --batches take positive integers")
+  harness.defaults(args, size=("tiny", "ddtp"), prompt_length=(8, 32), new_tokens=(8, 64))
+  harness.defaults(args, calls=(2, 6), pools=([4, 8], [4, 8, 16]), batches=([1], [1, 4]))
   return args
 
 
 def main(argv=None):
   args = parse_args(argv)
-  mom._START[0] = time.perf_counter()
   setup = mom.load_setup(args.size, None)
   print(f"JAX {jax.__version__} on {jax.default_backend()}; {args.size}: {setup.mom}", flush=True)
 
@@ -129,22 +107,23 @@ def main(argv=None):
     for pool in args.pools:
       for rows in args.batches:
         sides += pool_sides(setup, pool, rows, args)
-        mom.say(f"pool {pool}, {rows} rows: compiled and cost-analysed")
-    mom.time_sides(sides, args.calls, rounds=min(3, args.calls))
+        harness.say(f"pool {pool}, {rows} rows: compiled and cost-analysed")
+    rounds = min(3, args.calls)
+    harness.time_sides(sides, rounds, calls=max(1, args.calls // rounds))
     return sides
 
-  sides, limits = mom.measure_around(args.quick, run)
+  sides, limits = harness.around(args.quick, run)
   rows = finish(sides, args, limits["peak_bytes_per_s"])
-  print()
-  table = hardware.print_table(rows, TABLE)
-  path = hardware.write_json(
-    args.out,
-    {"benchmark": "mom_decode", "quick": args.quick, "size": args.size,
-     "mom": setup.mom.to_dict(), "pools": args.pools, "batches": args.batches,
-     "prompt_length": args.prompt_length, "new_tokens": args.new_tokens, "calls": args.calls,
-     "machine": hardware.machine(), "limits": limits, "results": rows, "table": table},
-  )  # fmt: skip
-  print(f"wrote {path}")
+  table = harness.table(rows, TABLE)
+  harness.report(
+    args,
+    "mom_decode",
+    "size pools batches prompt_length new_tokens calls",
+    mom=setup.mom.to_dict(),
+    limits=limits,
+    results=rows,
+    table=table,
+  )
 
 
 if __name__ == "__main__":

@@ -28,29 +28,26 @@ stacks, found by repeating the step's own draw and checked against what the step
 
 Each case runs ``--draws`` base keys (0 .. draws-1 unless g is fixed; the same for both remat
 settings and for the plain steps, whose keys only change dropout), interleaved over
-``--rounds`` rounds; its time is the mean over keys of each key's fastest round (the least
+``--rounds`` rounds (``benchmarks/harness.py``); its time is the mean over keys of each key's fastest round (the least
 disturbed by other processes), after an untimed round (the first call of each cond branch is
 slow: XLA:CPU readies its kernels lazily). Medians and every time are in the JSON, as are the drawn g and
 replaced slots. ``--profile`` also times each side's loss forward and ``value_and_grad``.
 
     python -m benchmarks.replacing_overhead            # t5-small, 8 x (128 + 32): long on CPU
     python -m benchmarks.replacing_overhead --quick    # micro (2+2 layers): a smoke test
-
-On a shared machine compare ratios within one run.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modjax import bank, sharding
+from benchmarks import harness
+from modjax import bank, timing
 from modjax.methods.modular import (
   Curriculum,
   LossWeights,
@@ -68,15 +65,8 @@ from modjax.methods.modular.replacing import span_losses, token_masks
 from modjax.models import T5
 from modjax.models.stack import DEFAULT_COLLECT
 from modjax.presets import get_preset
-from modjax.train import optim
 from modjax.train.defaults import base_config
 from modjax.train.losses import cross_entropy
-from modjax.train.step import TrainState, init_state, jit_train_step, make_train_step
-
-try:
-  from benchmarks import hardware
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-  import hardware
 
 # shape -> (preset, overrides, batch, inputs length, targets length)
 SHAPES = {
@@ -85,31 +75,8 @@ SHAPES = {
 }
 CURRICULUM_STEPS = 1000
 SETTINGS = {"p=0": 0, "p=0.75": 750, "p=1": 1000}  # setting -> step number (see docstring)
-TABLE = [
-  "side",
-  "remat",
-  "setting",
-  "step_ms",
-  "overhead_ratio",
-  "overhead_ratio_median",
-  "machinery_ratio",
-  "mean_g_enc",
-  "mean_g_dec",
-]
-
-
-def random_batch(vocab_size: int, batch: int, inputs: int, targets: int, seed: int) -> dict:
-  """An encoder-decoder batch of random tokens (no padding, every target weighted)."""
-  rng = np.random.default_rng(seed)
-  enc = rng.integers(2, vocab_size, (batch, inputs), dtype=np.int32)
-  tgt = rng.integers(2, vocab_size, (batch, targets), dtype=np.int32)
-  dec_in = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
-  return {
-    "encoder_input_tokens": jnp.asarray(enc),
-    "decoder_input_tokens": jnp.asarray(dec_in),
-    "decoder_target_tokens": jnp.asarray(tgt),
-    "decoder_loss_weights": jnp.ones((batch, targets), jnp.float32),
-  }
+TABLE = "side remat setting step_ms overhead_ratio overhead_ratio_median machinery_ratio"
+TABLE += " mean_g_enc mean_g_dec"
 
 
 def own_blocks(params, frozen):
@@ -173,29 +140,18 @@ class Side:
   remat: bool | None
   granularity: int | None
   step: object
-  state: TrainState
+  state: object  # TrainState
   frozen: dict
   loss_fn: object
 
 
 def jitted_step(model, loss_fn, trainable, frozen, name, remat, granularity=None) -> Side:
-  """The step as ``modjax.train`` jits it, on one device."""
-  mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  optimizer, schedule = optim.make_optimizer(base_config().optimizer, CURRICULUM_STEPS + 1)
-  param_shardings = bank.shardings(model, trainable, mesh)
-  frozen_shardings = bank.shardings(model, frozen, mesh)
-  params = jax.device_put(trainable, param_shardings)
-  state = jax.jit(lambda p: init_state(p, optimizer))(params)
-  state_shardings = TrainState(
-    step=sharding.replicated(mesh),
-    params=param_shardings,
-    opt_state=jax.tree.map(lambda x: x.sharding, state.opt_state),
+  """The step as ``modjax.train`` jits it, on one device (the default Adafactor)."""
+  optimizer = base_config().optimizer
+  step, init = harness.train_step(
+    model, loss_fn, trainable, optimizer, CURRICULUM_STEPS + 1, frozen
   )
-  step = jit_train_step(
-    make_train_step(loss_fn, optimizer, schedule=schedule), mesh, state_shardings, frozen_shardings
-  )
-  frozen = jax.device_put(frozen, frozen_shardings)
-  return Side(name, remat, granularity, step, state, frozen, loss_fn)
+  return Side(name, remat, granularity, step, init(trainable), jax.device_put(frozen), loss_fn)
 
 
 def build_sides(shape: str, seed: int, remats):
@@ -237,13 +193,17 @@ def build_sides(shape: str, seed: int, remats):
   return model, sides, info, meta, curriculum
 
 
-def run_step(side: Side, batch, step_number: int, key: int) -> tuple[float, dict]:
-  """One timed step at ``step_number`` with base key ``key``; (seconds, metrics)."""
-  side.state = side.state.replace(step=jnp.asarray(step_number, jnp.int32))
-  start = time.perf_counter()
-  side.state, metrics = side.step(side.state, side.frozen, batch, jax.random.key(key))
-  metrics = hardware.block(metrics)
-  return time.perf_counter() - start, {k: float(v) for k, v in metrics.items()}
+def step_call(side: Side, batch, step_number: int, key: int, metrics: dict):
+  """A call of one step at ``step_number`` with base key ``key``; the first call's metrics
+  land in ``metrics``."""
+
+  def call():
+    side.state = side.state.replace(step=jnp.asarray(step_number, jnp.int32))
+    side.state, out = side.step(side.state, side.frozen, batch, jax.random.key(key))
+    metrics.setdefault("metrics", out)
+    return out
+
+  return call
 
 
 def keys_drawing(model, meta, curriculum, step: int, g: int, count: int) -> list[int]:
@@ -285,26 +245,22 @@ def cases_for(sides: list[Side], model, meta, curriculum, draws: int) -> list[tu
 def time_cases(cases: list[tuple], batch, rounds: int) -> dict:
   """{(side, remat, setting): {"seconds": [[per round] per key], "metrics": [per key]}}, every
   side's first (compiling) step and a first round over all cases untimed (XLA:CPU readies a
-  cond branch's kernels the first time it runs), then ``rounds`` timed rounds."""
+  cond branch's kernels the first time it runs), then ``rounds`` interleaved rounds."""
   for side in {id(case[0]): case[0] for case in cases}.values():
-    start = time.perf_counter()
-    run_step(side, batch, 0, 0)
-    print(f"  {side.name} remat={side.remat}: first step {time.perf_counter() - start:.1f} s")
-  for side, _, step, keys in cases:
+    first_s = timing.seconds(step_call(side, batch, 0, 0, {}))
+    print(f"  {side.name} remat={side.remat}: first step {first_s:.1f} s")
+  fns, metrics = {}, {}
+  for side, setting, step, keys in cases:
     for key in keys:
-      run_step(side, batch, step, key)
+      case = (side.name, side.remat, setting)
+      metrics[case, key] = {}
+      fns[case, key] = step_call(side, batch, step, key, metrics[case, key])
+  seconds = harness.interleaved(fns, rounds, warmup=1, pause=0.5)
   records = {}
-  for _ in range(rounds):
-    for side, setting, step, keys in cases:
-      rec = records.setdefault(
-        (side.name, side.remat, setting), {"seconds": [[] for _ in keys], "metrics": []}
-      )
-      for i, key in enumerate(keys):
-        seconds, metrics = run_step(side, batch, step, key)
-        rec["seconds"][i].append(seconds)
-        if len(rec["metrics"]) < len(keys):
-          rec["metrics"].append(metrics)
-      hardware.settle(0.5)
+  for (case, _), times in seconds.items():
+    records.setdefault(case, {"seconds": [], "metrics": []})["seconds"].append(times)
+  for (case, _), out in metrics.items():
+    records[case]["metrics"].append({k: float(v) for k, v in out["metrics"].items()})
   return records
 
 
@@ -312,7 +268,7 @@ def result_rows(records: dict) -> list[dict]:
   """One row per case: the mean over keys of each key's fastest round (and of medians)."""
   best = {case: float(np.mean([min(s) for s in r["seconds"]])) for case, r in records.items()}
   median = {
-    case: float(np.mean([hardware.median(s) for s in r["seconds"]])) for case, r in records.items()
+    case: float(np.mean([harness.median(s) for s in r["seconds"]])) for case, r in records.items()
   }
   base = next(case for case in records if case[0] == "baseline")
   rows = []
@@ -375,27 +331,22 @@ def profile(cases: list[tuple], batch, repeats: int) -> list[dict]:
     args = (side.state.params, side.frozen)
     for part, fn in (("forward_ms", loss), ("forward_backward_ms", jax.value_and_grad(loss))):
       jitted = jax.jit(fn)
-      seconds = hardware.time_calls(lambda f=jitted, args=args: f(*args), repeats)
+      seconds = harness.repeat(lambda f=jitted, args=args: f(*args), repeats, warmup=1)
       row[part] = 1e3 * min(seconds)
     row["backward_ms"] = row["forward_backward_ms"] - row["forward_ms"]
     rows.append(row)
-    hardware.settle(0.5)
+    harness.settle(0.5)
   return rows
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p = harness.parser(__doc__, "replacing_overhead")
   p.add_argument("--draws", type=int, default=None, help="draws per setting (default 3)")
   p.add_argument("--rounds", type=int, default=None, help="rounds over the cases (default 2)")
   p.add_argument("--remat", default="true,false", help="remat settings to time")
   p.add_argument("--profile", action="store_true", help="also time forward vs backward")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=os.path.join("benchmarks", "results", "replacing_overhead.json"))
-  p.add_argument("--quick", action="store_true", help="micro shapes, one draw: a smoke test")
-  args = p.parse_args(argv)
+  args = harness.defaults(p.parse_args(argv), draws=(1, 3), rounds=(1, 2))
   args.shape = "micro" if args.quick else "t5-small"
-  args.draws = args.draws or (1 if args.quick else 3)
-  args.rounds = args.rounds or (1 if args.quick else 2)
   args.remat = [{"true": True, "false": False}[v.strip().lower()] for v in args.remat.split(",")]
   return args
 
@@ -405,12 +356,11 @@ def main(argv=None):
   print(f"JAX {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPU cores")
   *_, b, inputs, targets = SHAPES[args.shape]
   model, sides, info, meta, curriculum = build_sides(args.shape, args.seed, args.remat)
-  batch = random_batch(model.config.vocab_size, b, inputs, targets, args.seed)
-  print(f"{args.shape}: batch {b} x ({inputs} + {targets}); compiling ...", flush=True)
+  batch = harness.seq2seq_batch(model.config.vocab_size, b, inputs, targets, args.seed)
+  harness.say(f"{args.shape}: batch {b} x ({inputs} + {targets}); compiling ...")
   cases = cases_for(sides, model, meta, curriculum, args.draws)
   rows = result_rows(time_cases(cases, batch, args.rounds))
-  print()
-  table = hardware.print_table(rows, TABLE)
+  table = harness.table(rows, TABLE)
   replacing = [r for r in rows if r["side"] == "replacing"]
   default = [r for r in replacing if r["remat"] is True] or replacing
   worst = max(default, key=lambda r: r["overhead_ratio"])
@@ -423,31 +373,25 @@ def main(argv=None):
   profile_rows = None
   if args.profile:
     profile_rows = profile(cases, batch, repeats=max(args.rounds, 2) + 1)
-    hardware.print_table(profile_rows)
-  path = hardware.write_json(
-    args.out,
-    {
-      "benchmark": "replacing_overhead",
-      "quick": args.quick,
-      "model": dataclasses.asdict(model.config),
-      "batch": b,
-      "inputs": inputs,
-      "targets": targets,
-      "curriculum": f"p 0 -> 1 over {CURRICULUM_STEPS} steps, granularities uniform",
-      "settings": SETTINGS,
-      "draws": args.draws,
-      "rounds": args.rounds,
-      **info,
-      "machine": hardware.machine(),
-      "overhead_ratio": worst["overhead_ratio"],
-      "overhead_ratio_setting": {"remat": worst["remat"], "setting": worst["setting"]},
-      "machinery_ratio": machinery,
-      "results": rows,
-      "profile": profile_rows,
-      "table": table,
-    },
+    harness.table(profile_rows)
+  harness.report(
+    args,
+    "replacing_overhead",
+    "draws rounds",
+    model=dataclasses.asdict(model.config),
+    batch=b,
+    inputs=inputs,
+    targets=targets,
+    curriculum=f"p 0 -> 1 over {CURRICULUM_STEPS} steps, granularities uniform",
+    settings=SETTINGS,
+    **info,
+    overhead_ratio=worst["overhead_ratio"],
+    overhead_ratio_setting={"remat": worst["remat"], "setting": worst["setting"]},
+    machinery_ratio=machinery,
+    results=rows,
+    profile=profile_rows,
+    table=table,
   )
-  print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ jitted call on a prefilled cache (donated, so rewritten in place as in the loop)
 speed-up the round's parts allow, against which ``speedup_vs_greedy`` shows what the rest
 (prefill, bookkeeping, rows waiting in a batch) costs. ``ms_per_round`` and
 ``ms_per_greedy_step`` divide whole passes by the loop's iterations (prefill included).
-The machine's ceilings (``benchmarks/hardware.py``) are measured in the same run; a greedy
+The machine's ceilings (``benchmarks/harness.py``) are measured in the same run; a greedy
 step's bytes (``modjax.cost``: decoder weights, head, caches) over its time is quoted against
 the measured bandwidth.
 
@@ -36,25 +36,22 @@ Run from the repository root:
 ``--data`` is a JSON-lines file (optionally gzipped) with an ``inputs`` field, prefixed with
 ``--prefix`` (default ``summarize: ``); without it, the embedded lead task's validation
 articles. The vocabulary is ``--vocab``, else the bank's ``vocab/spm.model``, else the one of
-the teacher beside it (``<bank>/../teacher``: the pipeline's layout). On a shared machine
-absolute numbers are noisy: compare within one run.
+the teacher beside it (``<bank>/../teacher``: the pipeline's layout).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import gzip
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import harness
 from modjax import bank, bank_io, cost
 from modjax.decode import _argmax, generate, prepare
 from modjax.methods.modular import add_modules, bank_granularities, tiling_plan
@@ -64,27 +61,9 @@ from modjax.plan import Plan
 from modjax.presets import get_preset
 from modjax.speculative import _draft, _log_prob
 
-try:
-  from benchmarks import hardware
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-  import hardware
-
 DEFAULT_BANK = os.path.join("runs", "quickstart", "bank")
-TABLE = [
-  "batch",
-  "draft",
-  "k",
-  "acceptance",
-  "accepted_per_round",
-  "tokens_per_s",
-  "speedup_vs_greedy",
-  "mismatching_rows",
-  "draft_ms",
-  "verify_ms",
-  "greedy_step_ms",
-  "model_speedup",
-  "ms_per_round",
-]
+TABLE = "batch draft k acceptance accepted_per_round tokens_per_s speedup_vs_greedy"
+TABLE += " mismatching_rows draft_ms verify_ms greedy_step_ms model_speedup ms_per_round"
 
 
 # ---- the bank, its drafts, the inputs -----------------------------------------------------------
@@ -186,36 +165,41 @@ def load(args):
 # ---- timing ---------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Pass:
-  seconds: float
   tokens: np.ndarray  # [rows, new]
   lengths: np.ndarray
   stats: tuple[int, int, int]  # rounds, drafted, accepted
   iterations: int  # while-loop iterations, summed over calls
 
 
-def decode_pass(model, params, full, ids, batch, new, prepared, draft=None, k=2) -> Pass:
-  """Every row of ``ids`` decoded in calls of ``batch`` rows, each waited for."""
-  results = []
-  start = time.perf_counter()
-  for i in range(0, len(ids), batch):
-    chunk = jnp.asarray(ids[i : i + batch])
-    kw = dict(draft_plan=draft, draft_tokens=k) if draft is not None else {}
-    out = generate(
-      model, params, full, chunk, chunk > 0, max_new_tokens=new, prepared=prepared, **kw
-    )
-    results.append(jax.block_until_ready(out))
-  seconds = time.perf_counter() - start
+def decode_pass(model, params, full, ids, batch, new, prepared, draft=None, k=2):
+  """A pass to time: every row of ``ids`` decoded in calls of ``batch`` rows, each waited for."""
+  chunks = [jnp.asarray(ids[i : i + batch]) for i in range(0, len(ids), batch)]
+  kw = dict(draft_plan=draft, draft_tokens=k) if draft is not None else {}
+
+  def run():
+    return [
+      jax.block_until_ready(
+        generate(model, params, full, c, c > 0, max_new_tokens=new, prepared=prepared, **kw)
+      )
+      for c in chunks
+    ]
+
+  return run
+
+
+def pass_outputs(results) -> Pass:
+  """The tokens, lengths, draft statistics and loop iterations of one pass's results."""
   tokens = np.concatenate([np.asarray(r.tokens) for r in results])
   lengths = np.concatenate([np.asarray(r.lengths) for r in results])
-  if draft is None:
+  if results[0].stats is None:
     iterations = sum(int(np.max(np.asarray(r.lengths))) for r in results)
-    return Pass(seconds, tokens, lengths, (0, 0, 0), iterations)
+    return Pass(tokens, lengths, (0, 0, 0), iterations)
   stats = [r.stats for r in results]
   totals = tuple(
     int(sum(np.sum(getattr(s, f)) for s in stats)) for f in ("rounds", "drafted", "accepted")
   )
   iterations = sum(int(np.max(np.asarray(s.rounds))) for s in stats)
-  return Pass(seconds, tokens, lengths, totals, iterations)
+  return Pass(tokens, lengths, totals, iterations)
 
 
 class Parts:
@@ -234,14 +218,11 @@ class Parts:
   def _prefill(self, params, ids, mask, prepared):
     m = self.model
     encoded, _ = m.encode(params, self.full, ids, input_mask_BS=mask)
-    out = {
-      "full": m.start_decoding(params, self.full, ids, mask, self.room, prepared, encoded=encoded)[
-        0
-      ]
+    plans = {"full": self.full, **self.drafts}
+    return {
+      name: m.start_decoding(params, plan, ids, mask, self.room, prepared, encoded=encoded)[0]
+      for name, plan in plans.items()
     }
-    for name, plan in self.drafts.items():
-      out[name] = m.start_decoding(params, plan, ids, mask, self.room, prepared, encoded=encoded)[0]
-    return out
 
   def time(self, fn, key: str, repeats: int) -> float:
     """Median ms of ``fn(params, cache)`` calls, the cache donated and fed back."""
@@ -251,7 +232,7 @@ class Parts:
       out, state["cache"] = fn(self.params, state["cache"])
       return out
 
-    ms = 1e3 * hardware.median(hardware.time_calls(call, repeats, warmup=2))
+    ms = 1e3 * harness.median(harness.repeat(call, repeats, warmup=2))
     self.caches[key] = state["cache"]
     return ms
 
@@ -296,11 +277,13 @@ def mismatching_rows(a: np.ndarray, b: np.ndarray) -> int:
   return int(np.sum(np.any(a != b, axis=1)))
 
 
-def run_batch(model, params, drafts, full, ids, batch: int, args, prepared, limits) -> tuple:
-  """(greedy summary, one row per draft x k) at one batch size (module docstring)."""
+def run_batch(model, params, drafts, full, ids, batch: int, args, prepared) -> tuple:
+  """(greedy summary, one row per draft x k) at one batch size (module docstring); the
+  percentages of the ceilings come later (:func:`add_percentages`)."""
   new = args.new_tokens
-  run = functools.partial(decode_pass, model, params, full, ids, batch, new, prepared)
-  greedy = run()  # compiles
+  passes = functools.partial(decode_pass, model, params, full, ids, batch, new, prepared)
+  plain = passes()
+  greedy = pass_outputs(plain())  # compiles
   tokens = int(np.sum(greedy.lengths))
   parts = Parts(model, params, full, drafts, ids[:batch], new, prepared, max(args.draft_tokens))
   step_ms = parts.greedy_step_ms(args.step_repeats)
@@ -308,97 +291,73 @@ def run_batch(model, params, drafts, full, ids, batch: int, args, prepared, limi
   rows, greedy_seconds = [], []
   for name, draft in drafts.items():
     for k in args.draft_tokens:
-      print(f"  batch {batch}: {name} k={k} ...", flush=True)
-      first = run(draft, k)  # compiles
-      pairs = [(run().seconds, run(draft, k).seconds) for _ in range(args.repeats)]
-      greedy_seconds += [g for g, _ in pairs]
-      spec_s, plain_s = (
-        statistics.median(s for _, s in pairs),
-        statistics.median(g for g, _ in pairs),
-      )
+      harness.say(f"  batch {batch}: {name} k={k} ...")
+      speculative = passes(draft, k)
+      first = pass_outputs(speculative())  # compiles
+      seconds = harness.interleaved({"greedy": plain, "spec": speculative}, args.repeats)
+      greedy_seconds += seconds["greedy"]
+      spec_s, plain_s = harness.median(seconds["spec"]), harness.median(seconds["greedy"])
       rounds, drafted, accepted = first.stats
       per_round = accepted / max(rounds, 1)
       draft_ms = parts.draft_ms(name, k, args.step_repeats)
-      rows.append(
-        {
-          "batch": batch,
-          "draft": name,
-          "draft_plan": draft.describe(),
-          "k": k,
-          "acceptance": accepted / max(drafted, 1),
-          "accepted_per_round": per_round,
-          "rounds": rounds,
-          "tokens": tokens,
-          "tokens_per_s": tokens / spec_s,
-          "greedy_tokens_per_s_interleaved": tokens / plain_s,
-          "speedup_vs_greedy": plain_s / spec_s,
-          "mismatching_rows": mismatching_rows(first.tokens, greedy.tokens),
-          "draft_ms": draft_ms,
-          "verify_ms": verify[k],
-          "greedy_step_ms": step_ms,
-          "draft_share": draft_ms / (draft_ms + verify[k]),
-          "verify_over_greedy_step": verify[k] / step_ms,
-          "model_speedup": (1 + per_round) * step_ms / (draft_ms + verify[k]),
-          "ms_per_round": 1e3 * spec_s / max(first.iterations, 1),
-          "seconds_all": [s for _, s in pairs],
-          "greedy_seconds_all": [g for g, _ in pairs],
-        }
-      )
+      row = {"batch": batch, "draft": name, "draft_plan": draft.describe(), "k": k}
+      row |= {"acceptance": accepted / max(drafted, 1), "accepted_per_round": per_round}
+      row |= {"rounds": rounds, "tokens": tokens, "tokens_per_s": tokens / spec_s}
+      row["greedy_tokens_per_s_interleaved"] = tokens / plain_s
+      row["speedup_vs_greedy"] = plain_s / spec_s
+      row["mismatching_rows"] = mismatching_rows(first.tokens, greedy.tokens)
+      row |= {"draft_ms": draft_ms, "verify_ms": verify[k], "greedy_step_ms": step_ms}
+      row["draft_share"] = draft_ms / (draft_ms + verify[k])
+      row["verify_over_greedy_step"] = verify[k] / step_ms
+      row["model_speedup"] = (1 + per_round) * step_ms / (draft_ms + verify[k])
+      row["ms_per_round"] = 1e3 * spec_s / max(first.iterations, 1)
+      rows.append(row | {"seconds_all": seconds["spec"], "greedy_seconds_all": seconds["greedy"]})
   c = cost.plan_cost(model, full, batch=batch, input_length=ids.shape[1], target_length=new)
-  greedy_s = statistics.median(greedy_seconds)
-  summary = {
-    "batch": batch,
-    "examples": len(ids),
-    "tokens": tokens,
-    "tokens_per_s": tokens / greedy_s,
-    "ms_per_greedy_step": 1e3 * greedy_s / max(greedy.iterations, 1),
-    "greedy_step_ms": step_ms,
-    "step_mb": c.decode_step_bytes() / 1e6,
-    "step_pct_peak_bw": 100 * c.decode_step_bytes() / (step_ms / 1e3) / limits["peak_bytes_per_s"],
-    "step_pct_peak_flops": 100 * c.decode_step_flops() / (step_ms / 1e3) / limits["peak_flops"],
-    "verify_ms": verify,
-  }
+  greedy_s = harness.median(greedy_seconds)
+  summary = {"batch": batch, "examples": len(ids), "tokens": tokens}
+  summary["tokens_per_s"] = tokens / greedy_s
+  summary["ms_per_greedy_step"] = 1e3 * greedy_s / max(greedy.iterations, 1)
+  summary |= {"greedy_step_ms": step_ms, "step_mb": c.decode_step_bytes() / 1e6}
+  summary |= {"step_gflop": c.decode_step_flops() / 1e9, "verify_ms": verify}
   return summary, rows
+
+
+def add_percentages(summary: dict, limits: dict) -> dict:
+  """A greedy step's bytes and FLOPs over its time, as percentages of this run's ceilings."""
+  per_s = 1e3 / summary["greedy_step_ms"]
+  summary["step_pct_peak_bw"] = 100 * summary["step_mb"] * 1e6 * per_s / limits["peak_bytes_per_s"]
+  summary["step_pct_peak_flops"] = 100 * summary["step_gflop"] * 1e9 * per_s / limits["peak_flops"]
+  return summary
 
 
 # ---- the run --------------------------------------------------------------------------------
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p = harness.parser(__doc__, "speculative")
   p.add_argument(
     "--bank", default=DEFAULT_BANK, help=f"a trained module bank (default {DEFAULT_BANK})"
   )
   p.add_argument("--data", default=None, help="JSON lines with 'inputs' (default: embedded_lead)")
   p.add_argument("--vocab", default=None, help="SentencePiece model (default: found by the bank)")
   p.add_argument("--prefix", default="summarize: ", help="prepended to every input text")
-  p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,8; quick 1,2)")
-  p.add_argument(
-    "--examples", default=None, help="inputs per batch size (default 16,64; quick 2,4)"
-  )
-  p.add_argument("--draft-tokens", default=None, help="k values (default 2,3,4,6; quick 2,3)")
+  p.add_argument("--batch-sizes", type=harness.ints, help="comma-separated (1,8; quick 1,2)")
+  p.add_argument("--examples", type=harness.ints, help="per batch size (16,64; quick 2,4)")
+  p.add_argument("--draft-tokens", type=harness.ints, help="k values (2,3,4,6; quick 2,3)")
   p.add_argument("--drafts", default=None, help="comma-separated names (default: every draft)")
   p.add_argument("--input-length", type=int, default=None, help="default 64; quick 16")
   p.add_argument("--new-tokens", type=int, default=None, help="at most; default 24; quick 8")
-  p.add_argument("--repeats", type=int, default=None, help="timed pass pairs per case (2; quick 1)")
+  p.add_argument("--repeats", type=int, default=None, help="timed pass pairs per case (5; quick 1)")
   p.add_argument("--step-repeats", type=int, default=None, help="timed part calls (10; quick 2)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=os.path.join("benchmarks", "results", "speculative.json"))
-  p.add_argument("--quick", action="store_true", help="micro random bank: a smoke test")
   args = p.parse_args(argv)
-  q = args.quick
-  ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-  args.batch_sizes = ints(args.batch_sizes or ("1,2" if q else "1,8"))
-  examples = ints(args.examples or ("2,4" if q else "16,64"))
-  if len(examples) != len(args.batch_sizes):
+  harness.defaults(args, batch_sizes=([1, 2], [1, 8]), examples=([2, 4], [16, 64]))
+  harness.defaults(args, draft_tokens=([2, 3], [2, 3, 4, 6]), input_length=(16, 64))
+  harness.defaults(args, new_tokens=(8, 24), repeats=(1, 5), step_repeats=(2, 10))
+  if len(args.examples) != len(args.batch_sizes):
     p.error("--examples needs one count per batch size")
+  examples = args.examples
   args.examples = dict(zip(args.batch_sizes, examples, strict=True))
   if any(n < b or n % b for b, n in args.examples.items()):
     p.error(f"--examples {examples}: each a multiple of its batch size {args.batch_sizes}")
-  args.draft_tokens = ints(args.draft_tokens or ("2,3" if q else "2,3,4,6"))
   args.drafts = args.drafts.split(",") if args.drafts else None
-  args.input_length = args.input_length or (16 if q else 64)
-  args.new_tokens = args.new_tokens or (8 if q else 24)
-  args.repeats = args.repeats or (1 if q else 2)
-  args.step_repeats = args.step_repeats or (2 if q else 10)
   return args
 
 
@@ -422,47 +381,39 @@ def summary_lines(rows: list[dict], greedy: list[dict]) -> list[str]:
 def main(argv=None):
   args = parse_args(argv)
   print(f"JAX {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPU cores")
-  limits = hardware.measure_limits(512, 32 * 2**20) if args.quick else hardware.measure_limits()
   model, params, drafts, full, ids, source = load(args)
-  prepared = hardware.block(prepare(model, params))
+  prepared = jax.block_until_ready(prepare(model, params))
   print(f"{source}: full plan {full.describe()}; drafts {[d.describe() for d in drafts.values()]}")
-  greedy, rows = [], []
-  for batch in args.batch_sizes:
-    summary, batch_rows = run_batch(
-      model, params, drafts, full, ids[: args.examples[batch]], batch, args, prepared, limits
-    )
-    greedy.append(summary)
-    rows += batch_rows
-  print()
-  table = hardware.print_table(rows, TABLE)
+
+  def run():
+    greedy, rows = [], []
+    for batch in args.batch_sizes:
+      examples = ids[: args.examples[batch]]
+      summary, batch_rows = run_batch(model, params, drafts, full, examples, batch, args, prepared)
+      greedy.append(summary)
+      rows += batch_rows
+    return greedy, rows
+
+  (greedy, rows), limits = harness.around(args.quick, run)
+  greedy = [add_percentages(summary, limits) for summary in greedy]
+  table = harness.table(rows, TABLE)
   notes = summary_lines(rows, greedy)
   print("\n".join(notes))
-  path = hardware.write_json(
-    args.out,
-    {
-      "benchmark": "speculative",
-      "quick": args.quick,
-      "source": source,
-      "bank": None if args.quick else args.bank,
-      "data": args.data,
-      "input_length": args.input_length,
-      "new_tokens": args.new_tokens,
-      "examples": args.examples,
-      "draft_tokens": args.draft_tokens,
-      "repeats": args.repeats,
-      "step_repeats": args.step_repeats,
-      "model": dataclasses.asdict(model.config),
-      "full_plan": full.describe(),
-      "drafts": {name: d.describe() for name, d in drafts.items()},
-      "machine": hardware.machine(),
-      "limits": limits,
-      "greedy": greedy,
-      "results": rows,
-      "notes": notes,
-      "table": table,
-    },
+  harness.report(
+    args,
+    "speculative",
+    "data input_length new_tokens examples draft_tokens repeats step_repeats",
+    source=source,
+    bank=None if args.quick else args.bank,
+    model=dataclasses.asdict(model.config),
+    full_plan=full.describe(),
+    drafts={name: d.describe() for name, d in drafts.items()},
+    limits=limits,
+    greedy=greedy,
+    results=rows,
+    notes=notes,
+    table=table,
   )
-  print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ Run from the repository root:
 
     python -m benchmarks.train_profile                   # a few minutes on CPU
     python -m benchmarks.train_profile --top 40 --out /tmp/train_profile.json
+    python -m benchmarks.train_profile --quick           # micro, 1 repeat, 1 traced step
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -39,15 +39,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks import harness, train_step
 from modjax.models import architecture_for
 from modjax.train import losses, optim
 from modjax.train.defaults import base_config
-
-try:
-  from benchmarks import hardware, train_step
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-  import hardware
-  import train_step
 
 COMPONENTS = [  # (component, op_name substrings), first match wins
   ("dropout bits", ("bernoulli", "threefry", "random_bits", "keep_mask", "dropout/")),
@@ -61,13 +56,9 @@ COMPONENTS = [  # (component, op_name substrings), first match wins
 
 def time_phases(shape: str, repeats: int) -> dict:
   """Milliseconds of forward, forward + backward and each optimizer update, jitted apart."""
-  config = train_step.model_config(shape)
-  _, vocab, batch, inputs, targets, _ = train_step.SHAPES[shape]
-  model = architecture_for(config)
+  model = architecture_for(train_step.model_config(shape))
   params = jax.jit(model.init)(jax.random.key(0))
-  data = {
-    k: jnp.asarray(v) for k, v in train_step.random_batch(vocab, batch, inputs, targets, 0).items()
-  }
+  data = train_step.random_batch(shape, 0)
   loss_fn = losses.seq2seq_loss(model, model.identity_plan())
   rng = jax.random.key(1)
 
@@ -76,7 +67,7 @@ def time_phases(shape: str, repeats: int) -> dict:
 
   def median_ms(fn, *args):
     fn = jax.jit(fn)
-    return 1e3 * hardware.median(hardware.time_calls(lambda: fn(*args), repeats))
+    return 1e3 * harness.median(harness.repeat(lambda: fn(*args), repeats, warmup=1))
 
   out = {"forward": median_ms(forward, params)}
   out["forward_backward"] = median_ms(jax.grad(forward), params)
@@ -99,7 +90,7 @@ def time_phases(shape: str, repeats: int) -> dict:
       holder[0] = update(grads, holder[0])
       return holder[0]
 
-    out[f"optimizer_{name}"] = 1e3 * hardware.median(hardware.time_calls(call, repeats))
+    out[f"optimizer_{name}"] = 1e3 * harness.median(harness.repeat(call, repeats, warmup=1))
   return out
 
 
@@ -149,11 +140,8 @@ def classify(op_name: str) -> tuple[str, str]:
 
 def trace_ops(shape: str, optimizer_name: str, steps: int) -> tuple[float, dict]:
   """(median step ms, {instruction: (ms per step, shape, opcode, op_name)}) of the whole step."""
-  _, vocab, batch, inputs, targets, _ = train_step.SHAPES[shape]
   step, state = train_step.build_step(train_step.model_config(shape), optimizer_name, 100)
-  data = {
-    k: jnp.asarray(v) for k, v in train_step.random_batch(vocab, batch, inputs, targets, 0).items()
-  }
+  data = train_step.random_batch(shape, 0)
   rng = jax.random.key(0)
   holder = [state]
 
@@ -161,12 +149,11 @@ def trace_ops(shape: str, optimizer_name: str, steps: int) -> tuple[float, dict]
     holder[0], metrics = step(holder[0], {}, data, rng)
     return metrics
 
-  step_ms = 1e3 * hardware.median(hardware.time_calls(call, 3))
+  step_ms = 1e3 * harness.median(harness.repeat(call, 3, warmup=1))
   instructions = _instructions(step.lower(holder[0], {}, data, rng).compile().as_text())
   with tempfile.TemporaryDirectory() as directory:
     with jax.profiler.trace(directory, create_perfetto_trace=True):
-      for _ in range(steps):
-        hardware.block(call())
+      harness.repeat(call, steps)
     (path,) = glob.glob(os.path.join(directory, "plugins", "profile", "*", "*perfetto*.json.gz"))
     with gzip.open(path) as f:
       events = json.load(f)["traceEvents"]
@@ -200,14 +187,14 @@ def summarize(ops: dict, top: int) -> dict:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--preset", default="t5-small", choices=sorted(train_step.SHAPES))
+  p = harness.parser(__doc__, "train_profile")
+  p.add_argument("--preset", default=None, choices=sorted(train_step.SHAPES), help="t5-small")
   p.add_argument("--optimizer", default="adafactor", choices=train_step.MODJAX_OPTIMIZERS)
-  p.add_argument("--repeats", type=int, default=5, help="timed calls per phase")
-  p.add_argument("--trace-steps", type=int, default=2)
+  p.add_argument("--repeats", type=int, default=None, help="timed calls per phase (5)")
+  p.add_argument("--trace-steps", type=int, default=None, help="traced steps (2)")
   p.add_argument("--top", type=int, default=25)
-  p.add_argument("--out", default=os.path.join("benchmarks", "results", "train_profile.json"))
   args = p.parse_args(argv)
+  harness.defaults(args, preset=("micro", "t5-small"), repeats=(1, 5), trace_steps=(1, 2))
   start = time.perf_counter()
   phases = time_phases(args.preset, args.repeats)
   print("phases (ms, each jitted alone):")
@@ -225,23 +212,20 @@ def main(argv=None):
   print(f"top {args.top} ops:")
   for op in summary["top_ops"]:
     print(f"  {op['ms']:8.1f} ms {op['opcode']:10.10s} {op['shape']:22.22s} {op['op_name'][-80:]}")
-  path = hardware.write_json(
-    args.out,
-    {
-      "benchmark": "train_profile",
-      "preset": args.preset,
-      "shape": dict(
-        zip(("batch", "inputs", "targets"), train_step.SHAPES[args.preset][2:5], strict=True)
-      ),
-      "optimizer": args.optimizer,
-      "machine": hardware.machine(),
-      "phases_ms": phases,
-      "step_ms": step_ms,
-      **summary,
-      "seconds": time.perf_counter() - start,
-    },
+  shape = dict(
+    zip(("batch", "inputs", "targets"), train_step.SHAPES[args.preset][2:5], strict=True)
   )
-  print(f"wrote {path}")
+  harness.report(
+    args,
+    "train_profile",
+    "preset",
+    shape=shape,
+    optimizer=args.optimizer,
+    phases_ms=phases,
+    step_ms=step_ms,
+    **summary,
+    seconds=time.perf_counter() - start,
+  )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from benchmarks import (
   assembled_speed,
   decode_vs_hf,
   ffn_merge,
+  harness,
   mom,
   mom_decode,
   replacing_overhead,
@@ -114,7 +115,7 @@ def test_replacing_overhead_plain_steps_compute_the_replacing_loss():
   teacher's cross-entropy: no KD, hidden or attention term)."""
   model, sides, _, _, _ = replacing_overhead.build_sides("micro", 0, [True])
   by_name = {side.name: side for side in sides}
-  batch = replacing_overhead.random_batch(model.config.vocab_size, 2, 12, 8, seed=1)
+  batch = harness.seq2seq_batch(model.config.vocab_size, 2, 12, 8, seed=1)
 
   def loss(side, step):
     fn = jax.jit(lambda p, f, s: side.loss_fn(p, f, batch, None, s))

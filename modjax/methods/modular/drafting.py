@@ -15,7 +15,8 @@ complete plan, usable alone too).
 ``eval.max_new_tokens`` tokens, stopping at EOS as ``modjax.evaluate`` does. Each candidate
 decodes the sample once to compile (its outputs are checked token for token against plain
 greedy decoding's), ``warmup`` more times, then ``runs`` times interleaved with plain greedy
-decoding of the same sample (plain, draft, plain, draft, ...: both see the same machine load).
+decoding of the same sample (plain, draft, plain, draft, ...: both see the same machine load;
+:mod:`modjax.timing`).
 Tokens/s is the tokens generated (EOS included, padding rows excluded) over the median seconds
 of a pass; plain greedy's is over the median of all its passes. Acceptance rate and mean
 accepted length are the candidate's own statistics (``SpeculativeStats``).
@@ -30,15 +31,15 @@ modjax.evaluate --draft <name>`` uses when not given ``--draft-tokens``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modjax import bank, bank_io, decode, scoring
+from modjax import bank, bank_io, decode, scoring, timing
 from modjax.methods.modular import commands
 from modjax.methods.modular import strategies as st
 from modjax.methods.modular import sweep as sw
@@ -84,10 +85,10 @@ class SampleDecoder:
       )
     ]
 
-  def run(self, draft: Plan | None = None, k: int = 4) -> Pass:
-    """One pass over the sample, each batch waited for; plain greedy when ``draft`` is None."""
+  def decode_all(self, draft: Plan | None = None, k: int = 4) -> list:
+    """(result, real rows) per batch of the sample, each batch waited for; plain greedy when
+    ``draft`` is None. What a pass times."""
     results = []
-    start = time.perf_counter()
     for ids, mask, rows in self.batches:
       result = decode.generate(
         self.model,
@@ -101,7 +102,11 @@ class SampleDecoder:
         draft_tokens=k,
       )
       results.append((jax.block_until_ready(result), rows))
-    seconds = time.perf_counter() - start
+    return results
+
+  def run(self, draft: Plan | None = None, k: int = 4) -> Pass:
+    """One timed pass over the sample (:meth:`decode_all`) with its outputs."""
+    results, seconds = timing.timed(lambda: self.decode_all(draft, k))
     tokens, totals = [], np.zeros(3, np.int64)
     for result, rows in results:
       tokens.append(np.asarray(result.tokens)[:rows])
@@ -137,11 +142,11 @@ def measure(decoder: SampleDecoder, drafts, ks, *, runs: int, warmup: int) -> di
   start = time.perf_counter()
   for i, (draft, k) in enumerate(cases):
     first = decoder.run(draft, k)
-    for _ in range(warmup):
-      decoder.run(draft, k)
-    pairs = [(decoder.run().seconds, decoder.run(draft, k).seconds) for _ in range(runs)]
-    greedy_seconds += [g for g, _ in pairs]
-    seconds = statistics.median(s for _, s in pairs)
+    drafting = functools.partial(decoder.decode_all, draft, k)
+    timing.repeat(drafting, 0, warmup)
+    passes = timing.interleaved({"plain": decoder.decode_all, "draft": drafting}, runs)
+    greedy_seconds += passes["plain"]
+    seconds = timing.median(passes["draft"])
     rounds, drafted, accepted = first.stats
     rows.append(
       {
@@ -163,7 +168,7 @@ def measure(decoder: SampleDecoder, drafts, ks, *, runs: int, warmup: int) -> di
       i + 1, len(cases), eta, k, rows[-1]["tokens_per_s"], rows[-1]["acceptance_rate"],
       draft.describe(),
     )  # fmt: skip
-  greedy = tokens / statistics.median(greedy_seconds)
+  greedy = tokens / timing.median(greedy_seconds)
   for row in rows:
     row["speedup_vs_greedy"] = row["tokens_per_s"] / greedy
   return {"generated_tokens": tokens, "greedy_tokens_per_s": greedy, "candidates": rows}

@@ -4,8 +4,8 @@ The workload is :class:`~.strategies.Shapes`: ``batch`` rows of ``input_length``
 tokens (no padding) decoded greedily for exactly ``max_new_tokens`` tokens: EOS is disabled
 (``eos_id=-1``) so every plan runs the same number of steps whatever its weights predict. Per
 plan: the plan's entries only (``bank.subset``, what an export of it holds), one call that
-compiles, ``warmup`` more calls, then ``runs`` timed calls each waited for
-(``block_until_ready``); the plan's time is their median. The teacher is timed the same way in
+compiles, ``warmup`` more calls, then ``runs`` timed calls, each waited for
+(:mod:`modjax.timing`); the plan's time is their median. The teacher is timed the same way in
 the same process, interleaved with each plan (teacher, plan, teacher, plan, ...: both see the
 same machine load), and a speed-up is the teacher's median over the plan's. Latency per token is
 the median over ``max_new_tokens``; per sequence it is the whole batched ``generate`` call
@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import statistics
 import time
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modjax import bank, decode
+from modjax import bank, decode, timing
 from modjax.methods.modular import strategies as st
 from modjax.plan import Plan
 
@@ -79,8 +77,7 @@ class Timer:
     params = bank.subset(self.params, plan, self.model.stacks)
 
     def call():
-      start = time.perf_counter()
-      result = decode.generate(
+      return decode.generate(
         self.model,
         params,
         plan,
@@ -89,12 +86,9 @@ class Timer:
         max_new_tokens=self.shapes.max_new_tokens,
         eos_id=-1,
         prepared=self.prepared,
-      )
-      jax.block_until_ready(result.tokens)
-      return time.perf_counter() - start
+      ).tokens
 
-    for _ in range(1 + self.warmup):
-      call()
+    timing.repeat(call, 0, warmup=1 + self.warmup)
     self.calls[plan] = call
     return call
 
@@ -106,15 +100,14 @@ class Timer:
       return self.cache[plan]
     call = self._call(plan)
     if plan == self.teacher:
-      samples = [call() for _ in range(self.runs)]
+      samples = timing.repeat(call, self.runs)
     else:
-      teacher = self._call(self.teacher)
-      pairs = [(teacher(), call()) for _ in range(self.runs)]
-      samples = [p for _, p in pairs]
-      self.reference[plan] = statistics.median(t for t, _ in pairs)
-    timing = Timing(statistics.median(samples), tuple(samples), self.shapes.max_new_tokens)
-    self.cache[plan] = timing
-    return timing
+      pairs = timing.interleaved({"teacher": self._call(self.teacher), "plan": call}, self.runs)
+      samples = pairs["plan"]
+      self.reference[plan] = timing.median(pairs["teacher"])
+    result = Timing(timing.median(samples), tuple(samples), self.shapes.max_new_tokens)
+    self.cache[plan] = result
+    return result
 
   def speedup(self, plan: Plan) -> float:
     """The teacher's median over the plan's, timed interleaved (exactly 1 for the teacher)."""

@@ -1,0 +1,291 @@
+"""The benchmarks' one harness; each ``benchmarks/<name>.py`` keeps only its cases.
+
+* Ceilings, measured in the same run as the timings they are quoted against (a shared
+  machine's numbers drift): peak float32 matmul FLOP/s (a chain of square matmuls) and memory
+  bandwidth (a reduction of an array far larger than the caches, read only, and an elementwise
+  copy, read + write), each the best of several timed repeats after a warm-up: what the
+  machine can do, not what it did on average. :func:`around` measures them before and after
+  a benchmark's timing and keeps the better of each (other work only lowers a measurement).
+* Timing: :mod:`modjax.timing`, the library's primitive: candidates timed in interleaved
+  rounds (a, b, c, a, b, c, ...) so drift hits each alike, each call waited for, warm-ups
+  untimed; a benchmark reports medians (and minima) over its rounds and keeps every time.
+* XLA's cost analysis of a compiled (or only lowered) program: FLOPs and bytes accessed.
+* The common flags ``--quick`` (small shapes and few calls: a smoke test, what the tests run),
+  ``--seed`` and ``--out`` (default ``benchmarks/results/<name>.json``); a Markdown table
+  printed and the JSON written with the machine, the ceilings and the tables.
+* What several benchmarks build: random token batches and a train step jitted for one device
+  as ``modjax.train`` jits it.
+
+Run a benchmark from the repository root: ``python -m benchmarks.<name> [--quick]``. On a
+shared machine the numbers are noisy: compare within one run, and over several runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from modjax import bank, sharding, timing
+from modjax.train import optim
+from modjax.train.step import TrainState, init_state, jit_train_step, make_train_step
+
+interleaved, repeat, median = timing.interleaved, timing.repeat, timing.median
+RESULTS = os.path.join("benchmarks", "results")
+_START = [time.perf_counter()]
+
+
+# ---- command line ---------------------------------------------------------------------------
+def parser(doc: str, name: str) -> argparse.ArgumentParser:
+  """An argument parser with the common flags; ``--out`` defaults to ``results/<name>.json``."""
+  _START[0] = time.perf_counter()
+  p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=os.path.join(RESULTS, f"{name}.json"))
+  p.add_argument("--quick", action="store_true", help="small shapes, few calls: a smoke test")
+  return p
+
+
+def ints(text: str) -> list[int]:
+  """A comma-separated list of positive integers (an argparse ``type``)."""
+  try:
+    values = [int(x) for x in text.split(",")]
+  except ValueError:
+    values = []
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated positive integers, e.g. 1,8")
+  return values
+
+
+def defaults(args, **values) -> argparse.Namespace:
+  """Fills each flag left unset (None) with its ``(quick, full)`` default."""
+  for name, (quick, full) in values.items():
+    if getattr(args, name) is None:
+      setattr(args, name, quick if args.quick else full)
+  return args
+
+
+def say(message: str) -> None:
+  """A progress line with the seconds since the benchmark's parser was made."""
+  print(f"[{time.perf_counter() - _START[0]:5.0f} s] {message}", flush=True)
+
+
+# ---- ceilings -------------------------------------------------------------------------------
+def peak_matmul_flops(n: int = 2048, chain: int = 4, repeats: int = 5) -> float:
+  """Best observed FLOP/s of ``chain`` dependent n x n float32 matmuls (2 n^3 FLOPs each)."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(k1, (n, n), jnp.float32)
+  w = jax.random.normal(k2, (n, n), jnp.float32) / np.sqrt(n)  # keeps |x| ~ 1
+  run = jax.jit(lambda x, w: jax.lax.fori_loop(0, chain, lambda _, x: x @ w, x))
+  return 2.0 * n**3 * chain / min(repeat(lambda: run(x, w), repeats, warmup=1))
+
+
+def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> dict[str, float]:
+  """Best observed bytes/s: ``read`` (sum of an array) and ``copy`` (x + 1: read and write)."""
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  read = jax.jit(jnp.sum)
+  read_s = min(repeat(lambda: read(x), repeats, warmup=1))
+  copy = jax.jit(lambda x: x + 1.0, donate_argnums=0)  # reuses the buffer: no page faults
+  state = [x]
+
+  def copy_step():
+    state[0] = copy(state[0])
+    return state[0]
+
+  copy_s = min(repeat(copy_step, repeats, warmup=1))
+  return {"read_bytes_per_s": nbytes / read_s, "copy_bytes_per_s": 2 * nbytes / copy_s}
+
+
+def measure_limits(quick: bool = False) -> dict:
+  """Peak float32 matmul FLOP/s and memory bandwidth (the better of read and copy), now;
+  ``quick``: a 512^2 matmul and 32 MiB."""
+  matmul_n, nbytes = (512, 32 * 2**20) if quick else (2048, 256 * 2**20)
+  bandwidth = memory_bandwidth(nbytes)
+  peak = peak_matmul_flops(matmul_n)
+  return {"matmul_n": matmul_n, "peak_flops": peak, **bandwidth,
+          "peak_bytes_per_s": max(bandwidth.values())}  # fmt: skip
+
+
+def around(quick: bool, fn):
+  """(``fn()``, limits): the ceilings measured before and after ``fn``, the better of each
+  kept, with both measurements (``before``, ``after``)."""
+  before = measure_limits(quick)
+  settle()
+  out = fn()
+  after = measure_limits(quick)
+  best = {k: max(before[k], after[k]) for k in before}
+  print(
+    f"ceilings (better of before / after): {best['peak_flops'] / 1e9:.1f} GFLOP/s "
+    f"({before['peak_flops'] / 1e9:.1f} / {after['peak_flops'] / 1e9:.1f}; f32 "
+    f"{best['matmul_n']}^2 matmul); bandwidth read {best['read_bytes_per_s'] / 1e9:.1f}, copy "
+    f"{best['copy_bytes_per_s'] / 1e9:.1f} GB/s"
+  )
+  return out, {**best, "peak_flops_before": before["peak_flops"],
+               "peak_flops_after": after["peak_flops"], "before": before, "after": after}  # fmt: skip
+
+
+# ---- timing ---------------------------------------------------------------------------------
+def settle(seconds: float = 2.0):
+  """Sleeps so one runtime's idle threads stop spinning before another's are timed: on a
+  small CPU, XLA's thread pool keeps spinning after a JAX call and slowed a PyTorch call
+  started right after it by up to 50x in our runs."""
+  time.sleep(seconds)
+
+
+@dataclasses.dataclass
+class Side:
+  """One timed candidate: ``call()`` runs it once; its row of results, the first call's seconds
+  (compiling, untimed in the rounds) and every timed call's."""
+
+  name: str
+  call: Callable[[], object]
+  row: dict = dataclasses.field(default_factory=dict)
+  first_s: float = 0.0
+  seconds: list = dataclasses.field(default_factory=list)
+  holder: dict | None = None  # what the calls carry (a train step's latest state)
+
+
+def time_sides(sides: Sequence[Side], rounds: int, calls: int = 1, pause: float = 0.0) -> None:
+  """Each side's first call (unless made already), then ``rounds`` interleaved rounds of
+  ``calls`` consecutive calls of every side in turn; ``pause``: seconds slept after each."""
+  for side in sides:
+    if not side.first_s:
+      side.first_s = timing.seconds(side.call)
+      time.sleep(pause)
+  seconds = interleaved(dict(enumerate(s.call for s in sides)), rounds, calls=calls, pause=pause)
+  for i, side in enumerate(sides):
+    side.seconds += seconds[i]
+
+
+def milliseconds(seconds: Sequence[float], name: str = "step_ms") -> dict:
+  """``{name: median, name_min: fastest, name_all: every call}`` in milliseconds."""
+  ms = [1e3 * s for s in seconds]
+  return {name: median(ms), f"{name}_min": min(ms), f"{name}_all": ms}
+
+
+# ---- XLA's cost analysis --------------------------------------------------------------------
+def cost(program) -> dict:
+  """``flops`` and ``bytes`` (accessed) of XLA's cost analysis of a compiled or lowered
+  program; XLA counts elementwise work too, and every operand and result of an op as traffic."""
+  analysis = program.cost_analysis()
+  if isinstance(analysis, list | tuple):  # older JAX: one dict per computation
+    analysis = analysis[0]
+  return {"flops": float(analysis.get("flops", float("nan"))),
+          "bytes": float(analysis.get("bytes accessed", float("nan")))}  # fmt: skip
+
+
+def xla_cost(jitted, *args, compiled: bool = True) -> dict:
+  """:func:`cost` of ``jitted`` for ``args`` (arrays or their shapes), compiled or lowered."""
+  lowered = jitted.lower(*args)
+  return cost(lowered.compile() if compiled else lowered)
+
+
+# ---- workloads ------------------------------------------------------------------------------
+def seq2seq_batch(vocab_size: int, batch: int, inputs: int, targets: int, seed: int) -> dict:
+  """An encoder-decoder batch of random tokens (no padding, every target weighted)."""
+  rng = np.random.default_rng(seed)
+  enc = rng.integers(2, vocab_size, (batch, inputs), dtype=np.int32)
+  tgt = rng.integers(2, vocab_size, (batch, targets), dtype=np.int32)
+  dec_in = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
+  arrays = {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in}
+  arrays |= {"decoder_target_tokens": tgt, "decoder_loss_weights": np.ones_like(tgt)}
+  return {k: jnp.asarray(v) for k, v in arrays.items()}
+
+
+def lm_batch(vocab_size: int, batch: int, length: int, seed: int) -> dict:
+  """A decoder-only batch of random tokens (no padding, every target weighted)."""
+  tokens = np.random.default_rng(seed).integers(2, vocab_size, (batch, length + 1), np.int32)
+  return {
+    "decoder_input_tokens": jnp.asarray(tokens[:, :-1]),
+    "decoder_target_tokens": jnp.asarray(tokens[:, 1:]),
+    "decoder_loss_weights": jnp.ones((batch, length), jnp.int32),
+  }
+
+
+def train_step(model, loss_fn, params, optimizer_cfg, num_steps: int, frozen=None):
+  """(jitted step, ``init``: params -> initial state) on one device, as ``modjax.train`` jits
+  them (``make_train_step`` + ``jit_train_step``: the bank's shardings, the state donated);
+  ``params`` (and ``frozen``) may be arrays or their shapes; ``init`` copies ``params``, so
+  the step's donations never delete the caller's arrays."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  optimizer, schedule = optim.make_optimizer(optimizer_cfg, num_steps)
+  opt_state = jax.eval_shape(optimizer.init, params)
+  shardings = TrainState(
+    step=sharding.replicated(mesh),
+    params=bank.shardings(model, params, mesh),
+    opt_state=jax.tree.map(lambda _: sharding.replicated(mesh), opt_state),
+  )
+  frozen_shardings = {} if frozen is None else bank.shardings(model, frozen, mesh)
+  step_fn = make_train_step(loss_fn, optimizer, schedule=schedule)
+  step = jit_train_step(step_fn, mesh, shardings, frozen_shardings)
+  init = jax.jit(
+    lambda p: init_state(jax.tree.map(jnp.copy, p), optimizer), out_shardings=shardings
+  )
+  return step, init
+
+
+def count_params(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+# ---- output ---------------------------------------------------------------------------------
+def machine() -> dict:
+  """What the numbers were measured on."""
+  device = jax.devices()[0]
+  return {
+    "platform": platform.platform(),
+    "processor": platform.processor() or platform.machine(),
+    "cpu_count": os.cpu_count(),
+    "jax_backend": jax.default_backend(),
+    "jax_device": getattr(device, "device_kind", str(device)),
+    "jax_version": jax.__version__,
+  }
+
+
+def _fmt(value) -> str:
+  if isinstance(value, float):
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-2):
+      return f"{value:.3g}"
+    return f"{value:.2f}"
+  return str(value)
+
+
+def table(rows: Sequence[dict], columns: Sequence[str] | str | None = None) -> str:
+  """Prints (and returns) a Markdown table of ``rows``; ``columns`` (a list, or one string
+  split on spaces) default to the first row's keys."""
+  columns = columns.split() if isinstance(columns, str) else list(columns or rows[0].keys())
+  cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+  widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+  lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |"]
+  lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  for r in cells:
+    lines.append("| " + " | ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) + " |")
+  text = "\n".join(lines)
+  print(text)
+  return text
+
+
+def write_json(path: str, data: dict) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(data, f, indent=2, sort_keys=False, default=float)
+    f.write("\n")
+  return path
+
+
+def report(args, name: str, args_keys: str = "", **fields) -> str:
+  """Writes ``args.out``: the benchmark's name, ``--quick``, the flags named in ``args_keys``
+  (space-separated), the machine and ``fields``; prints and returns the path."""
+  data = {"benchmark": name, "quick": getattr(args, "quick", False)}
+  data |= {key: getattr(args, key) for key in args_keys.split()}
+  path = write_json(args.out, {**data, "machine": machine(), **fields})
+  print(f"wrote {path}")
+  return path
