@@ -139,8 +139,10 @@ def evaluate(
     **scores,
     "evaluation": record,
     "digest": results.digest(record),
-    "files": {name: path.name for name, path in paths.items() if name == "metrics" or predictions},
+    "files": {"metrics": paths["metrics"].name},
   }
+  if predictions is not None:
+    summary["files"]["predictions"] = paths["predictions"].name
   if jax.process_index() == 0:
     _write(paths, summary, examples, predictions)
   return summary

@@ -192,6 +192,9 @@ def test_hf_directory_is_scored_like_the_bank_it_came_from(t5_workdir, tmp_path)
   from_hf = evaluate.evaluate(cfg, hf_dir=directory)
   from_bank = evaluate.evaluate(cfg, bank=t5_workdir)
   assert from_hf["step"] == 0 and from_hf["bank"] == directory
+  assert "_hf-hf_data-embedded_lead_" in from_hf["files"]["metrics"]
+  assert from_hf["evaluation"]["bank"] == {"kind": "hf", "path": directory, "step": 0}
+  assert from_hf["evaluation"]["settings"]["dtypes"] == {"param": "float32", "compute": "float32"}
   np.testing.assert_allclose(from_hf["cross_entropy"], from_bank["cross_entropy"], rtol=1e-6)
 
 
