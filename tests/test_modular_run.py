@@ -20,7 +20,8 @@ BANK_STEPS = 6
 
 
 def _bank_config(workdir, teacher_dir, **overrides):
-  cfg = micro_config(workdir, mesh__num_devices=1, train__num_steps=BANK_STEPS, **overrides)
+  overrides = {"mesh__num_devices": 1, "train__num_steps": BANK_STEPS, **overrides}
+  cfg = micro_config(workdir, **overrides)
   with cfg.unlocked():
     modular_config.add_defaults(cfg)
   cfg.modular.teacher = str(teacher_dir)
@@ -79,6 +80,60 @@ def test_assembled_plan_scores_from_the_workdir(bank_run):
   assert np.isfinite(small) and small != teacher_ppl
 
 
+def _plan_ce(model, params, plan, cfg, teacher_cfg):
+  task = experiment.build_task(teacher_cfg, experiment.build_vocabulary(teacher_cfg))
+  batches = scoring.make_eval_batches(
+    task,
+    cfg.data.eval_split,
+    feature_lengths=experiment.feature_lengths(cfg, model),
+    batch_size=8,
+    max_examples=32,
+    model_type="encdec",
+  )
+  return scoring.teacher_forced_metrics(model, params, plan, batches)["cross_entropy"]
+
+
+def test_decoder_only_bank_learns_past_its_start_and_layer_drop(micro_run, tmp_path):
+  """A decoder-only bank (``granularities="decoder:2"``) keeps the teacher's encoder in every
+  plan, and its training lowers the assembled all-g2 plan's cross-entropy below the plan's
+  initial value (the module is a copy of decoder layer 0, i.e. dropping layer 1) and below
+  dropping either decoder layer of the teacher."""
+  from modjax.methods.baselines import drop_plan
+  from modjax.methods.modular.run import build_bank
+  from modjax.plan import Slot
+
+  teacher_cfg, _ = micro_run
+  cfg = _bank_config(tmp_path, teacher_cfg.workdir, train__num_steps=40)
+  cfg.modular.granularities = "decoder:2"
+  cfg.modular.p_start = 1.0  # every step trains the module, so 40 steps are enough here
+  teacher = bank_io.load_bank(teacher_cfg.workdir)
+  model, initial, meta, plans = build_bank(cfg, teacher)
+  assert not [k for k in meta if k.startswith("encoder/") and "granularity" in meta[k]]
+  plan = plans["all-g2"]
+  assert plan.encoder == teacher.model.identity_plan().encoder
+  assert plan.decoder == (Slot("m2.0"),)
+  before = _plan_ce(model, initial, plan, cfg, teacher_cfg)
+  train_bank(cfg)
+  stored = bank_io.load_bank(cfg.workdir)
+  after = _plan_ce(model, stored.params, stored.plan("all-g2"), cfg, teacher_cfg)
+  drops = [
+    _plan_ce(model, teacher.params, drop_plan({"encoder": (0, 1), "decoder": (i,)}), cfg,
+             teacher_cfg)
+    for i in (0, 1)
+  ]  # fmt: skip
+  assert after < before and after < min(drops), (after, before, drops)
+
+
+def test_bad_per_stack_granularities_are_one_line_errors(tmp_path):
+  cfg = _bank_config(tmp_path, tmp_path)
+  for text in ("decoder:", "decoder:2;decoder:2", "decoder=2", ":2"):
+    cfg.modular.granularities = text
+    with pytest.raises(ModularError, match="per stack"):
+      modular_config.granularities(cfg)
+  cfg.modular.granularities = "encoder:2; decoder:2,3"
+  assert modular_config.granularities(cfg) == {"encoder": (2,), "decoder": (2, 3)}
+
+
 def test_bad_teacher_is_a_one_line_error(tmp_path):
   cfg = _bank_config(tmp_path / "run", tmp_path / "missing")
   with pytest.raises(ModularError, match="holds no bank"):
@@ -97,7 +152,7 @@ def test_bad_teacher_is_a_one_line_error(tmp_path):
   assert not os.path.exists(tmp_path / "cli")
 
 
-def _baseline_config(workdir, teacher_dir, kind, decoder_layers):
+def _baseline_config(workdir, teacher_dir, kind, decoder_layers, frozen_stacks=""):
   from modjax.methods import baselines
 
   cfg = micro_config(workdir, mesh__num_devices=1, train__num_steps=4)
@@ -105,6 +160,7 @@ def _baseline_config(workdir, teacher_dir, kind, decoder_layers):
     baselines.add_defaults(cfg)
   cfg.baseline.kind = kind
   cfg.baseline.decoder_layers = decoder_layers
+  cfg.baseline.frozen_stacks = frozen_stacks
   cfg.modular.teacher = str(teacher_dir)
   return cfg
 
@@ -137,6 +193,27 @@ def test_kd_and_drop_baselines(micro_run, tmp_path):
   assert drop.plan() == Plan(encoder=(Slot("0"), Slot("1")), decoder=(Slot("1"),))
   with pytest.raises(PlanError, match="decoder layers '7'"):
     baselines.run(_baseline_config(tmp_path / "bad", teacher_cfg.workdir, "sft", "7"))
+
+
+def test_a_student_with_the_teachers_frozen_encoder(micro_run, tmp_path):
+  """``frozen_stacks="encoder"``: the student trains decoder blocks only and its plan runs the
+  teacher's own encoder blocks, the trainable scope of a decoder-only bank."""
+  from modjax.methods import baselines
+  from modjax.plan import Plan, Slot
+
+  teacher_cfg, _ = micro_run
+  teacher = bank_io.load_bank(teacher_cfg.workdir)
+  cfg = _baseline_config(tmp_path / "kd", teacher_cfg.workdir, "kd", "1", "encoder")
+  result = baselines.run(cfg)
+  assert set(result.state.params) == {"decoder"}
+  assert set(result.state.params["decoder"]["blocks"]) == {"s1"}
+  stored = bank_io.load_bank(cfg.workdir)
+  assert stored.plan() == Plan(encoder=(Slot("0"), Slot("1")), decoder=(Slot("s1"),))
+  jax.tree.map(np.testing.assert_array_equal, stored.params["encoder"], teacher.params["encoder"])
+  for bad in ("encoder,decoder", "middle"):
+    with pytest.raises(experiment.ConfigError, match="frozen_stacks"):
+      baselines.run(_baseline_config(tmp_path / "bad", teacher_cfg.workdir, "kd", "1", bad))
+  assert not os.path.exists(tmp_path / "bad")
 
 
 def test_pseudo_label_baseline_trains_on_the_teachers_outputs(micro_run, tmp_path):

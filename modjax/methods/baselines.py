@@ -8,7 +8,8 @@
 * ``pseudo``: the same student fine-tuned on the teacher's greedy outputs for the training
   inputs instead of the references (sequence-level KD; ``modjax/methods/pseudo_labels.py``).
 
-A student is new entries in the teacher's bank (``<stack>/blocks/s<i>``) plus a plan over them,
+A student is new entries in the teacher's bank (``<stack>/blocks/s<i>``) plus a plan over them
+(``baseline.frozen_stacks="encoder"``: its encoder slots are the teacher's own blocks, frozen),
 so it trains with the generic loop (only its blocks move; embeddings, norms and the teacher stay
 frozen, as the module bank's do), is saved as a bank and evaluates and exports like any plan.
 Every baseline writes ``compute.json``: steps, tokens and the training FLOPs from the cost model
@@ -42,6 +43,10 @@ def add_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   b.kind = "kd"
   b.encoder_layers = ""  # teacher layers the student keeps, e.g. "0,2,4"; "" = all
   b.decoder_layers = ""
+  # Stacks the student does not train: its slots there point at the teacher's own (frozen)
+  # blocks, e.g. "encoder" for decoder-side compression with the teacher's encoder, the same
+  # trainable scope as a decoder-only module bank. "" = the student trains every stack.
+  b.frozen_stacks = ""
   b.kd = 1.0
   b.temperature = 1.0
   c.modular = ml_collections.ConfigDict()
@@ -63,15 +68,31 @@ def parse_layers(text: str, layers: int, stack: str) -> tuple[int, ...]:
   return kept
 
 
+def frozen_stacks(text: str, model) -> tuple[str, ...]:
+  """``"encoder"`` -> ("encoder",); one-line ConfigError for an unknown stack or all stacks."""
+  stacks = tuple(s for s in text.replace(" ", "").split(",") if s)
+  unknown = [s for s in stacks if s not in model.stacks]
+  if unknown or set(stacks) >= set(model.stacks):
+    raise experiment.ConfigError(
+      f"config.baseline.frozen_stacks={text!r} is invalid: name stacks of {model.stacks} "
+      "to keep the teacher's blocks in, leaving at least one to train (e.g. 'encoder')"
+    )
+  return stacks
+
+
 def drop_plan(kept_by_stack: dict[str, tuple[int, ...]]) -> Plan:
   """The teacher's own layers ``kept_by_stack`` (no training)."""
   return Plan(**{s: tuple(Slot(str(i)) for i in kept) for s, kept in kept_by_stack.items()})
 
 
-def student(teacher_params, kept_by_stack: dict[str, tuple[int, ...]]):
-  """(trainable student blocks ``s<i>``, plan over them): copies of the kept teacher layers."""
+def student(teacher_params, kept_by_stack: dict[str, tuple[int, ...]], frozen_stacks=()):
+  """(trainable student blocks ``s<i>``, plan over them): copies of the kept teacher layers;
+  in ``frozen_stacks`` the plan runs the kept teacher layers themselves and nothing trains."""
   trainable, slots = {}, {}
   for stack, kept in kept_by_stack.items():
+    if stack in frozen_stacks:
+      slots[stack] = tuple(Slot(str(i)) for i in kept)
+      continue
     blocks = teacher_params[stack]["blocks"]
     trainable[stack] = {"blocks": {f"s{i}": blocks[str(i)] for i in kept}}
     slots[stack] = tuple(Slot(f"s{i}") for i in kept)
@@ -125,7 +146,7 @@ def run(cfg) -> TrainResult | None:
     labels = write_pseudo_labels(cfg, teacher, experiment.build_vocabulary(cfg))
     use_labels(cfg, labels)
     extra_flops = labels["labelling_flops"]
-  trainable, plan = student(teacher.params, kept)
+  trainable, plan = student(teacher.params, kept, frozen_stacks(b.frozen_stacks, model))
   loss_fn = student_loss(model, plan, b.kind, kd_weight=b.kd, temperature=b.temperature)
   plans = {"default": plan, "teacher": model.identity_plan()}
   result = train(

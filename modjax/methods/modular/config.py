@@ -3,7 +3,8 @@
 Every value marked (R) is a reconstruction: the paper published no code. Defaults:
 
 * ``teacher``: the fine-tuned teacher, a training workdir or a saved bank directory (required);
-* ``granularities``: ``""`` = the divisors of L between 2 and 6, or e.g. ``"2,3,6"``;
+* ``granularities``: ``""`` = the divisors of L between 2 and 6, or e.g. ``"2,3,6"``; per
+  stack as ``"decoder:2,3,6"`` (a decoder-only bank) or ``"encoder:2;decoder:2,3"``;
 * ``init`` (R): ``"first"`` copies the first original layer of a module's span (``"mean"``: the
   span's average);
 * curriculum (R): ``p`` ramps linearly from ``p_start`` 0.5 to ``p_end`` 1.0 over
@@ -43,16 +44,35 @@ def add_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def granularities(cfg) -> tuple[int, ...] | None:
-  text = cfg.modular.granularities.strip()
+def granularities(cfg) -> tuple[int, ...] | dict[str, tuple[int, ...]] | None:
+  """``""``: the defaults of every stack; ``"2,3,6"``: these in every stack;
+  ``"decoder:2,3,6"`` or ``"encoder:2;decoder:2,3"``: per stack, and a stack left out gets no
+  modules (a decoder-only bank runs the teacher's encoder in every plan)."""
+  text = cfg.modular.granularities.replace(" ", "")
   if not text:
     return None
   try:
-    return tuple(int(g) for g in text.split(","))
+    if ":" not in text:
+      return _ints(text)
+    per_stack = {}
+    for part in filter(None, text.split(";")):
+      stack, _, values = part.partition(":")
+      if not stack or stack in per_stack:
+        raise ValueError(part)
+      per_stack[stack] = _ints(values)
+    return per_stack
   except ValueError as e:
     raise ModularError(
-      f"config.modular.granularities={text!r} is invalid: write divisors of L, e.g. '2,3,6'"
+      f"config.modular.granularities={cfg.modular.granularities!r} is invalid: write divisors "
+      "of L, e.g. '2,3,6' (every stack) or 'decoder:2,3,6' / 'encoder:2;decoder:2,3' (per stack)"
     ) from e
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  values = tuple(int(g) for g in text.split(","))
+  if not values:
+    raise ValueError(text)
+  return values
 
 
 def curriculum(cfg) -> Curriculum:

@@ -59,9 +59,11 @@ def build_bank(cfg, teacher: bank_io.StoredBank):
     model, teacher.params, teacher.meta, modular_config.granularities(cfg), init=cfg.modular.init
   )
   plans = {bank_io.DEFAULT_PLAN: model.identity_plan()}
-  shared = sorted(set.intersection(*(set(bank_granularities(meta, s)) for s in model.stacks)))
+  # all-g<g>: every stack with modules at g (a stack without modules keeps the teacher's layers)
+  stacks = [s for s in model.stacks if bank_granularities(meta, s)]
+  shared = sorted(set.intersection(*(set(bank_granularities(meta, s)) for s in stacks)))
   for g in shared:
-    plans[f"all-g{g}"] = all_g_plan(model, g, meta=meta)
+    plans[f"all-g{g}"] = all_g_plan(model, dict.fromkeys(stacks, g), meta=meta)
   return model, params, meta, plans
 
 
