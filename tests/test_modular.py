@@ -325,6 +325,26 @@ def test_curriculum_ramps_p_and_goes_coarse_to_fine_then_uniform():
     assert message in str(e.value)
 
 
+def test_expected_module_updates_follow_the_curriculum():
+  staged = mt.Curriculum(num_steps=60, p_start=1.0, p_end=1.0, staged_fraction=0.5)
+  # 10 steps per stage (coarsest first), then 30 uniform steps: 20 updates per granularity.
+  np.testing.assert_allclose(staged.expected_updates(3), [20, 20, 20], rtol=1e-6)
+  ramp = mt.Curriculum(num_steps=90, p_start=0.0, p_end=1.0, order="uniform")
+  want = sum(step / 90 for step in range(90)) / 3  # p ramps over the run; K=3 equally likely
+  np.testing.assert_allclose(ramp.expected_updates(3), [want] * 3, rtol=1e-5)
+  # Monte Carlo over the real draws of one stack: the expectation, within sampling error.
+  c = mt.Curriculum(num_steps=40, p_start=0.5, p_end=1.0, staged_fraction=0.5)
+  grans, layers = {"decoder": (2, 3, 6)}, {"decoder": 6}
+  counts = np.zeros(3)
+  draw = jax.jit(lambda key, step: mt.draw_choices(key, step, c, grans, layers)[0]["decoder"])
+  trials = 30
+  for t in range(trials):
+    for step in range(c.num_steps):
+      choice = draw(jax.random.key(1000 * t + step), jnp.int32(step))
+      counts[int(choice.index)] += float(choice.replace[0])  # slot 0 exists at every g
+  np.testing.assert_allclose(counts / trials, c.expected_updates(3), atol=2.5)
+
+
 def test_replacement_is_one_decision_per_slot_drawn_with_p():
   grans, layers = {"encoder": (2, 4), "decoder": (2, 3, 6)}, LAYERS
   for p, want in ((0.0, False), (1.0, True)):

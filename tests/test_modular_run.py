@@ -122,6 +122,10 @@ def test_decoder_only_bank_learns_past_its_start_and_layer_drop(micro_run, tmp_p
     for i in (0, 1)
   ]  # fmt: skip
   assert after < before and after < min(drops), (after, before, drops)
+  with open(os.path.join(cfg.workdir, "compute.json")) as f:
+    compute = json.load(f)
+  assert compute["module_updates"] == {"decoder": {"g2": 40.0}}  # p = 1, one granularity
+  assert compute["examples_seen"] == 40 * cfg.train.batch_size
 
 
 def test_bad_per_stack_granularities_are_one_line_errors(tmp_path):
@@ -207,6 +211,8 @@ def test_a_student_with_the_teachers_frozen_encoder(micro_run, tmp_path):
   result = baselines.run(cfg)
   assert set(result.state.params) == {"decoder"}
   assert set(result.state.params["decoder"]["blocks"]) == {"s1"}
+  with open(os.path.join(cfg.workdir, "compute.json")) as f:
+    assert json.load(f)["module_updates"] == {"decoder": {"every_layer": 4}}
   stored = bank_io.load_bank(cfg.workdir)
   assert stored.plan() == Plan(encoder=(Slot("0"), Slot("1")), decoder=(Slot("s1"),))
   jax.tree.map(np.testing.assert_array_equal, stored.params["encoder"], teacher.params["encoder"])

@@ -152,6 +152,13 @@ def run(cfg) -> TrainResult | None:
   result = train(
     cfg, loss_fn=loss_fn, init_params=trainable, frozen=teacher.params, model=model, plans=plans
   )
-  with_teacher = b.kind == "kd"
-  write_compute(cfg, model, plan, kind=b.kind, with_teacher=with_teacher, extra_flops=extra_flops)
+  write_compute(
+    cfg,
+    model,
+    plan,
+    kind=b.kind,
+    with_teacher=b.kind == "kd",
+    extra_flops=extra_flops,
+    module_updates={s: {"every_layer": cfg.train.num_steps} for s in trainable},
+  )
   return result

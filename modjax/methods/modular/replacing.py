@@ -102,6 +102,14 @@ class Curriculum:
     stage = jnp.floor(jnp.asarray(step, jnp.float32) / stage_len).astype(jnp.int32)
     return table[jnp.clip(stage, 0, k)]
 
+  def expected_updates(self, num_granularities: int) -> np.ndarray:
+    """[K] expected number of steps in which one module of each granularity (ascending) is in
+    the replaced configuration, i.e. receives a gradient: the sum over steps of
+    P(its granularity is drawn) x p."""
+    steps = np.arange(self.num_steps)
+    probs_SK = np.asarray(self.granularity_probs(steps, num_granularities))
+    return (probs_SK * np.asarray(self.p(steps))[:, None]).sum(axis=0)
+
 
 class StackChoice(NamedTuple):
   """One step's decisions for a stack: ``index`` into its granularities (ascending, int32

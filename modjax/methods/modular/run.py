@@ -95,18 +95,47 @@ def train_bank(cfg) -> TrainResult:
     plans=plans,
     meta=meta,
   )
-  write_compute(cfg, model, model.identity_plan(), kind="modular", with_teacher=True)
+  write_compute(
+    cfg,
+    model,
+    model.identity_plan(),
+    kind="modular",
+    with_teacher=True,
+    module_updates=expected_module_updates(cfg, meta, model.stacks),
+  )
   return result
 
 
+def expected_module_updates(cfg, meta, stacks) -> dict[str, dict[str, float]]:
+  """``{stack: {"g<g>": expected steps with a gradient for one module of granularity g}}``
+  under the run's curriculum (modules of one granularity are replaced alike)."""
+  curriculum = modular_config.curriculum(cfg)
+  out = {}
+  for stack in stacks:
+    gs = bank_granularities(meta, stack)
+    if gs:
+      updates = curriculum.expected_updates(len(gs))
+      out[stack] = {f"g{g}": round(float(u), 1) for g, u in zip(gs, updates, strict=True)}
+  return out
+
+
 def write_compute(
-  cfg, model, plan, *, kind: str, with_teacher: bool, extra_flops: float = 0.0
+  cfg,
+  model,
+  plan,
+  *,
+  kind: str,
+  with_teacher: bool,
+  extra_flops: float = 0.0,
+  module_updates: dict | None = None,
 ) -> dict:
-  """``workdir/compute.json``: steps and training FLOPs from the cost model (3 x the trained
-  forward per step, plus the frozen teacher's forward when it runs in the step, plus
-  ``extra_flops`` spent before training, e.g. decoding pseudo-labels). For the bank the
-  trained forward is costed at the teacher's depth: a replaced span runs one module instead of g
-  layers, so this is an upper bound."""
+  """``workdir/compute.json``: steps, examples seen and training FLOPs from the cost model (3 x
+  the trained forward per step, plus the frozen teacher's forward when it runs in the step, plus
+  ``extra_flops`` spent before training, e.g. decoding pseudo-labels), and ``module_updates``:
+  per stack, the steps in which each trained block gets a gradient (every step for a student's
+  layers; the expected count per granularity for a bank's modules). For the bank the trained
+  forward is costed at the teacher's depth: a replaced span runs one module instead of g layers,
+  so this is an upper bound."""
   shapes = dict(
     batch=cfg.train.batch_size,
     input_length=cfg.data.inputs_length,
@@ -116,7 +145,13 @@ def write_compute(
   if with_teacher:
     per_step += cost.plan_cost(model, model.identity_plan(), **shapes).forward_flops
   steps = cfg.train.num_steps if kind != "drop" else 0
-  record = {"kind": kind, "steps": steps, "training_flops": per_step * steps + extra_flops}
+  record = {
+    "kind": kind,
+    "steps": steps,
+    "examples_seen": steps * cfg.train.batch_size,
+    "training_flops": per_step * steps + extra_flops,
+    "module_updates": module_updates or {},
+  }
   if extra_flops:
     record["preparation_flops"] = extra_flops
   if jax.process_index() == 0:
