@@ -8,7 +8,7 @@
 LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$LAUNCH_DIR")
 PROG=$(basename "$0")
-# The jax pin of setup.py; the workers add its accelerator extra (tests/test_launch.py checks it).
+# jax's pin in constraints.txt; the workers add its accelerator extra (tests/test_launch.py checks).
 JAX_VERSION=0.10.2
 UV_VERSION=0.13.9
 POLL_S=${MODJAX_LAUNCH_POLL_S:-30} # seconds between state checks
