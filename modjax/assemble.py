@@ -49,14 +49,12 @@ vocabulary). Every input is checked before anything is timed or written; bad inp
 from __future__ import annotations
 
 import json
-import sys
 
 from modjax import export
 from modjax.methods.modular import drafting
 from modjax.methods.modular import strategies as st
 from modjax.methods.modular import sweep as sw
 from modjax.methods.modular.commands import assemble_plan, assemble_search, run_sweep
-from modjax.methods.modular.modules import ModularError
 
 assemble_draft = drafting.assemble_draft
 __all__ = ["assemble_draft", "assemble_plan", "assemble_search", "run_sweep"]  # re-exported
@@ -121,8 +119,7 @@ def _target(f):
   return st.Latency(value, f["latency-per"].value)
 
 
-def _mode(f, argv) -> str:
-  positional = argv[1:]
+def _mode(f, positional) -> str:
   if len(positional) > 1 or (positional and f.mode and positional[0] != f.mode):
     raise st.AssemblyError(f"unexpected arguments {positional}; give one mode of {MODES}")
   mode = positional[0] if positional else f.mode or "plan"
@@ -131,8 +128,8 @@ def _mode(f, argv) -> str:
   return mode
 
 
-def _dispatch(f, argv) -> None:
-  mode = _mode(f, argv)
+def _dispatch(f, cfg, args) -> None:
+  mode = _mode(f, args)
   if mode == "export":
     if not (f.bank and f.plan and f.out):
       raise st.AssemblyError("export needs --bank, --plan (a saved name or JSON file) and --out")
@@ -148,11 +145,10 @@ def _dispatch(f, argv) -> None:
     )
     return
   if mode == "draft":
-    _draft(f)
+    _draft(f, cfg)
     return
   shapes = st.Shapes(f.batch, f["input-length"].value, f["max-new-tokens"].value)
   timing = dict(shapes=shapes, runs=f.runs, warmup=f.warmup, seed=f.seed)
-  cfg = f.config
   target = _target(f)
   if mode == "sweep":
     if target is not None:
@@ -196,7 +192,7 @@ def _dispatch(f, argv) -> None:
     print(json.dumps({k: record[k] for k in ("name", "describe", "params_fraction")}))
 
 
-def _draft(f) -> None:
+def _draft(f, cfg) -> None:
   if _target(f) is not None:
     raise st.AssemblyError("draft takes no target: it picks the fastest draft it measures")
   try:
@@ -207,7 +203,7 @@ def _draft(f) -> None:
     ) from None
   record = assemble_draft(
     f.bank,
-    f.config,
+    cfg,
     name=f.name or "draft",
     overwrite=f.overwrite,
     plan=f.plan,
@@ -228,25 +224,17 @@ def _draft(f) -> None:
     )
 
 
-def _main(argv) -> None:
-  from absl import app, flags
+def main(config, *args: str) -> None:
+  """The command (module docstring): ``args`` is the mode, ``config`` the optional --config."""
+  from absl import flags
 
-  from modjax import cli
-
-  cli.define_config_flag()
-  _define_flags(flags)
-  errors = (*cli.USER_ERRORS, st.AssemblyError, ModularError, export.ExportError)
-
-  def run(argv):
-    cli.configure_logging()
-    try:
-      _dispatch(flags.FLAGS, argv)
-    except errors as e:
-      print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-      sys.exit(cli.EXIT_BAD_INPUT)
-
-  app.run(run, argv=argv, flags_parser=cli._parse_flags)  # noqa: SLF001 -- the shared parser
+  _dispatch(flags.FLAGS, config, list(args))
 
 
 if __name__ == "__main__":
-  _main(sys.argv)
+  from absl import flags
+
+  from modjax import cli
+
+  _define_flags(flags)
+  cli.run(main, config="optional", positional=True)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from modjax import sharding
+from modjax.errors import UserError
 from modjax.layers import Block, BlockSpec
 from modjax.model_config import GPT2Config, T5Config
 from modjax.plan import Plan, PlanError, Slot
@@ -45,7 +46,7 @@ KINDS = ("blocks", "ffns", "pools")
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
-class BankError(ValueError):
+class BankError(UserError, ValueError):
   """A bank entry that is missing, misnamed or shaped unlike its stack's blocks."""
 
 

@@ -36,6 +36,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from modjax.errors import UserError
+
 _STATE_ITEM = "state"
 _METADATA_ITEM = "metadata"
 _QUARANTINE_PREFIX = "corrupt"
@@ -44,7 +46,7 @@ _CHECKSUMS_KEY = "_modjax_array_checksums"  # in the metadata item; removed on r
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint cannot be written or read as requested (a user error, not damage on disk)."""
 
 

@@ -346,6 +346,5 @@ def main(config):
 if __name__ == "__main__":
   from modjax import cli
 
-  cli.define_config_flag()
   define_flags()
   cli.run(main)

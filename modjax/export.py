@@ -27,13 +27,13 @@ import functools
 import json
 import logging
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 from etils import epath
 
 from modjax import bank, bank_io
+from modjax.errors import UserError
 from modjax.interop import hf
 from modjax.models import T5
 from modjax.plan import Plan, PlanError, Slot
@@ -47,7 +47,7 @@ PARAMS_DIR = "bank"  # the jax export's weights: a subset bank
 HF_RECORD = "modjax_export.json"  # beside an HF export: the plan it came from, what HF can run
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
   """An export that cannot be written as asked (output directory, sizes, plan kind, files)."""
 
 
@@ -375,43 +375,27 @@ def _define_flags(flags) -> None:
   flags.mark_flags_as_required(["bank", "plan", "out"])
 
 
-def _main(argv) -> None:
-  from absl import app, flags
+def main() -> None:
+  """The command (module docstring) over the parsed flags."""
+  from absl import flags
+
+  f = flags.FLAGS
+  export(
+    f.bank,
+    f.plan,
+    f.out,
+    formats=f.formats,
+    batch=f.batch,
+    input_length=f["input-length"].value,
+    max_length=f["max-length"].value,
+    platforms=f.platforms,
+  )
+
+
+if __name__ == "__main__":
+  from absl import flags
 
   from modjax import cli
 
   _define_flags(flags)
-  FLAGS = flags.FLAGS
-
-  def parse(argv):
-    try:
-      return FLAGS(argv)
-    except flags.Error as e:
-      print(f"error: {' '.join(str(e).split())} (see --help)", file=sys.stderr)
-      sys.exit(cli.EXIT_BAD_INPUT)
-
-  def run(argv):
-    if len(argv) > 1:
-      print(f"error: unexpected arguments {argv[1:]}; see --help", file=sys.stderr)
-      sys.exit(cli.EXIT_BAD_INPUT)
-    cli.configure_logging()
-    try:
-      export(
-        FLAGS.bank,
-        FLAGS.plan,
-        FLAGS.out,
-        formats=FLAGS.formats,
-        batch=FLAGS.batch,
-        input_length=FLAGS["input-length"].value,
-        max_length=FLAGS["max-length"].value,
-        platforms=FLAGS.platforms,
-      )
-    except (*cli.USER_ERRORS, ExportError, bank.BankError) as e:
-      print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-      sys.exit(cli.EXIT_BAD_INPUT)
-
-  app.run(run, argv=argv, flags_parser=parse)
-
-
-if __name__ == "__main__":
-  _main(sys.argv)
+  cli.run(main, config="none")

@@ -24,7 +24,6 @@ line and exit status 2.
 from __future__ import annotations
 
 import json
-import sys
 
 from modjax.methods.ffn_merge.align import REFERENCES
 from modjax.methods.ffn_merge.merge import METHODS
@@ -53,16 +52,17 @@ def _start(text: str):
     raise PlanError(f"--start {text!r} must be 'auto' or a layer index such as 0") from None
 
 
-def _dispatch(f) -> None:
+def _dispatch(f, config) -> None:
   from modjax.methods.ffn_merge.commands import merge_bank
   from modjax.train.experiment import ConfigError
 
-  missing = [name for name in ("bank", "out", "config") if getattr(f, name) is None]
+  given = (("bank", f.bank), ("out", f.out), ("config", config))
+  missing = [name for name, value in given if value is None]
   if missing:
     raise ConfigError(f"missing {', '.join('--' + m for m in missing)}; see --help")
   record = merge_bank(
     f.bank,
-    f.config,
+    config,
     f.out,
     k=f.k,
     method=f.method,
@@ -76,27 +76,17 @@ def _dispatch(f) -> None:
   print(json.dumps({key: record[key] for key in keys}))
 
 
-def _main(argv) -> None:
-  from absl import app, flags
+def main(config) -> None:
+  """The command (module docstring) over the parsed flags and the optional ``--config``."""
+  from absl import flags
 
-  from modjax import cli, export
-
-  cli.define_config_flag()
-  _define_flags(flags)
-
-  def run(argv):
-    if len(argv) > 1:
-      print(f"error: unexpected arguments {argv[1:]}; see --help", file=sys.stderr)
-      sys.exit(cli.EXIT_BAD_INPUT)
-    cli.configure_logging()
-    try:
-      _dispatch(flags.FLAGS)
-    except (*cli.USER_ERRORS, export.ExportError) as e:
-      print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-      sys.exit(cli.EXIT_BAD_INPUT)
-
-  app.run(run, argv=argv, flags_parser=cli._parse_flags)  # noqa: SLF001 -- the shared parser
+  _dispatch(flags.FLAGS, config)
 
 
 if __name__ == "__main__":
-  _main(sys.argv)
+  from absl import flags
+
+  from modjax import cli
+
+  _define_flags(flags)
+  cli.run(main, config="optional")

@@ -25,7 +25,6 @@ from etils import epath
 
 from modjax import assemble, bank_io, cli, export
 from modjax.methods.modular import strategies as st
-from modjax.methods.modular.modules import ModularError
 from modjax.methods.modular.run import train_bank
 from modjax.plan import Plan
 from modjax.train.experiment import ConfigError
@@ -133,5 +132,4 @@ def main(config) -> None:
 
 
 if __name__ == "__main__":
-  cli.define_config_flag()
-  cli.run(main, extra_errors=(ModularError, st.AssemblyError))
+  cli.run(main)

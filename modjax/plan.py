@@ -17,8 +17,10 @@ import dataclasses
 import json
 from collections.abc import Mapping
 
+from modjax.errors import UserError
 
-class PlanError(ValueError):
+
+class PlanError(UserError, ValueError):
   """A plan that does not fit the bank or the model it is applied to."""
 
 

@@ -5,6 +5,8 @@ unknown task name, a batch size that does not divide the process count) raises `
 one-line message that names the problem and the fix.
 """
 
+from modjax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
   """Bad data-layer input; the message names the problem and how to fix it."""

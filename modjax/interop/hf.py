@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from modjax.errors import UserError
 from modjax.model_config import GPT2Config, T5Config
 from modjax.models import architecture_for
 
@@ -28,7 +29,7 @@ SAFETENSORS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
-class HFInteropError(ValueError):
+class HFInteropError(UserError, ValueError):
   """A checkpoint that cannot be converted; the message names the file or tensor."""
 
 

@@ -4,11 +4,9 @@ import logging
 import sys
 
 from modjax import cli
-from modjax.methods.modular.modules import ModularError
 from modjax.train.experiment import ConfigError
 from modjax.train.loop import NonFiniteLossError, train
 
-cli.define_config_flag()
 log = logging.getLogger("modjax.train")
 
 
@@ -51,4 +49,4 @@ def main(config):
 
 
 if __name__ == "__main__":
-  cli.run(main, extra_errors=(ModularError,))
+  cli.run(main)

@@ -16,6 +16,7 @@ from etils import epath
 from modjax import data as data_lib
 from modjax import sharding
 from modjax.data import KNOWN_TASKS, pipeline, tasks, vocab
+from modjax.errors import ConfigError  # re-exported: experiment.ConfigError
 from modjax.interop import hf
 from modjax.model_config import DTYPES, GPT2Config, T5Config
 from modjax.models import architecture_for
@@ -23,10 +24,6 @@ from modjax.presets import PRESETS, get_preset
 from modjax.train.optim import OPTIMIZERS, SCHEDULES
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key and the fix."""
 
 
 def maybe_initialize_distributed(cfg) -> None:

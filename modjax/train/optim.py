@@ -16,11 +16,13 @@ import jax.numpy as jnp
 import optax
 from optax._src import factorized
 
+from modjax.errors import UserError
+
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("constant", "rsqrt", "cosine", "linear")
 
 
-class OptimizerConfigError(ValueError):
+class OptimizerConfigError(UserError, ValueError):
   """An optimizer or schedule setting that cannot be built."""
 
 

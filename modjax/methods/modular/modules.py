@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from modjax import bank
+from modjax.errors import UserError
 
 INITS = ("first", "mean")
 MIN_GRANULARITY, MAX_DEFAULT_GRANULARITY = 2, 6
 
 
-class ModularError(ValueError):
+class ModularError(UserError, ValueError):
   """A granularity, module or curriculum setting that cannot work with the given model."""
 
 

@@ -31,11 +31,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from modjax.errors import UserError
+
 Span = tuple[int, int]
 Tiling = tuple[Span, ...]
 
 
-class AssemblyError(ValueError):
+class AssemblyError(UserError, ValueError):
   """A target or strategy that cannot be met with this bank (one line, naming the fix)."""
 
 

@@ -41,13 +41,15 @@ import dataclasses
 import itertools
 from collections.abc import Mapping
 
+from modjax.errors import UserError
+
 ROUTERS = ("linear", "mlp", "gru")
 GATES = ("renormalized", "softmax", "raw")
 BALANCE = ("depthwise", "pooled")
 DISPATCH = ("capacity", "dense", "gather", "exact")
 
 
-class MoMError(ValueError):
+class MoMError(UserError, ValueError):
   """A Mixture-of-Modules setting that cannot work; the message names the key and the fix."""
 
 
