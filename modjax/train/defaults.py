@@ -59,6 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_max_examples = 0
   c.train.plateau_window = 0
   c.train.plateau_min_improvement = 0.01
+  # A jax.profiler trace of profile_steps steps (0 = off), starting profile_start steps after
+  # the run (or its resumption) begins, so compilation is over; into workdir/tensorboard.
+  c.train.profile_steps = 0
+  c.train.profile_start = 5
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adafactor"  # adafactor | adamw

@@ -290,6 +290,8 @@ def validate_config(cfg) -> None:
   )
   need(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "use 0 (off) or a positive norm")
   _validate_plateau(cfg.train, need)
+  need(t.profile_steps >= 0, "train.profile_steps", t.profile_steps, "use 0 (off) or a count")
+  need(t.profile_start >= 1, "train.profile_start", t.profile_start, "use 1 or more steps")
   need(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "use a positive interval")
   need(c.keep >= 1, "checkpoint.keep", c.keep, "keep at least 1 checkpoint")
   need(cfg.eval.batch_size > 0, "eval.batch_size", cfg.eval.batch_size, "use a positive batch size")
