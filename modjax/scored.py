@@ -34,7 +34,7 @@ class Scored:
   plan_name: str  # a saved plan's name, "identity", or the plan file as given
   step: int | None  # training step of a workdir; 0 for an HF checkpoint; None for a saved bank
   origin: str  # the bank or HF directory
-  vocab_dir: epath.Path | None  # where a trained vocab/spm.model may be
+  vocab_dir: epath.Path | None  # where the vocabulary may be (``vocab.find_vocabulary``)
   default_plan: bool  # the plan is the bank's default (output names carry no plan suffix)
   kind: str = "bank"  # "bank" (a saved bank or training workdir) or "hf" (a save_pretrained dir)
 
@@ -127,7 +127,8 @@ def _load_hf(cfg, hf_dir, plan_label, file_plan) -> Scored:
   chosen = _validated(chosen, params, model, plan_label)
   name = plan_label or "identity"
   default = chosen == model.identity_plan()
-  return Scored(model, params, chosen, name, 0, hf_dir, None, default, kind="hf")
+  vocab_dir = epath.Path(hf_dir)  # a save_pretrained directory's own tokenizer.json
+  return Scored(model, params, chosen, name, 0, hf_dir, vocab_dir, default, kind="hf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,17 +160,20 @@ def load_draft(scored: Scored, draft: str, draft_tokens: int | None = None) -> D
 
 
 def load_eval_vocabulary(cfg, vocab_dir=None):
-  """``data.vocab_path``, else the ``vocab/spm.model`` trained into the bank or the workdir.
-  Never trains one: a new vocabulary would not match the model's embeddings."""
+  """``data.vocab_path``, else the vocabulary in ``vocab_dir`` or the workdir (a trained
+  ``vocab/spm.model``, a copied ``vocab/tokenizer.json``, a Hugging Face directory's
+  ``tokenizer.json``; ``vocab.find_vocabulary``). Never trains one: a new vocabulary would not
+  match the model's embeddings."""
   d = cfg.data
   if d.vocab_path:
     return vocab.load_vocabulary(
       d.vocab_path, extra_ids=d.extra_ids, expected_size=d.expected_vocab_size or None
     )
   for root in (vocab_dir, experiment.workdir(cfg)):
-    if root is not None and (epath.Path(root) / "vocab" / "spm.model").exists():
-      return vocab.load_vocabulary(os.fspath(epath.Path(root) / "vocab" / "spm.model"), extra_ids=0)
+    found = vocab.find_vocabulary(root) if root is not None else None
+    if found:
+      return vocab.load_vocabulary(found, extra_ids=0)
   raise experiment.ConfigError(
-    "config.data.vocab_path is empty and neither the bank nor the workdir holds vocab/spm.model; "
-    "set --config.data.vocab_path to the SentencePiece model the bank was trained with"
+    "config.data.vocab_path is empty and neither the bank nor the workdir holds vocab/spm.model "
+    "or a tokenizer.json; set --config.data.vocab_path to the vocabulary the bank was trained with"
   )
