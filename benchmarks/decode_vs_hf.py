@@ -11,12 +11,12 @@ whether their outputs agree.
 Throughput is generated tokens per second, batch * new tokens / seconds, the median of
 ``--repeats`` interleaved rounds (modjax, HF, modjax, HF, ... with a pause after each call, as
 ``benchmarks/harness.py`` times) after one warm-up call each; modjax's compile time is its first
-call minus that median. modjax lays the weights out for decoding once (``decode.prepare``: the tied head
-transposed), as HF's are laid out at load; that time is reported as ``modjax_prepare_s``. The
-machine's limits (peak float32 matmul FLOP/s, memory bandwidth) are measured in the same run,
-before and after the cases (the better counts); modjax's achieved FLOP/s and bandwidth are quoted against them,
-from XLA's cost analysis of its compiled prefill and decode step and from the bytes a step must
-read (decoder weights once, the KV caches).
+call minus that median. modjax lays the weights out for decoding once (``decode.prepare``: the
+tied head transposed), as HF's are laid out at load; that time is reported as
+``modjax_prepare_s``. The machine's limits (peak float32 matmul FLOP/s, memory bandwidth) are
+measured in the same run, before and after the cases (the better counts); modjax's achieved
+FLOP/s and bandwidth are quoted against them, from XLA's cost analysis of its compiled prefill
+and decode step and from the bytes a step must read (decoder weights once, the KV caches).
 
 Run from the repository root:
 

@@ -83,9 +83,9 @@ def feature_cost(model, plan, params, pairs, batch) -> dict:
   """XLA's FLOPs and bytes of one jitted accumulation step (the feature pass's unit)."""
   static = tuple((s, tuple(pairs[s])) for s in model.stacks)
   d_ff = model.stack_block_spec(model.stacks[0]).d_ff
-  state = {s: features._initial_state(len(plan.stack(s)), d_ff, len(p)) for s, p in static}  # noqa: SLF001
+  initial, accumulate = features._initial_state, features._accumulate  # noqa: SLF001
+  state = {s: initial(len(plan.stack(s)), d_ff, len(p)) for s, p in static}
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  accumulate = features._accumulate  # noqa: SLF001
   return harness.xla_cost(accumulate, model, plan, static, state, params, batch)
 
 
@@ -151,27 +151,21 @@ def run_shape(name: str, args) -> tuple[list[dict], dict]:
   size = sizes(model, params, plan, *merged)
   d_ff = model.stack_block_spec(model.stacks[0]).d_ff
   tokens = int(min(stats.count.values()))
-  rows = [
-    dict(shape=name, phase="features", seconds=feat_s, per_unit=f"{feat_s / tokens * 1e6:.1f} us/token",
-         gflops=flops / 1e9, gbytes=nbytes / 1e9, note=f"{tokens} tokens/stack, {n_pairs} pairs"),
-    dict(shape=name, phase="correlations", seconds=corr_s, per_unit=f"{corr_s / n_pairs * 1e3:.1f} ms/pair",
-         note=f"[{d_ff}, {d_ff}] each"),
-    dict(shape=name, phase="assignments", seconds=assign_s, per_unit=f"{assign_s / assigned:.2f} s/pair",
-         note=f"scipy linear_sum_assignment, {assigned} of {n_pairs} pairs timed"),
-    dict(shape=name, phase="merge", seconds=merge_s, note=f"k={k} at start 0, {len(model.stacks)} stack(s)"),
-  ]  # fmt: skip
-  record = {
-    "k": k,
-    "pairs": n_pairs,
-    "assignment_s_per_pair": assign_s / assigned,
-    "tokens": tokens,
-    "batches": n_batches,
-    **cost,
-    **size,
-  }
+  feature = dict(phase="features", seconds=feat_s, per_unit=f"{feat_s / tokens * 1e6:.1f} us/token")
+  feature |= dict(gflops=flops / 1e9, gbytes=nbytes / 1e9)
+  per_pair = f"{corr_s / n_pairs * 1e3:.1f} ms/pair"
+  phases = [
+    feature | dict(note=f"{tokens} tokens/stack, {n_pairs} pairs"),
+    dict(phase="correlations", seconds=corr_s, per_unit=per_pair, note=f"[{d_ff}, {d_ff}] each"),
+    dict(phase="assignments", seconds=assign_s, per_unit=f"{assign_s / assigned:.2f} s/pair")
+    | dict(note=f"scipy linear_sum_assignment, {assigned} of {n_pairs} pairs timed"),
+    dict(phase="merge", seconds=merge_s, note=f"k={k} at start 0, {len(model.stacks)} stack(s)"),
+  ]
+  record = {"k": k, "pairs": n_pairs, "assignment_s_per_pair": assign_s / assigned}
+  record |= {"tokens": tokens, "batches": n_batches, **cost, **size}
   record["memory_ratio"] = size["merged_memory_bytes"] / size["original_memory_bytes"]
   record["disk_ratio"] = size["merged_disk_bytes"] / size["original_disk_bytes"]
-  return rows, record
+  return [{"shape": name, **phase} for phase in phases], record
 
 
 def add_percentages(row: dict, limits: dict) -> dict:

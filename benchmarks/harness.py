@@ -109,9 +109,8 @@ def measure_limits(quick: bool = False) -> dict:
   ``quick``: a 512^2 matmul and 32 MiB."""
   matmul_n, nbytes = (512, 32 * 2**20) if quick else (2048, 256 * 2**20)
   bandwidth = memory_bandwidth(nbytes)
-  peak = peak_matmul_flops(matmul_n)
-  return {"matmul_n": matmul_n, "peak_flops": peak, **bandwidth,
-          "peak_bytes_per_s": max(bandwidth.values())}  # fmt: skip
+  limits = {"matmul_n": matmul_n, "peak_flops": peak_matmul_flops(matmul_n), **bandwidth}
+  return limits | {"peak_bytes_per_s": max(bandwidth.values())}
 
 
 def around(quick: bool, fn):
@@ -128,8 +127,8 @@ def around(quick: bool, fn):
     f"{best['matmul_n']}^2 matmul); bandwidth read {best['read_bytes_per_s'] / 1e9:.1f}, copy "
     f"{best['copy_bytes_per_s'] / 1e9:.1f} GB/s"
   )
-  return out, {**best, "peak_flops_before": before["peak_flops"],
-               "peak_flops_after": after["peak_flops"], "before": before, "after": after}  # fmt: skip
+  peaks = {"peak_flops_before": before["peak_flops"], "peak_flops_after": after["peak_flops"]}
+  return out, best | peaks | {"before": before, "after": after}
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -178,8 +177,8 @@ def cost(program) -> dict:
   analysis = program.cost_analysis()
   if isinstance(analysis, list | tuple):  # older JAX: one dict per computation
     analysis = analysis[0]
-  return {"flops": float(analysis.get("flops", float("nan"))),
-          "bytes": float(analysis.get("bytes accessed", float("nan")))}  # fmt: skip
+  flops, nbytes = (float(analysis.get(k, float("nan"))) for k in ("flops", "bytes accessed"))
+  return {"flops": flops, "bytes": nbytes}
 
 
 def xla_cost(jitted, *args, compiled: bool = True) -> dict:

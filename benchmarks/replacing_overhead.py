@@ -28,10 +28,11 @@ stacks, found by repeating the step's own draw and checked against what the step
 
 Each case runs ``--draws`` base keys (0 .. draws-1 unless g is fixed; the same for both remat
 settings and for the plain steps, whose keys only change dropout), interleaved over
-``--rounds`` rounds (``benchmarks/harness.py``); its time is the mean over keys of each key's fastest round (the least
-disturbed by other processes), after an untimed round (the first call of each cond branch is
-slow: XLA:CPU readies its kernels lazily). Medians and every time are in the JSON, as are the drawn g and
-replaced slots. ``--profile`` also times each side's loss forward and ``value_and_grad``.
+``--rounds`` rounds (``benchmarks/harness.py``); its time is the mean over keys of each key's
+fastest round (the least disturbed by other processes), after an untimed round (the first call
+of each cond branch is slow: XLA:CPU readies its kernels lazily). Medians and every time are in
+the JSON, as are the drawn g and replaced slots. ``--profile`` also times each side's loss
+forward and ``value_and_grad``.
 
     python -m benchmarks.replacing_overhead            # t5-small, 8 x (128 + 32): long on CPU
     python -m benchmarks.replacing_overhead --quick    # micro (2+2 layers): a smoke test
