@@ -91,7 +91,7 @@ def test_merge_cli_writes_a_bank_that_stores_the_shared_ffn_once_and_scores_as_i
   out = tmp_path / "merged"
   result = _cli(banks, out, f"--bank={banks['t5']}", "--k=2", "--calib-tokens=200")
   assert result.returncode == 0, result.stderr
-  assert "ffn features: batch" in result.stderr and "tokens/s" in result.stderr
+  assert "ffn features " in result.stderr and "tokens/s, ETA" in result.stderr
   record = json.loads((out / "merge.json").read_text())
   stored = bank_io.load_bank(out)
   plan = stored.plan()
@@ -134,10 +134,14 @@ def test_merging_gpt2_picks_the_best_window_and_drop_removes_whole_layers(banks,
   stored = bank_io.load_bank(tmp_path / "permute")
   batch = _batch(stored.model, lengths=(11, 8, 5))[0]
   _assert_hf_matches(tmp_path / "export" / "hf", stored.model, stored.params, stored.plan(), batch)
-  dropped = merge_bank(banks["gpt2"], cfg, tmp_path / "drop", k=2, method="drop", start=1)
+  dropped = merge_bank(banks["gpt2"], cfg, tmp_path / "drop", k=1, method="drop", start=2)
   stored = bank_io.load_bank(tmp_path / "drop")
-  assert [s.block for s in stored.plan().decoder] == ["0", "1"]  # layer 2 dropped
-  assert dropped["calibration_tokens"] is None and dropped["params"]["fraction"] < 1
+  assert [s.block for s in stored.plan().decoder] == ["0", "1"]  # layer 2 dropped, nothing else
+  assert dropped["dropped_layers"] == {"decoder": [2]} and dropped["calibration_tokens"] is None
+  layer = bank.count_params(stored.params["decoder"]["blocks"]["0"])
+  counts = dropped["params"]
+  assert counts["original"] - counts["merged"] == layer
+  assert counts["fraction"] == counts["merged"] / counts["original"]  # exact, not rounded
 
 
 def test_merge_inside_an_assembled_modular_plan_from_the_command_line(banks, tmp_path):
@@ -158,6 +162,36 @@ def test_merge_inside_an_assembled_modular_plan_from_the_command_line(banks, tmp
     jax.tree.map(np.testing.assert_array_equal, a["self_attn"], b["self_attn"])
   used = cost.count_params(stored.model, plan, stored.params)
   assert sum(used.values()) == bank.count_params(stored.params)
+
+
+def test_several_windows_and_a_start_per_stack_from_the_command_line(banks, tmp_path):
+  out = tmp_path / "two"
+  args = ("--windows=encoder:0-2", "--windows=decoder:0-2,2-4", "--calib-tokens=100")
+  result = _cli(banks, out, f"--bank={banks['modular']}", *args)
+  assert result.returncode == 0, result.stderr
+  record = json.loads((out / "merge.json").read_text())
+  assert record["windows"] == {"encoder": [[0, 2]], "decoder": [[0, 2], [2, 4]]}
+  assert record["k"] == 2 and record["start"] is None and record["features"] == "gate"
+  plan = bank_io.load_bank(out).plan()
+  assert [s.ffn for s in plan.encoder] == ["merged.0-2"] * 2
+  assert [s.ffn for s in plan.decoder] == ["merged.0-2"] * 2 + ["merged.2-4"] * 2
+  source = bank_io.load_bank(banks["modular"])
+  ffn = bank.count_params(source.params["decoder"]["blocks"]["0"]["ffn"])
+  assert record["params"]["original"] - record["params"]["merged"] == 3 * ffn
+
+  out = tmp_path / "per_stack"
+  args = ("--k=1", "--start=encoder=0,decoder=1", "--method=drop")
+  result = _cli(banks, out, f"--bank={banks['modular']}", *args)
+  assert result.returncode == 0, result.stderr
+  record = json.loads((out / "merge.json").read_text())
+  assert record["dropped_layers"] == {"encoder": [0], "decoder": [1]}
+  assert record["windows"] == {"encoder": [[0, 1]], "decoder": [[1, 2]]}
+  plan = bank_io.load_bank(out).plan()
+  assert [s.block for s in plan.encoder] == ["1"] and [s.block for s in plan.decoder] == [
+    "0",
+    "2",
+    "3",
+  ]
 
 
 def test_recovery_trains_the_merged_bank_and_keeps_the_window_tied(banks, tmp_path):
@@ -184,15 +218,22 @@ def test_bad_merge_input_is_one_line_and_overwrites_nothing(banks, tmp_path):
     (out, ("--k=2",), "not empty"),
     (tmp_path / "a", ("--k=3",), "window size"),
     (tmp_path / "b", ("--k=2", "--start=5"), "does not fit"),
-    (tmp_path / "c", ("--k=2", "--start=x"), "'auto' or a layer index"),
+    (tmp_path / "c", ("--k=2", "--start=x"), "'auto', a layer index"),
     (tmp_path / "d", ("--k=2", "--plan=nope"), "no plan named"),
+    (tmp_path / "e", ("--k=2", "--windows=0-2"), "not both"),
+    (tmp_path / "f", ("--windows=encoder:0-2,1-2",), "overlap"),
+    (tmp_path / "g", ("--features=up",), "not gated"),
   ]
   for target, args, message in cases:
     result = _cli(banks, target, f"--bank={banks['t5']}", *args)
     assert result.returncode == 2, (args, result.stderr)
     assert message in result.stderr and TRACEBACK not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error:")
+  result = run_module("modjax.merge", [*micro_flags(banks["root"] / "data", **SETTINGS),
+                                       f"--hf={banks['t5']}", f"--out={tmp_path / 'h'}"])  # fmt: skip
+  assert result.returncode == 2 and "not a save_pretrained directory" in result.stderr
   assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+  assert not any((tmp_path / name).exists() for name in "abcdefgh")
   missing = micro_flags(tmp_path / "rec", **SETTINGS)
   missing[1] = f"{RECOVERY_CONFIG}:tiny,{tmp_path / 'absent'}"
   result = run_module("modjax.train", missing, timeout=120)

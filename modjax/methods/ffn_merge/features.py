@@ -1,8 +1,10 @@
 """Pre-activation features of a plan's FFNs and the Pearson correlations between positions.
 
-The feature of a position is its FFN's input projection before the nonlinearity (the gate branch
-``wi_0`` of a gated FFN): what the permutation must line up. The statistics are streamed: one
-jitted call per batch runs the model under the plan (collecting ``ffn_pre`` only), drops padding,
+The feature of a position is its FFN's input projection before the nonlinearity (``branch="gate"``,
+the paper's: ``wi``, or the gate branch ``wi_0`` of a gated FFN), or, for a gated FFN, its linear
+up branch ``wi_1`` (``branch="up"``): what the permutation must line up (both branches share the
+hidden axis, so either one aligns the whole FFN). The statistics are streamed: one jitted call per
+batch runs the model under the plan (collecting that branch only), drops padding,
 and folds the batch into running per-position moments (token count, mean, centred second moments)
 and centred cross sums ``sum (x_i - mean_i)(x_j - mean_j)^T`` [d_ff x d_ff] for the position pairs
 asked for only (all pairs of a deep stack would not fit). Batches are combined with the pairwise
@@ -32,6 +34,8 @@ from modjax.train import experiment
 log = logging.getLogger(__name__)
 
 MIN_STD = 1e-7  # a unit with a smaller standard deviation is treated as having this one
+# the FFN branch a feature is read from, and the intermediate the model collects for it
+BRANCHES = {"gate": "ffn_pre", "up": "ffn_linear"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +44,14 @@ class FeatureStats:
 
   ``count[stack]``: tokens seen; ``mean[stack]`` and ``m2[stack]``: [P, F] per-position means and
   sums of squared deviations; ``cross[stack][(i, j)]``: [F, F] sum of centred products between
-  position i's units (rows) and position j's (columns)."""
+  position i's units (rows) and position j's (columns); ``branch``: the FFN branch the features
+  were read from (``"gate"`` or ``"up"``, see :data:`BRANCHES`)."""
 
   count: dict[str, float]
   mean: dict[str, np.ndarray]
   m2: dict[str, np.ndarray]
   cross: dict[str, dict[tuple[int, int], np.ndarray]]
+  branch: str = "gate"
 
   def std(self, stack: str, min_std: float = MIN_STD) -> np.ndarray:
     """[P, F] population standard deviations, clipped below at ``min_std``."""
@@ -83,8 +89,22 @@ def token_mask(model, batch: Mapping, stack: str):
   return batch["decoder_target_tokens"] != 0
 
 
-def _ffn_pre(model, plan: Plan, params, batch):
-  """``{stack: (pre_BLF per position)}`` from one forward pass collecting nothing else."""
+def check_branch(model, branch: str) -> None:
+  """One-line PlanError unless ``branch`` is known and the model's FFNs have it."""
+  if branch not in BRANCHES:
+    raise PlanError(f"feature branch {branch!r} is unknown; use one of {tuple(BRANCHES)}")
+  ungated = [s for s in model.stacks if not model.stack_block_spec(s).gated_ffn]
+  if branch == "up" and ungated:
+    raise PlanError(
+      f"feature branch 'up' reads a gated FFN's wi_1, but the {ungated[0]}'s FFNs are not gated; "
+      "use branch 'gate'"
+    )
+
+
+def _ffn_features(model, plan: Plan, params, batch, branch: str = "gate"):
+  """``{stack: (features_BLF per position)}`` of ``branch`` from one forward pass collecting
+  nothing else."""
+  name = BRANCHES[branch]
   if experiment.model_type(model) == "encdec":
     _, inter = model(
       params,
@@ -93,7 +113,7 @@ def _ffn_pre(model, plan: Plan, params, batch):
       batch["decoder_input_tokens"],
       encoder_segment_ids=batch.get("encoder_segment_ids"),
       decoder_segment_ids=batch.get("decoder_segment_ids"),
-      collect=("ffn_pre",),
+      collect=(name,),
     )
   else:
     _, inter = model(
@@ -102,9 +122,9 @@ def _ffn_pre(model, plan: Plan, params, batch):
       batch["decoder_input_tokens"],
       positions=batch.get("decoder_positions"),
       segment_ids=batch.get("decoder_segment_ids"),
-      collect=("ffn_pre",),
+      collect=(name,),
     )
-  return {stack: inter[stack]["ffn_pre"] for stack in model.stacks}
+  return {stack: inter[stack][name] for stack in model.stacks}
 
 
 def _batch_moments(pre_PNF, w_N, pairs):
@@ -139,10 +159,11 @@ def _combine(a, b, pairs):
   return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _accumulate(model, plan: Plan, pairs: tuple, state, params, batch):
-  """The running state with one batch folded in; compiled once per (model, plan, pairs, shape)."""
-  pre = _ffn_pre(model, plan, params, batch)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), static_argnames=("branch",))
+def _accumulate(model, plan: Plan, pairs: tuple, state, params, batch, branch: str = "gate"):
+  """The running state with one batch folded in; compiled once per (model, plan, pairs, branch,
+  shape)."""
+  pre = _ffn_features(model, plan, params, batch, branch)
   pairs = dict(pairs)
   out = {}
   for stack, running in state.items():
@@ -191,12 +212,14 @@ def collect_stats(
   *,
   pairs: Mapping[str, Iterable[tuple[int, int]]] | None = None,
   max_tokens: int | None = None,
+  branch: str = "gate",
 ) -> FeatureStats:
   """Feature statistics of every FFN position of ``plan`` over ``batches`` (seqio-style dicts,
   e.g. from ``modjax.scoring.make_eval_batches``), with cross sums for ``pairs`` (per stack;
-  stacks left out get none). Stops after the batch that brings a stack's count to
-  ``max_tokens``."""
+  stacks left out get none), read from ``branch`` (module docstring). Stops after the batch that
+  brings a stack's count to ``max_tokens``."""
   plan.validate(params, model.stacks)
+  check_branch(model, branch)
   pairs = dict(pairs or {})
   unknown = sorted(set(pairs) - set(model.stacks))
   if unknown:
@@ -209,7 +232,7 @@ def collect_stats(
   seen, start = 0, time.perf_counter()
   for index, batch in enumerate(batches):
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    state = _accumulate(model, plan, static_pairs, state, params, batch)
+    state = _accumulate(model, plan, static_pairs, state, params, batch, branch=branch)
     seen = min(float(state[s]["count"]) for s in model.stacks)
     log.info("ffn features: %s", _progress(index + 1, seen, max_tokens, start))
     if max_tokens is not None and seen >= max_tokens:
@@ -222,4 +245,5 @@ def collect_stats(
     mean={s: np.asarray(host[s]["mean"]) for s in host},
     m2={s: np.asarray(host[s]["m2"]) for s in host},
     cross={s: dict(zip(p, np.asarray(host[s]["cross"]), strict=True)) for s, p in static_pairs},
+    branch=branch,
   )

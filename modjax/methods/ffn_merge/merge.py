@@ -1,14 +1,16 @@
-"""Merging a window of FFNs into one shared bank entry, and the layer-drop baseline.
+"""Merging windows of FFNs into shared bank entries, and the layer-drop baseline.
 
 ``merge_window`` takes a (bank, plan) and a window of k consecutive positions of one stack. It
 aligns the positions' FFNs to the reference (``"permute"``) or not (``"vanilla"``), averages them
 into ONE new entry ``<stack>/ffns/<name>``, and returns a plan whose k slots point at it; nothing
 else of the bank or the plan changes (norms stay in the blocks). Several slots naming one entry
 are truly tied: it is stored once, and gradients from every position add up in it.
+``merge_ranges`` merges several windows at once (``modjax.methods.ffn_merge.ranges``: disjoint
+ranges per stack, each stack its own), each into its own entry.
 
-``"drop"`` is the baseline: instead of merging, the plan loses the whole layers whose parameters
-come closest to the (k - 1) FFNs merging removes (:func:`layers_to_drop`), taken from the
-window's non-reference positions.
+``"drop"`` is the baseline: the plan loses every layer of the window (a window of k drops k
+whole layers; :func:`drop_layers` takes any explicit list). Nothing is rounded: what is removed is
+exactly the window, so drops of 1, 2 and 3 layers are three different plans.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 from modjax import bank
 from modjax.methods.ffn_merge.align import align_window, reference_offset
 from modjax.methods.ffn_merge.features import FeatureStats
+from modjax.methods.ffn_merge.ranges import check_windows, windows_at
 from modjax.plan import Plan, PlanError, Slot
 
 METHODS = ("permute", "vanilla", "drop")
@@ -96,14 +99,14 @@ def merge_window(
   """(bank, plan) with positions ``[start, start + k)`` of ``stack`` merged (module docstring).
 
   ``method``: ``"permute"`` (aligned average), ``"vanilla"`` (plain average) or ``"drop"`` (the
-  baseline: the bank is returned as is, the plan loses whole layers of the window)."""
+  baseline: the bank is returned as is, the plan loses the window's k layers)."""
   bank.validate_plan(plan, params, model.stacks)
   check_window(model, plan, stack, start, k)
   reference_offset(k, reference)
   if method not in METHODS:
     raise PlanError(f"merge method {method!r} is unknown; use one of {METHODS}")
   if method == "drop":
-    return dict(params), drop_window(model, params, plan, stack, start, k, reference=reference)
+    return dict(params), drop_window(model, params, plan, stack, start, k)
   name = name or entry_name(start, k)
   value = merged_ffn(params, plan, stack, start, k, method=method, stats=stats, reference=reference)
   params = bank.with_entry(params, stack, "ffns", name, value, model=model)
@@ -113,40 +116,66 @@ def merge_window(
   return params, Plan(**{**_stacks(plan), stack: tuple(slots)})
 
 
+def merge_ranges(
+  model, params: Mapping, plan: Plan, windows: Mapping, *, method: str = "permute", **kw
+) -> tuple[dict, Plan]:
+  """(bank, plan) with every window of ``windows`` (``{stack: ((start, stop), ...)}``) merged
+  into its own shared entry, or, for ``"drop"``, every layer of every window dropped. The
+  statistics (``stats``, permute) must hold each window's reference-vs-other cross sums."""
+  windows = check_windows(plan, model.stacks, windows)
+  if method == "drop":
+    bank.validate_plan(plan, params, model.stacks)
+    return dict(params), drop_layers(model, params, plan, dropped_layers(windows))
+  for stack, ranges in windows.items():
+    for start, stop in ranges:
+      params, plan = merge_window(model, params, plan, stack, start, stop - start, method=method,
+                                  **kw)  # fmt: skip
+  return params, plan
+
+
 def merge_windows(
   model, params: Mapping, plan: Plan, starts: Mapping[str, int], k: int, **kw
 ) -> tuple[dict, Plan]:
-  """:func:`merge_window` applied to each ``{stack: start}`` in turn (same k and options)."""
+  """One window of ``k`` per stack, at ``{stack: start}`` (same options as :func:`merge_ranges`)."""
   for stack, start in starts.items():
-    params, plan = merge_window(model, params, plan, stack, start, k, **kw)
-  return params, plan
+    check_window(model, plan, stack, start, k)
+  windows = {s: windows_at((s,), start, k)[s] for s, start in starts.items()}
+  return merge_ranges(model, params, plan, windows, **kw)
 
 
 # ---- the layer-drop baseline --------------------------------------------------------------------
 
 
-def layers_to_drop(model, params: Mapping, plan: Plan, stack: str, start: int, k: int) -> int:
-  """Whole layers whose parameters come closest to the (k - 1) FFNs a merge of the window
-  removes (sizes of the window's first slot; half rounds up, and any k > 1 drops at least one
-  layer, so the baseline always removes something)."""
+def dropped_layers(windows: Mapping) -> dict[str, tuple[int, ...]]:
+  """``{stack: positions}``: every position of every window (what ``"drop"`` removes)."""
+  return {s: tuple(p for a, b in ranges for p in range(a, b)) for s, ranges in windows.items()}
+
+
+def drop_layers(model, params: Mapping, plan: Plan, layers: Mapping) -> Plan:
+  """The plan without the positions ``layers[stack]`` (an explicit list per stack). One-line
+  PlanError for a position outside the stack, one given twice, or a stack left empty."""
+  bank.validate_plan(plan, params, model.stacks)
+  stacks = _stacks(plan)
+  for stack, positions in layers.items():
+    if stack not in model.stacks:
+      raise PlanError(f"unknown stack {stack!r}; the model has {model.stacks}")
+    n = len(plan.stack(stack))
+    positions = list(positions)
+    bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < n]
+    if bad or len(set(positions)) != len(positions):
+      raise PlanError(
+        f"{stack} layers to drop {positions} must be distinct positions in 0..{n - 1}"
+      )
+    if len(positions) == n:
+      raise PlanError(f"dropping {positions} would leave the {stack} without a layer; keep one")
+    stacks[stack] = tuple(s for p, s in enumerate(plan.stack(stack)) if p not in set(positions))
+  return Plan(**stacks)
+
+
+def drop_window(model, params: Mapping, plan: Plan, stack: str, start: int, k: int) -> Plan:
+  """The plan without the k whole layers ``[start, start + k)`` of ``stack``."""
   check_window(model, plan, stack, start, k)
-  if k == 1:
-    return 0
-  slot = bank.slot_params(params[stack], plan.stack(stack)[start])
-  removed = (k - 1) * bank.count_params(slot["ffn"])
-  return min(k - 1, max(1, int(removed / bank.count_params(slot) + 0.5)))
-
-
-def drop_window(
-  model, params: Mapping, plan: Plan, stack: str, start: int, k: int, *, reference: str = "first"
-) -> Plan:
-  """The plan without :func:`layers_to_drop` layers of the window, the first non-reference
-  positions in order (the reference layer is what merging keeps, so it stays here too)."""
-  n = layers_to_drop(model, params, plan, stack, start, k)
-  ref = start + reference_offset(k, reference)
-  dropped = [p for p in range(start, start + k) if p != ref][:n]
-  slots = tuple(s for p, s in enumerate(plan.stack(stack)) if p not in dropped)
-  return Plan(**{**_stacks(plan), stack: slots})
+  return drop_layers(model, params, plan, {stack: tuple(range(start, start + k))})
 
 
 def _stacks(plan: Plan) -> dict:

@@ -10,6 +10,7 @@ evaluates, merges again and exports like any run.
 from __future__ import annotations
 
 import logging
+import os
 
 import ml_collections
 from etils import epath
@@ -32,7 +33,8 @@ def add_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def load_merged(cfg) -> bank_io.StoredBank:
-  """The merged bank; its vocabulary becomes the run's (one-line errors when missing)."""
+  """The merged bank; its vocabulary (a trained ``vocab/spm.model`` or a copied
+  ``vocab/tokenizer.json``) becomes the run's (one-line errors when missing)."""
   path = cfg.ffn_merge.bank
   if not path:
     raise experiment.ConfigError(
@@ -47,6 +49,9 @@ def load_merged(cfg) -> bank_io.StoredBank:
       f"config.ffn_merge.scope={cfg.ffn_merge.scope!r} is invalid: use one of {SCOPES}"
     )
   experiment.use_bank_vocabulary(cfg, epath.Path(path))
+  tokenizer = epath.Path(path) / "vocab" / "tokenizer.json"
+  if not cfg.data.vocab_path and tokenizer.exists():
+    cfg.data.vocab_path, cfg.data.extra_ids = os.fspath(tokenizer), 0
   return bank_io.load_bank(path)
 
 

@@ -4,7 +4,8 @@ Every candidate is scored before any training by teacher-forced cross-entropy on
 batches (``modjax.scoring.teacher_forced_metrics``); the lowest wins. For T5 the same window is
 merged in the encoder and the decoder (``stacks`` picks encoder-only or decoder-only instead).
 The feature statistics are collected once, under the input plan, with the cross sums of every
-(reference, other) pair of every candidate window.
+(reference, other) pair of every candidate window. For ``"drop"`` the window is the k layers
+dropped, so the slide also finds the best k layers to drop.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from modjax import scoring
 from modjax.methods.ffn_merge.align import reference_offset
 from modjax.methods.ffn_merge.features import FeatureStats, collect_stats
 from modjax.methods.ffn_merge.merge import METHODS, merge_windows
+from modjax.methods.ffn_merge.ranges import Windows
 from modjax.plan import Plan, PlanError
 
 log = logging.getLogger(__name__)
@@ -62,26 +64,42 @@ def window_pairs(starts: Iterable[int], k: int, reference: str = "first") -> tup
   return tuple(dict.fromkeys(pairs))
 
 
+def range_pairs(windows: Windows, reference: str = "first") -> dict[str, tuple]:
+  """``{stack: (reference, other) pairs}`` that aligning each window of ``windows`` needs."""
+  return {
+    stack: tuple(dict.fromkeys(p for a, b in ranges for p in window_pairs([a], b - a, reference)))
+    for stack, ranges in windows.items()
+  }
+
+
 def calibration_stats(
   model,
   params,
   plan: Plan,
   batches,
-  k: int,
+  k: int | None = None,
   *,
   reference: str = "first",
   stacks=None,
   starts: Iterable[int] | None = None,
+  windows: Windows | None = None,
   max_tokens: int | None = None,
+  branch: str = "gate",
 ) -> FeatureStats:
-  """Feature statistics with the cross sums that aligning windows of k needs: at ``starts`` in
-  every stack of ``stacks``, or by default at every start that fits each stack."""
-  stacks = resolve_stacks(model, stacks)
-  pairs = {
-    s: window_pairs(candidate_starts(plan, (s,), k) if starts is None else starts, k, reference)
-    for s in stacks
-  }
-  return collect_stats(model, params, plan, batches, pairs=pairs, max_tokens=max_tokens)
+  """Feature statistics (of FFN ``branch``) with the cross sums that aligning needs: the
+  ``windows`` given, or windows of ``k`` at ``starts`` in every stack of ``stacks`` (by default
+  at every start that fits each stack)."""
+  if windows is not None:
+    pairs = range_pairs(windows, reference)
+  else:
+    stacks = resolve_stacks(model, stacks)
+    pairs = {
+      s: window_pairs(candidate_starts(plan, (s,), k) if starts is None else starts, k, reference)
+      for s in stacks
+    }
+  return collect_stats(
+    model, params, plan, batches, pairs=pairs, max_tokens=max_tokens, branch=branch
+  )
 
 
 def choose_window(
@@ -98,9 +116,11 @@ def choose_window(
   stacks=None,
   max_tokens: int | None = None,
   metric: str = "cross_entropy",
+  branch: str = "gate",
 ) -> WindowChoice:
   """Merges every candidate window (module docstring) and keeps the one with the lowest
-  ``metric``. ``method="permute"`` needs ``stats`` or ``calib_batches`` to collect them from."""
+  ``metric``. ``method="permute"`` needs ``stats`` or ``calib_batches`` to collect them from
+  (features of ``branch``)."""
   if method not in METHODS:
     raise PlanError(f"merge method {method!r} is unknown; use one of {METHODS}")
   stacks = resolve_stacks(model, stacks)
@@ -110,7 +130,7 @@ def choose_window(
       raise PlanError("method='permute' needs stats= or calib_batches= to align the FFNs")
     stats = calibration_stats(
       model, params, plan, calib_batches, k, reference=reference, stacks=stacks, starts=starts,
-      max_tokens=max_tokens,
+      max_tokens=max_tokens, branch=branch,
     )  # fmt: skip
   scores, best = {}, None
   for start in starts:
