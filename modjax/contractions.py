@@ -7,6 +7,11 @@ dropout masks inside the copy) and the LM head's [tokens, vocab] logit gradient 
 the weight gradient as ``dW = x^T . g`` contracted over the token axes, with the output already
 in the kernel's layout, lets XLA run it as one matmul on the operands as they are. Values are
 the same contractions as autodiff's (tests/test_parity.py checks gradients against PyTorch's).
+
+:func:`dense` and :func:`tied_logits` take these VJPs where ``modjax.cpu_kernels`` says so (XLA:CPU
+by default) and otherwise the plain contraction under autodiff, which TPU and GPU compilers fuse
+and shard without help (tests/test_cpu_kernels.py checks that both give the same values and
+gradients).
 """
 
 from __future__ import annotations
@@ -16,11 +21,27 @@ import functools
 import jax
 from jax import lax
 
+from modjax.cpu_kernels import use_cpu_kernels
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+
 def dense(x, kernel, in_dims: int):
   """``x``'s last ``in_dims`` axes contracted with ``kernel``'s first ``in_dims`` axes:
   [..., *in] x [*in, *out] -> [..., *out] (a ``Projection``)."""
+  if use_cpu_kernels():
+    return dense_cpu(x, kernel, in_dims)
+  return _dense(x, kernel, in_dims)
+
+
+def tied_logits(x_BLD, embedding_VD):
+  """Float32 logits ``x . E^T`` against a [vocab, d_model] embedding (a tied LM head)."""
+  if use_cpu_kernels():
+    return tied_logits_cpu(x_BLD, embedding_VD)
+  return _tied_logits(x_BLD, embedding_VD)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense_cpu(x, kernel, in_dims: int):
+  """:func:`dense` with the weight gradient written in the kernel's layout."""
   return _dense(x, kernel, in_dims)
 
 
@@ -44,12 +65,12 @@ def _dense_bwd(in_dims, residuals, g):
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
-dense.defvjp(_dense_fwd, _dense_bwd)
+dense_cpu.defvjp(_dense_fwd, _dense_bwd)
 
 
 @jax.custom_vjp
-def tied_logits(x_BLD, embedding_VD):
-  """Float32 logits ``x . E^T`` against a [vocab, d_model] embedding (a tied LM head)."""
+def tied_logits_cpu(x_BLD, embedding_VD):
+  """:func:`tied_logits` with both gradients in the compute dtype, accumulated in float32."""
   return _tied_logits(x_BLD, embedding_VD)
 
 
@@ -75,4 +96,4 @@ def _tied_logits_bwd(residuals, g):
   return dx.astype(x.dtype), dembedding.astype(embedding.dtype)  # dembedding: [V, D]
 
 
-tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+tied_logits_cpu.defvjp(_tied_logits_fwd, _tied_logits_bwd)

@@ -14,7 +14,9 @@ the mask is bit-identical to ``jax.random.bernoulli(key, keep_prob, shape)`` for
 (tests/test_dropout.py checks it), so dropout stays deterministic in the key, a resumed run
 draws the same masks, and nothing about the keep probability changes. Keys of another PRNG
 implementation, 64-bit mode and arrays of 2**32 elements or more fall back to
-``jax.random.bernoulli``.
+``jax.random.bernoulli``, and so does every platform where ``modjax.cpu_kernels`` turns the
+rewrites off (TPU and GPU by default, which generate random bits their own way): the masks are the
+same either way.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from modjax.cpu_kernels import use_cpu_kernels
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
@@ -83,9 +87,10 @@ def keep_mask(key, keep_prob: float, shape: tuple[int, ...]):
   """Boolean mask, True with probability ``keep_prob``: ``jax.random.bernoulli``'s exactly.
 
   bernoulli draws ``u = (bits >> 9) * 2**-23`` (a float32 in [0, 1)) and keeps ``u < p``
-  with p rounded to float32; that is ``bits < ceil(p * 2**23) << 9`` in integers.
+  with p rounded to float32; that is ``bits < ceil(p * 2**23) << 9`` in integers. Where
+  ``modjax.cpu_kernels`` turns the rewrites off, it is ``jax.random.bernoulli`` itself.
   """
-  if _threefry_key_words(key) is None or math.prod(shape) >= 2**32:
+  if not use_cpu_kernels() or _threefry_key_words(key) is None or math.prod(shape) >= 2**32:
     return jax.random.bernoulli(key, keep_prob, shape)
   threshold = math.ceil(float(np.float32(keep_prob)) * 2**23)
   if threshold >= 2**23:

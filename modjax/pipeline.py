@@ -27,6 +27,7 @@ from modjax import assemble, bank_io, cli, export
 from modjax.methods.modular import strategies as st
 from modjax.methods.modular.run import train_bank
 from modjax.plan import Plan
+from modjax.run_config import with_values
 from modjax.train.experiment import ConfigError
 from modjax.train.loop import train
 
@@ -45,19 +46,19 @@ def run_pipeline(cfg) -> dict:
   if not cfg.workdir:
     raise ConfigError("config.workdir is empty; pass --config.workdir=runs/quickstart")
   root = epath.Path(cfg.workdir)
-  teacher_cfg, bank_cfg = cfg.teacher, cfg.bank
-  teacher_cfg.workdir = str(root / "teacher")
-  bank_cfg.workdir = str(root / "bank")
-  bank_cfg.modular.teacher = teacher_cfg.workdir
+  teacher_cfg = with_values(cfg.teacher, {"workdir": str(root / "teacher")})
+  bank_cfg = with_values(
+    cfg.bank, {"workdir": str(root / "bank"), "modular.teacher": teacher_cfg.workdir}
+  )
   started = time.time()
   _stage(0, "teacher", started)
   train(teacher_cfg)
   _stage(1, "module bank", started)
   train_bank(bank_cfg)
   _stage(2, "sweep of assembled plans", started)
-  record = _sweep(cfg, root)
+  record = _sweep(cfg.sweep, bank_cfg, root)
   _stage(3, "export", started)
-  exported = _export(cfg, root, record)
+  exported = _export(bank_cfg.workdir, root, record, cfg.export_speedup)
   outputs = {
     "teacher": teacher_cfg.workdir,
     "bank": bank_cfg.workdir,
@@ -69,15 +70,15 @@ def run_pipeline(cfg) -> dict:
   return outputs
 
 
-def _sweep(cfg, root: epath.Path) -> dict:
+def _sweep(s, bank_cfg, root: epath.Path) -> dict:
+  """The sweep ``s`` (``config.sweep``) over the bank's plans, or the one already written."""
   out = root / "sweep"
   if (out / "sweep.json").exists():
     log.info("sweep exists at %s; keeping it", out)
     return json.loads((out / "sweep.json").read_text())
-  s = cfg.sweep
   return assemble.run_sweep(
-    cfg.bank.workdir,
-    cfg.bank,
+    bank_cfg.workdir,
+    bank_cfg,
     str(out),
     strategies=tuple(s.strategies.split(",")),
     min_speedup=s.min_speedup,
@@ -105,16 +106,16 @@ def choose_export(record: dict, max_speedup: float) -> dict | None:
   return pick
 
 
-def _export(cfg, root: epath.Path, record: dict) -> str | None:
+def _export(bank_dir: str, root: epath.Path, record: dict, max_speedup: float) -> str | None:
   out = root / "export"
   if out.exists():
     log.info("export exists at %s; keeping it", out)
     return str(out)
-  row = choose_export(record, cfg.export_speedup)
+  row = choose_export(record, max_speedup)
   if row is None:
     log.warning("the sweep produced no plan to export")
     return None
-  stored = bank_io.load_bank(cfg.bank.workdir)
+  stored = bank_io.load_bank(bank_dir)
   plan = Plan.from_dict(row["plan"])
   result = export.export_hf(str(out), stored.model, stored.params, plan)
   log.info(

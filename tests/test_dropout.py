@@ -6,7 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from modjax.cpu_kernels import ENV_VAR
 from modjax.dropout import Dropout, dropout, keep_mask, random_bits
+
+
+@pytest.fixture(autouse=True)
+def _cpu_kernels_on(monkeypatch):
+  """These tests are about the rewrites: run them whatever the platform or MODJAX_CPU_KERNELS."""
+  monkeypatch.setenv(ENV_VAR, "on")
 
 
 @pytest.mark.parametrize("shape", [(), (7,), (3, 5), (2, 3, 33, 17)])

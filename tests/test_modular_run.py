@@ -176,7 +176,9 @@ def test_kd_and_drop_baselines(micro_run, tmp_path):
   teacher_cfg, _ = micro_run
   teacher = bank_io.load_bank(teacher_cfg.workdir)
   kd_cfg = _baseline_config(tmp_path / "kd", teacher_cfg.workdir, "kd", "1")
+  before = kd_cfg.to_json()
   result = baselines.run(kd_cfg)
+  assert kd_cfg.to_json() == before  # the run reads the teacher's vocabulary in a copy
   assert set(result.state.params["decoder"]["blocks"]) == {"s1"}
   assert set(result.state.params["encoder"]["blocks"]) == {"s0", "s1"}
   stored = bank_io.load_bank(kd_cfg.workdir)
@@ -233,7 +235,9 @@ def test_pseudo_label_baseline_trains_on_the_teachers_outputs(micro_run, tmp_pat
 
   teacher_cfg, _ = micro_run
   cfg = _baseline_config(tmp_path / "pseudo", teacher_cfg.workdir, "pseudo", "1")
+  before = cfg.to_json()
   result = baselines.run(cfg)
+  assert cfg.to_json() == before  # the labelled files are read through a copy of the config
   assert set(result.state.params["decoder"]["blocks"]) == {"s1"}
   labels = tmp_path / "pseudo" / "pseudo_labels"
   with gzip.open(labels / "train.jsonl.gz", "rt") as f:

@@ -7,7 +7,14 @@ import numpy as np
 import optax
 import pytest
 
+from modjax.cpu_kernels import ENV_VAR
 from modjax.train import optim
+
+
+@pytest.fixture(autouse=True)
+def _cpu_kernels_on(monkeypatch):
+  """These tests are about the rewrites: run them whatever the platform or MODJAX_CPU_KERNELS."""
+  monkeypatch.setenv(ENV_VAR, "on")
 
 
 def _params():

@@ -27,7 +27,7 @@ import ml_collections
 from modjax import bank, bank_io
 from modjax.methods.modular.losses import logits_kd
 from modjax.methods.modular.run import load_teacher, write_compute
-from modjax.methods.pseudo_labels import use_labels, write_pseudo_labels
+from modjax.methods.pseudo_labels import with_labels, write_pseudo_labels
 from modjax.plan import Plan, PlanError, Slot
 from modjax.train import experiment, losses
 from modjax.train.loop import TrainResult, train
@@ -130,6 +130,7 @@ def run(cfg) -> TrainResult | None:
   if b.kind not in KINDS:
     raise experiment.ConfigError(f"config.baseline.kind={b.kind!r} is invalid: use {KINDS}")
   teacher = load_teacher(cfg)
+  cfg = experiment.with_bank_vocabulary(cfg, cfg.modular.teacher)
   model = teacher.model
   kept = {
     "encoder": parse_layers(b.encoder_layers, model.config.num_layers, "encoder"),
@@ -144,13 +145,19 @@ def run(cfg) -> TrainResult | None:
   extra_flops = 0.0
   if b.kind == "pseudo":
     labels = write_pseudo_labels(cfg, teacher, experiment.build_vocabulary(cfg))
-    use_labels(cfg, labels)
+    cfg = with_labels(cfg, labels)
     extra_flops = labels["labelling_flops"]
   trainable, plan = student(teacher.params, kept, frozen_stacks(b.frozen_stacks, model))
   loss_fn = student_loss(model, plan, b.kind, kd_weight=b.kd, temperature=b.temperature)
   plans = {"default": plan, "teacher": model.identity_plan()}
   result = train(
-    cfg, loss_fn=loss_fn, init_params=trainable, frozen=teacher.params, model=model, plans=plans
+    cfg,
+    loss_fn=loss_fn,
+    init_params=trainable,
+    frozen=teacher.params,
+    model=model,
+    plans=plans,
+    validate=False,
   )
   write_compute(
     cfg,

@@ -5,7 +5,7 @@ The labels are written once per run to ``workdir/pseudo_labels/train.jsonl.gz`` 
 format of the user's files: ``inputs`` as the teacher saw them (task prefix included) and the
 teacher's greedy output as ``targets``. The evaluation split is copied beside it with its
 references (``validation.jsonl.gz``), so the student's run reads plain JSONL whatever the task
-was (``use_labels``). ``done.json`` records the files, how many examples and the decoding FLOPs; a
+was (``with_labels``). ``done.json`` records the files, how many examples and the decoding FLOPs; a
 rerun (resume) reuses complete files and redoes incomplete ones. Labelled are the first
 ``num_steps x batch_size`` training examples in file order (capped at the split): the student sees
 as many examples as an SFT student of the same steps.
@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from modjax import cost, scoring
 from modjax.data import make_eval_examples
+from modjax.run_config import with_values
 from modjax.train import experiment
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,18 @@ def write_pseudo_labels(cfg, teacher, vocabulary) -> dict:
   return json.loads(done.read_text())
 
 
-def use_labels(cfg, record: dict) -> None:
-  """Points ``cfg.data`` at the labelled JSONL files (the prefix is already in the inputs)."""
-  cfg.data.task = "jsonl"
-  cfg.data.train_files = record["train"]
-  cfg.data.validation_files = record["validation"]
-  cfg.data.inputs_prefix = ""
+def with_labels(cfg, record: dict):
+  """A copy of ``cfg`` whose data are the labelled JSONL files (the prefix is already in the
+  inputs); ``cfg`` is left as it was."""
+  return with_values(
+    cfg,
+    {
+      "data.task": "jsonl",
+      "data.train_files": record["train"],
+      "data.validation_files": record["validation"],
+      "data.inputs_prefix": "",
+    },
+  )
 
 
 def _decode_and_write(cfg, teacher, vocabulary, out: epath.Path) -> dict:

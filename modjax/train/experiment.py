@@ -21,6 +21,7 @@ from modjax.interop import hf
 from modjax.model_config import DTYPES, GPT2Config, T5Config
 from modjax.models import architecture_for
 from modjax.presets import PRESETS, get_preset
+from modjax.run_config import with_values
 from modjax.train.optim import OPTIMIZERS, SCHEDULES
 
 log = logging.getLogger(__name__)
@@ -86,13 +87,14 @@ def _train_vocabulary(texts, path: epath.Path, vocab_size: int) -> None:
         source.copy(path.parent / f"spm{suffix}", overwrite=True)
 
 
-def use_bank_vocabulary(cfg, bank_dir: epath.Path) -> None:
-  """A run over a stored bank reads the bank's trained ``vocab/spm.model`` (no sentinels),
-  unless ``data.vocab_path`` names one: a new vocabulary would not match its embeddings."""
+def with_bank_vocabulary(cfg, bank_dir: epath.PathLike):
+  """The config of a run over a stored bank: a copy of ``cfg`` that reads the bank's trained
+  ``vocab/spm.model`` (no sentinels), unless ``data.vocab_path`` names one (then ``cfg`` itself):
+  a new vocabulary would not match the bank's embeddings."""
   vocab_file = epath.Path(bank_dir) / "vocab" / "spm.model"
-  if not cfg.data.vocab_path and vocab_file.exists():
-    cfg.data.vocab_path = os.fspath(vocab_file)
-    cfg.data.extra_ids = 0
+  if cfg.data.vocab_path or not vocab_file.exists():
+    return cfg
+  return with_values(cfg, {"data.vocab_path": os.fspath(vocab_file), "data.extra_ids": 0})
 
 
 def training_texts(cfg) -> list[str]:

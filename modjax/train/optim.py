@@ -7,15 +7,23 @@ wrote several parameter-sized temporaries per step that XLA did not fuse away: t
 gradients (a divide, which XLA will not recompute in each consumer), and in Adafactor's
 parameter scale a ``where`` copy of every parameter and a second reduction over it
 (``optax.safe_root_mean_squares`` guards a gradient the optimizer never takes).
+
+:func:`make_optimizer` takes these rewrites where ``modjax.cpu_kernels`` says so (XLA:CPU by
+default) and otherwise the public ``optax.clip_by_global_norm`` and ``optax.adafactor`` (through
+:func:`optax_adafactor`, the same settings), which initialise the rewrites' state too: a checkpoint
+resumes on either path. Nothing here imports optax's private modules; the two rules the rewrite
+shares with optax's ``scale_by_factored_rms`` are restated below and checked against optax by the
+tests.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from optax._src import factorized
 
+from modjax.cpu_kernels import use_cpu_kernels
 from modjax.errors import UserError
 
 OPTIMIZERS = ("adafactor", "adamw")
@@ -52,8 +60,9 @@ def make_schedule(name: str, learning_rate: float, warmup_steps: int, total_step
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, object]:
   """(optimizer, schedule) from ``cfg`` (the config's ``optimizer`` section)."""
   schedule = make_schedule(cfg.schedule, cfg.learning_rate, cfg.warmup_steps, total_steps)
+  rewrites = use_cpu_kernels()
   if cfg.name == "adafactor":
-    core = adafactor(
+    core = (adafactor if rewrites else optax_adafactor)(
       learning_rate=schedule,
       decay_rate=cfg.adafactor_decay_rate,
       multiply_by_parameter_scale=cfg.adafactor_parameter_scale,
@@ -63,7 +72,8 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
     core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
   else:
     raise OptimizerConfigError(f"unknown optimizer {cfg.name!r}; choose one of {OPTIMIZERS}")
-  chain = [clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
+  clip = clip_by_global_norm if rewrites else optax.clip_by_global_norm
+  chain = [clip(cfg.grad_clip)] if cfg.grad_clip else []
   return optax.chain(*chain, core), schedule
 
 
@@ -81,6 +91,29 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(reference.init, update_fn)
 
 
+def optax_adafactor(
+  learning_rate,
+  decay_rate: float = 0.8,
+  multiply_by_parameter_scale: bool = True,
+  weight_decay_rate: float | None = None,
+  eps: float = 1e-30,
+  min_dim_size_to_factor: int = 128,
+) -> optax.GradientTransformation:
+  """The public ``optax.adafactor`` as modjax configures it: no update clipping (optax's default
+  clips each update's RMS at 1.0; modjax clips the gradients' global norm instead) and no
+  momentum."""
+  return optax.adafactor(
+    learning_rate=learning_rate,
+    decay_rate=decay_rate,
+    clipping_threshold=None,
+    momentum=None,
+    multiply_by_parameter_scale=multiply_by_parameter_scale,
+    weight_decay_rate=weight_decay_rate,
+    eps=eps,
+    min_dim_size_to_factor=min_dim_size_to_factor,
+  )
+
+
 def adafactor(
   learning_rate,
   decay_rate: float = 0.8,
@@ -89,27 +122,25 @@ def adafactor(
   eps: float = 1e-30,
   min_dim_size_to_factor: int = 128,
 ) -> optax.GradientTransformation:
-  """``optax.adafactor`` without update clipping or momentum (as modjax configures it), every
-  leaf's update computed in one function.
+  """:func:`optax_adafactor`'s updates with every leaf's update computed in one function.
 
   The state is optax's (initialised by optax): (FactoredState, ScaleByScheduleState or
   EmptyState for a constant rate, EmptyState per remaining link of optax's chain).
   """
-  reference = optax.adafactor(
-    learning_rate=learning_rate,
-    decay_rate=decay_rate,
-    clipping_threshold=None,
-    multiply_by_parameter_scale=multiply_by_parameter_scale,
-    weight_decay_rate=weight_decay_rate,
-    eps=eps,
-    min_dim_size_to_factor=min_dim_size_to_factor,
+  reference = optax_adafactor(
+    learning_rate,
+    decay_rate,
+    multiply_by_parameter_scale,
+    weight_decay_rate,
+    eps,
+    min_dim_size_to_factor,
   )
 
   def update_fn(grads, state, params):
     if params is None:
       raise ValueError("adafactor needs the parameters (multiply_by_parameter_scale)")
     factored, lr_state, *rest = state
-    decay = factorized._decay_rate_pow(factored.count, decay_rate)
+    decay = _decay_rate_pow(factored.count, decay_rate)
     if callable(learning_rate):
       lr, lr_state = (
         learning_rate(lr_state.count),
@@ -119,7 +150,7 @@ def adafactor(
       lr = learning_rate
 
     def leaf(g, v_row, v_col, v, p):
-      dims = factorized._factored_dims(g.shape, True, min_dim_size_to_factor)
+      dims = _factored_dims(g.shape, min_dim_size_to_factor)
       update, new_row, new_col, new_v = _adafactor_leaf(g, v_row, v_col, v, decay, eps, dims)
       update = update * lr
       if multiply_by_parameter_scale:  # max(rms(p), 1e-3), as optax.safe_root_mean_squares
@@ -136,6 +167,22 @@ def adafactor(
     return parts[0], (factored, lr_state, *rest)
 
   return optax.GradientTransformation(reference.init, update_fn)
+
+
+def _decay_rate_pow(count, exponent: float):
+  """Adafactor's second-moment decay at step ``count``: ``1 - (count + 1)**-exponent``."""
+  return 1.0 - jnp.asarray(count + 1, jnp.float32) ** (-exponent)
+
+
+def _factored_dims(shape: tuple[int, ...], min_dim_size_to_factor: int) -> tuple[int, int] | None:
+  """The (second largest, largest) axes over which the second moment is factored; None for
+  fewer than two axes or a second largest axis under ``min_dim_size_to_factor``."""
+  if len(shape) < 2:
+    return None
+  order = np.argsort(shape)
+  if shape[order[-2]] < min_dim_size_to_factor:
+    return None
+  return int(order[-2]), int(order[-1])
 
 
 def _is_quad(x) -> bool:

@@ -43,6 +43,7 @@ from modjax.methods.ffn_merge.window import (
   resolve_stacks,
 )
 from modjax.plan import PlanError
+from modjax.run_config import with_values
 from modjax.train import experiment
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,8 @@ def task_data(cfg, bank_dir, model):
   """(task, vocabulary) from the config, with the source bank's trained vocabulary."""
   from modjax import evaluate
 
-  if not cfg.workdir:
-    cfg.workdir = str(bank_dir)
+  if not cfg.workdir:  # where load_eval_vocabulary looks after the bank (in a copy of cfg)
+    cfg = with_values(cfg, {"workdir": str(bank_dir)})
   vocabulary = evaluate.load_eval_vocabulary(cfg, bank_dir)
   if model.config.vocab_size < vocabulary.vocab_size:
     raise experiment.ConfigError(

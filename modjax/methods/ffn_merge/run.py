@@ -17,6 +17,7 @@ from etils import epath
 
 from modjax import bank_io
 from modjax.methods.ffn_merge.recovery import SCOPES, recovery_loss, split_trainable
+from modjax.run_config import with_values
 from modjax.train import experiment
 from modjax.train.loop import TrainResult, train
 
@@ -33,8 +34,8 @@ def add_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def load_merged(cfg) -> bank_io.StoredBank:
-  """The merged bank; its vocabulary (a trained ``vocab/spm.model`` or a copied
-  ``vocab/tokenizer.json``) becomes the run's (one-line errors when missing)."""
+  """The merged bank (one-line errors when missing); the run reads its vocabulary
+  (:func:`with_merged_vocabulary`)."""
   path = cfg.ffn_merge.bank
   if not path:
     raise experiment.ConfigError(
@@ -48,17 +49,25 @@ def load_merged(cfg) -> bank_io.StoredBank:
     raise experiment.ConfigError(
       f"config.ffn_merge.scope={cfg.ffn_merge.scope!r} is invalid: use one of {SCOPES}"
     )
-  experiment.use_bank_vocabulary(cfg, epath.Path(path))
-  tokenizer = epath.Path(path) / "vocab" / "tokenizer.json"
-  if not cfg.data.vocab_path and tokenizer.exists():
-    cfg.data.vocab_path, cfg.data.extra_ids = os.fspath(tokenizer), 0
   return bank_io.load_bank(path)
+
+
+def with_merged_vocabulary(cfg):
+  """``cfg``, or a copy that reads the merged bank's vocabulary (a trained ``vocab/spm.model`` or
+  a copied ``vocab/tokenizer.json``) unless ``data.vocab_path`` names one."""
+  path = epath.Path(cfg.ffn_merge.bank)
+  cfg = experiment.with_bank_vocabulary(cfg, path)
+  tokenizer = path / "vocab" / "tokenizer.json"
+  if cfg.data.vocab_path or not tokenizer.exists():
+    return cfg
+  return with_values(cfg, {"data.vocab_path": os.fspath(tokenizer), "data.extra_ids": 0})
 
 
 def recover(cfg) -> TrainResult:
   """Fine-tunes the merged bank's default plan per ``cfg`` (module docstring)."""
   experiment.validate_config(cfg)
   merged = load_merged(cfg)
+  cfg = with_merged_vocabulary(cfg)
   model, plan = merged.model, merged.plan()
   trainable, frozen = split_trainable(model, merged.params, plan, cfg.ffn_merge.scope)
   loss_fn = recovery_loss(
@@ -73,4 +82,5 @@ def recover(cfg) -> TrainResult:
     model=model,
     plans={bank_io.DEFAULT_PLAN: plan},
     meta=merged.meta,
+    validate=False,
   )

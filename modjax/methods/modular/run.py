@@ -13,7 +13,6 @@ import json
 import logging
 
 import jax
-from etils import epath
 
 from modjax import bank_io, cost
 from modjax.methods.modular import config as modular_config
@@ -34,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def load_teacher(cfg) -> bank_io.StoredBank:
-  """The teacher bank, with the run's dropout rate; its vocabulary becomes the run's."""
+  """The teacher bank, with the run's dropout rate (the run reads the teacher's vocabulary:
+  ``experiment.with_bank_vocabulary(cfg, cfg.modular.teacher)``)."""
   path = cfg.modular.teacher
   if not path:
     raise ModularError("config.modular.teacher is empty; give the teacher's workdir or bank dir")
@@ -48,7 +48,6 @@ def load_teacher(cfg) -> bank_io.StoredBank:
   if cfg.model.dropout_rate >= 0:
     config = dataclasses.replace(teacher.model.config, dropout_rate=cfg.model.dropout_rate)
     teacher.model = architecture_for(config)
-  experiment.use_bank_vocabulary(cfg, epath.Path(path))
   return teacher
 
 
@@ -71,6 +70,7 @@ def train_bank(cfg) -> TrainResult:
   """Trains the modules of a new bank per ``cfg`` (see the module docstring)."""
   experiment.validate_config(cfg)
   teacher = load_teacher(cfg)
+  cfg = experiment.with_bank_vocabulary(cfg, cfg.modular.teacher)
   model, params, meta, plans = build_bank(cfg, teacher)
   trainable, frozen = split_trainable(params, meta)
   loss_fn = modular_loss(
@@ -94,6 +94,7 @@ def train_bank(cfg) -> TrainResult:
     model=model,
     plans=plans,
     meta=meta,
+    validate=False,
   )
   write_compute(
     cfg,

@@ -33,6 +33,7 @@ from modjax import results, scoring
 from modjax.methods.modular import latency
 from modjax.methods.modular import strategies as st
 from modjax.plan import Plan
+from modjax.run_config import with_values
 from modjax.train import experiment
 
 log = logging.getLogger("modjax.assemble")
@@ -89,8 +90,8 @@ def load_quality_data(cfg, bank_dir, model, metric: str = "cross_entropy") -> di
     raise st.AssemblyError(f"--quality {metric!r} is unknown; use one of {QUALITY}")
   if experiment.model_type(model) != "encdec":
     raise st.AssemblyError("assembly scores encoder-decoder (T5) banks; this bank is decoder-only")
-  if not cfg.workdir:
-    cfg.workdir = os.fspath(bank_dir)  # where load_eval_vocabulary looks after the bank
+  if not cfg.workdir:  # where load_eval_vocabulary looks after the bank (in a copy of cfg)
+    cfg = with_values(cfg, {"workdir": os.fspath(bank_dir)})
   vocabulary = evaluate.load_eval_vocabulary(cfg, _vocab_dir(cfg, bank_dir))
   if model.config.vocab_size < vocabulary.vocab_size:
     raise experiment.ConfigError(

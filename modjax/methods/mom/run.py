@@ -17,7 +17,6 @@ import math
 
 import jax
 import ml_collections
-from etils import epath
 
 from modjax import bank_io
 from modjax.methods.mom.loss import mom_loss
@@ -49,7 +48,8 @@ def structure_from_config(section) -> MoMConfig:
 
 
 def load_vanilla(cfg) -> bank_io.StoredBank:
-  """The vanilla bank ``mom.init_from`` names; its vocabulary becomes the run's."""
+  """The vanilla bank ``mom.init_from`` names (the run reads its vocabulary:
+  ``experiment.with_bank_vocabulary``)."""
   path = cfg.mom.init_from
   if cfg.model.init_from:
     raise experiment.ConfigError(
@@ -60,7 +60,6 @@ def load_vanilla(cfg) -> bank_io.StoredBank:
       f"config.mom.init_from={path!r} holds no bank (no model.json); give a vanilla GPT-2 "
       "run's workdir or a saved bank"
     )
-  experiment.use_bank_vocabulary(cfg, epath.Path(path))
   stored = bank_io.load_bank(path)
   if not isinstance(stored.model.config, GPT2Config):
     raise experiment.ConfigError(
@@ -99,7 +98,10 @@ def train_mom(cfg) -> TrainResult:
   """Trains the MoM decoder ``cfg`` describes (module docstring)."""
   experiment.validate_config(cfg)
   structure = structure_from_config(cfg.mom)
-  stored = load_vanilla(cfg) if cfg.mom.init_from else None
+  stored = None
+  if cfg.mom.init_from:
+    stored = load_vanilla(cfg)
+    cfg = experiment.with_bank_vocabulary(cfg, cfg.mom.init_from)
   vocabulary = experiment.build_vocabulary(cfg)
   config, params = _starting_point(cfg, structure, vocabulary.vocab_size, stored)
   model = MoMGPT2(config, structure)
@@ -112,7 +114,14 @@ def train_mom(cfg) -> TrainResult:
   loss_fn = mom_loss(model, label_smoothing=cfg.train.label_smoothing, z_loss=cfg.train.z_loss)
   meta = bank_meta(structure, config.n_layer)
   return train(
-    cfg, loss_fn=loss_fn, init_params=params, frozen={}, model=model, plans={}, meta=meta
+    cfg,
+    loss_fn=loss_fn,
+    init_params=params,
+    frozen={},
+    model=model,
+    plans={},
+    meta=meta,
+    validate=False,
   )
 
 
