@@ -1,16 +1,30 @@
-"""The device mesh and the one table mapping logical axis names to mesh axes.
+"""The device mesh, the one table mapping logical axis names to mesh axes, and the activation
+constraints that use it.
 
 Mesh axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with parameters and
 optimizer state sharded), ``tensor`` (heads / mlp / vocab split across devices) and ``expert``
-(Mixture-of-Modules pools). A batch is split over ``data`` x ``fsdp``. A parameter dimension
-that its mesh axes do not divide is replicated instead (and reported once), so odd vocabularies
-and tiny test models still run on any mesh.
+(Mixture-of-Modules pools). A batch is split over ``data`` x ``fsdp``. A dimension that its mesh
+axes do not divide is replicated instead (and reported once), so odd vocabularies and tiny test
+models still run on any mesh.
+
+Multi-slice (DCN): each mesh axis is ``ici x dcn`` devices long, the ``dcn`` factor counting
+slices (TPU slices; processes where devices carry no slice index) and the ``ici`` factor the
+devices inside one slice, so only the axes given a ``dcn`` size talk across the slower network.
+
+Activations are constrained through the same table (:func:`constrain`), and only while a
+jitted function is traced under :func:`activation_mesh`: elsewhere (one device, decoding
+without a mesh) the constraints are the identity. A mesh axis shards one dimension at most, and
+the table's order decides: ``batch`` comes first, so a [batch, length, embed] activation is
+split over ``data`` x ``fsdp`` on its batch and keeps ``embed`` whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -22,7 +36,7 @@ from modjax.errors import UserError
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp")
 
-# logical axis -> mesh axis (or axes), None = replicated.
+# logical axis -> mesh axis (or axes), None = replicated. Parameters and activations alike.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   ("batch", BATCH_AXES),
   ("length", None),
@@ -37,17 +51,77 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   ("expert", "expert"),
 )
 
+# Logical axes of the activations the models constrain.
+HIDDEN_AXES = ("batch", "length", "embed")  # embeddings, residual stream, sublayer outputs
+HEADS_AXES = ("batch", "heads", "length", "kv")  # queries, keys, values (BHLK)
+CONTEXT_AXES = ("batch", "length", "heads", "kv")  # attention context before its projection
+FFN_AXES = ("batch", "length", "mlp")  # feed-forward hidden activations
+LOGITS_AXES = ("batch", "length", "vocab")
+
 
 class MeshError(UserError, ValueError):
   """A mesh shape that does not fit the devices or the batch."""
 
 
 def make_mesh(
-  data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1, devices=None
+  data: int = -1,
+  fsdp: int = 1,
+  tensor: int = 1,
+  expert: int = 1,
+  devices=None,
+  dcn: Mapping[str, int] | None = None,
 ) -> Mesh:
-  """A mesh over all (global) devices; one axis may be -1 to take the remaining devices."""
+  """A mesh over all (global) devices; one axis may be -1 to take the remaining devices.
+
+  ``dcn`` ({axis: slices}, e.g. ``{"data": 2}``) spreads axes across slices: the sizes given
+  positionally are then per slice (ICI) and the device grid comes from
+  ``mesh_utils.create_hybrid_device_mesh``."""
   devices = jax.devices() if devices is None else devices
-  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}
+  ici = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert}
+  dcn = _dcn_sizes(dcn)
+  slices = math.prod(dcn.values())
+  if slices == 1:
+    ici = _resolve_sizes(ici, len(devices), "data*fsdp*tensor*expert equal the device count")
+    return Mesh(_single_slice_grid(ici, devices), MESH_AXES)
+  granule, count = _slice_attribute(devices)
+  if count != slices:
+    given = ", ".join(f"mesh.dcn_{a}={n}" for a, n in dcn.items() if n > 1)
+    raise MeshError(
+      f"{given} asks for {slices} slices but the {len(devices)} devices form {count} (by "
+      f"{granule}); make the product of the mesh.dcn_* sizes {count}"
+    )
+  if len(devices) % slices:
+    raise MeshError(f"{len(devices)} devices do not split evenly into {slices} slices")
+  per_slice = len(devices) // slices
+  ici = _resolve_sizes(ici, per_slice, f"data*fsdp*tensor*expert equal {per_slice} (per slice)")
+  from jax.experimental import mesh_utils
+
+  try:
+    grid = mesh_utils.create_hybrid_device_mesh(
+      [ici[a] for a in MESH_AXES],
+      [dcn[a] for a in MESH_AXES],
+      devices,
+      process_is_granule=granule == "process_index",
+    )
+  except ValueError as e:  # e.g. slices of unequal size
+    raise MeshError(f"cannot lay {slices} slices of {dict(ici)} devices out: {e}") from e
+  return Mesh(grid, MESH_AXES)
+
+
+def _dcn_sizes(dcn: Mapping[str, int] | None) -> dict[str, int]:
+  dcn = dict(dcn or {})
+  unknown = sorted(set(dcn) - set(MESH_AXES))
+  if unknown:
+    raise MeshError(f"unknown DCN mesh axes {unknown}; use {MESH_AXES}")
+  for axis, size in dcn.items():
+    if not isinstance(size, int) or size < 1:
+      raise MeshError(f"mesh.dcn_{axis}={size!r} is invalid; use a positive number of slices")
+  return {a: dcn.get(a, 1) for a in MESH_AXES}
+
+
+def _resolve_sizes(sizes: dict[str, int], count: int, fix: str) -> dict[str, int]:
+  """``sizes`` with its one -1 axis filled so that the product is ``count``."""
+  sizes = dict(sizes)
   unknown = [k for k, v in sizes.items() if v == -1]
   if len(unknown) > 1:
     raise MeshError(f"only one mesh axis may be -1, got {unknown}; set the others explicitly")
@@ -56,24 +130,35 @@ def make_mesh(
       raise MeshError(f"mesh.{k}={v} is invalid; use a positive size or -1")
   known = math.prod(v for v in sizes.values() if v != -1)
   if unknown:
-    if len(devices) % known:
+    if count % known:
       raise MeshError(
-        f"{len(devices)} devices are not divisible by the fixed mesh axes {sizes} (product {known})"
+        f"{count} devices are not divisible by the fixed mesh axes {sizes} (product {known})"
       )
-    sizes[unknown[0]] = len(devices) // known
-  if math.prod(sizes.values()) != len(devices):
+    sizes[unknown[0]] = count // known
+  if math.prod(sizes.values()) != count:
     raise MeshError(
-      f"mesh {sizes} needs {math.prod(sizes.values())} devices but {len(devices)} are available; "
-      "make data*fsdp*tensor*expert equal the device count (or set one axis to -1)"
+      f"mesh {sizes} needs {math.prod(sizes.values())} devices but {count} are available; "
+      f"make {fix} (or set one axis to -1)"
     )
+  return sizes
+
+
+def _single_slice_grid(sizes: dict[str, int], devices) -> np.ndarray:
   shape = tuple(sizes[a] for a in MESH_AXES)
   try:
     from jax.experimental import mesh_utils
 
-    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    return mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # topology helpers do not know every platform (e.g. fake CPU devices)
-    grid = np.asarray(devices).reshape(shape)
-  return Mesh(grid, MESH_AXES)
+    return np.asarray(devices).reshape(shape)
+
+
+def _slice_attribute(devices: Sequence) -> tuple[str, int]:
+  """(what groups devices into slices, how many slices there are): TPU slices by their
+  ``slice_index``; elsewhere (GPU hosts, CPU processes) each process is one slice."""
+  tpu = devices[0].platform == "tpu" and hasattr(devices[0], "slice_index")
+  attribute = "slice_index" if tpu else "process_index"
+  return attribute, len({getattr(d, attribute) for d in devices})
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -125,6 +210,53 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+# ---- activation constraints -----------------------------------------------------------------
+_constraints_off: contextvars.ContextVar[bool] = contextvars.ContextVar(
+  "modjax_activation_constraints_off", default=False
+)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None):
+  """Within the block, :func:`constrain` shards activations on ``mesh``: it enters ``mesh`` as
+  JAX's abstract mesh context (``jax.sharding.use_abstract_mesh``), which is part of what JAX
+  keys its traces on, so a function traced inside and the same function traced outside stay
+  two programs. Enter it inside the function being jitted, as ``train.step.jit_train_step``
+  does. Nothing is entered for ``None``, a one-device mesh or under
+  :func:`activation_constraints_off`."""
+  if mesh is None or mesh.size == 1 or _constraints_off.get():
+    yield
+    return
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    yield
+
+
+@contextlib.contextmanager
+def activation_constraints_off():
+  """:func:`activation_mesh` entered within the block adds no constraints: the program traced
+  is the one traced without a mesh (to compare losses or memory with and without them)."""
+  token = _constraints_off.set(True)
+  try:
+    yield
+  finally:
+    _constraints_off.reset(token)
+
+
+def constrain(x, logical_axes: tuple[str | None, ...], name: str):
+  """``x`` constrained to the sharding its logical axes get from :data:`RULES` on the mesh of
+  the context (:func:`activation_mesh`, or ``jax.set_mesh`` with this module's axis names); the
+  identity without one or on one device. ``name`` labels the constraint in the traced program
+  (a ``jax.named_scope``), as the sharding golden test and profiles read it."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or tuple(mesh.axis_names) != MESH_AXES:
+    return x
+  if len(logical_axes) != x.ndim:
+    raise ValueError(f"activation {name!r} has shape {x.shape} but logical axes {logical_axes}")
+  spec = logical_to_mesh_spec(PartitionSpec(*logical_axes), x.shape, mesh)
+  with jax.named_scope(name):
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 _reported: set[str] = set()

@@ -83,6 +83,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
   c.mesh.expert = 1
   c.mesh.num_devices = 0  # 0: every device; N: the first N (e.g. compare 1 vs 8 devices)
+  # Multi-slice: slices along each axis, over the data-center network (DCN). With any > 1 the
+  # sizes above count devices inside one slice (ICI); the product of these is the slice count.
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_tensor = 1
+  c.mesh.dcn_expert = 1
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 100

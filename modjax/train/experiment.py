@@ -190,8 +190,9 @@ def build_mesh(cfg):
       f"config.mesh.num_devices={n} is invalid: {len(devices)} devices exist; use 0 (all) up to {len(devices)}"
     )
   m = cfg.mesh
+  dcn = {axis: m[f"dcn_{axis}"] for axis in sharding.MESH_AXES}
   return sharding.make_mesh(
-    m.data, m.fsdp, m.tensor, m.expert, devices=devices[:n] if n else devices
+    m.data, m.fsdp, m.tensor, m.expert, devices=devices[:n] if n else devices, dcn=dcn
   )
 
 
@@ -291,6 +292,7 @@ def validate_config(cfg) -> None:
     "use a positive number",
   )
   need(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "use 0 (off) or a positive norm")
+  _validate_mesh(cfg.mesh, need)
   _validate_plateau(cfg.train, need)
   need(t.profile_steps >= 0, "train.profile_steps", t.profile_steps, "use 0 (off) or a count")
   need(t.profile_start >= 1, "train.profile_start", t.profile_start, "use 1 or more steps")
@@ -345,3 +347,15 @@ def _validate_plateau(t, need) -> None:
     t.plateau_min_improvement,
     "use a relative improvement in (0, 1), e.g. 0.01",
   )
+
+
+def _validate_mesh(m, need) -> None:
+  """Mesh sizes that no device count can satisfy; ``sharding.make_mesh`` checks the rest
+  against the devices (and slices) it finds."""
+  for axis in sharding.MESH_AXES:
+    need(m[axis] == -1 or m[axis] > 0, f"mesh.{axis}", m[axis], "use a positive size or -1")
+    key = f"dcn_{axis}"
+    need(m[key] > 0, f"mesh.{key}", m[key], "use a positive number of slices (1: one slice)")
+  wildcards = [f"mesh.{a}" for a in sharding.MESH_AXES if m[a] == -1]
+  need(len(wildcards) <= 1, "mesh", wildcards, "set at most one mesh axis to -1")
+  need(m.num_devices >= 0, "mesh.num_devices", m.num_devices, "use 0 (all devices) or a count")
