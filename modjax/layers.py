@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from modjax.contractions import dense, tied_logits
 from modjax.dropout import Dropout
 from modjax.model_config import to_dtype
+from modjax.sharding import CONTEXT_AXES, FFN_AXES, HEADS_AXES, HIDDEN_AXES, constrain
 
 NEG_INF = -1e10  # additive mask value; finite so fully masked rows stay NaN-free
 
@@ -156,10 +157,11 @@ class Attention(nn.Module):
   # Heads-major layouts (BHLK/BHTK) keep batch and heads as the leading dims of both attention
   # matmuls: XLA:CPU runs those as plain batched GEMMs, several times faster than BTHK.
   def project_q(self, x_BLD):
-    return jnp.swapaxes(self.query(x_BLD), 1, 2)  # BHLK
+    return constrain(jnp.swapaxes(self.query(x_BLD), 1, 2), HEADS_AXES, "attention_q")  # BHLK
 
   def project_kv(self, x_BTD):
-    return jnp.swapaxes(self.key(x_BTD), 1, 2), jnp.swapaxes(self.value(x_BTD), 1, 2)  # BHTK
+    k_BHTK = constrain(jnp.swapaxes(self.key(x_BTD), 1, 2), HEADS_AXES, "attention_k")
+    return k_BHTK, constrain(jnp.swapaxes(self.value(x_BTD), 1, 2), HEADS_AXES, "attention_v")
 
   def project_qkv(self, x_BLD):
     """q, k, v (BHLK) from one matmul against the three kernels side by side.
@@ -187,7 +189,7 @@ class Attention(nn.Module):
     ctx_BLHK, probs_BHLT = self.context(
       q_BHLK, k_BHTK, v_BHTK, bias_BHLT, deterministic, keys_transposed
     )
-    return self.out(ctx_BLHK), probs_BHLT
+    return constrain(self.out(ctx_BLHK), HIDDEN_AXES, "attention_output"), probs_BHLT
 
   def context(self, q_BHLK, k_BHTK, v_BHTK, bias_BHLT, deterministic: bool, keys_transposed=False):
     """(context_BLHK, probabilities_BHLT): :meth:`attend` before its output projection, so a
@@ -199,7 +201,7 @@ class Attention(nn.Module):
     probs_BHLT = jax.nn.softmax(logits + bias_BHLT, axis=-1)
     dropped = self.dropout(probs_BHLT, deterministic=deterministic)
     ctx_BHLK = jnp.einsum("bhlt,bhtk->bhlk", dropped.astype(v_BHTK.dtype), v_BHTK)
-    return jnp.swapaxes(ctx_BHLK, 1, 2), probs_BHLT
+    return constrain(jnp.swapaxes(ctx_BHLK, 1, 2), CONTEXT_AXES, "attention_context"), probs_BHLT
 
   def __call__(self, x_BLD, kv_BTD, bias_BHLT, deterministic: bool):
     k, v = self.project_kv(kv_BTD)
@@ -236,7 +238,10 @@ class FeedForward(nn.Module):
       self.sow("intermediates", "ffn_linear", linear_BLF)
       h_BLF = h_BLF * linear_BLF
     h_BLF = self.dropout(h_BLF, deterministic=deterministic)
-    return self.wo(h_BLF)
+    if x_BLD.ndim != 3:  # a token buffer without batch and length axes (a MoM module's, vmapped)
+      return self.wo(h_BLF)
+    h_BLF = constrain(h_BLF, FFN_AXES, "ffn_hidden")
+    return constrain(self.wo(h_BLF), HIDDEN_AXES, "ffn_output")
 
 
 class Block(nn.Module):
@@ -276,7 +281,8 @@ class Block(nn.Module):
         self.cross_attn_norm(x_BLD), enc_BTD, cross_bias_BHLT, deterministic
       )
       x_BLD = x_BLD + self.dropout(y, deterministic=deterministic)
-    return self._ffn_residual(x_BLD, deterministic), self_probs, cross_probs
+    x_BLD = constrain(self._ffn_residual(x_BLD, deterministic), HIDDEN_AXES, "residual")
+    return x_BLD, self_probs, cross_probs
 
   def cross_kv(self, enc_BSD):
     """Cross-attention keys (BHKS, transposed) and values (BHSK) of the encoder output, computed
@@ -290,7 +296,7 @@ class Block(nn.Module):
     h = self.self_attn_norm(x_BLD)
     k, v = self.self_attn.project_kv(h)
     y, _ = self.self_attn.attend(self.self_attn.project_q(h), k, v, self_bias_BHLL, deterministic)
-    return self._ffn_residual(x_BLD + y, deterministic), k, v
+    return constrain(self._ffn_residual(x_BLD + y, deterministic), HIDDEN_AXES, "residual"), k, v
 
   def decode_step(self, x_RND, cache, index, self_bias, cross_bias_BH1S=None):
     """N new tokens (N = 1 when decoding token by token) for each of R = B*G rows (B input

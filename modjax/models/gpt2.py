@@ -29,6 +29,7 @@ from modjax.layers import (
 from modjax.model_config import GPT2Config, to_dtype
 from modjax.models.stack import init_block, run_stack, slot_params, split_boxed
 from modjax.plan import Plan
+from modjax.sharding import HIDDEN_AXES, LOGITS_AXES, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,14 +106,17 @@ class GPT2:
   def _embed(self, params, ids, positions):
     m = self._modules()
     x = m["wte"].apply({"params": params["token_embedding"]}, ids)
-    return x + m["wpe"].apply({"params": params["position_embedding"]}, positions)
+    x = x + m["wpe"].apply({"params": params["position_embedding"]}, positions)
+    return constrain(x, HIDDEN_AXES, "embeddings")
 
   def _logits(self, params, x_BLD, head_DV=None):
     m = self._modules()
     x_BLD = m["norm"].apply({"params": params["decoder"]["final_norm"]}, x_BLD)
     if head_DV is not None:
-      return head_logits(x_BLD, head_DV)
-    return m["wte"].apply({"params": params["token_embedding"]}, x_BLD, method="attend")
+      logits_BLV = head_logits(x_BLD, head_DV)
+    else:
+      logits_BLV = m["wte"].apply({"params": params["token_embedding"]}, x_BLD, method="attend")
+    return constrain(logits_BLV, LOGITS_AXES, "logits")
 
   def __call__(
     self,

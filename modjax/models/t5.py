@@ -44,6 +44,7 @@ from modjax.layers import (
 from modjax.model_config import T5Config, to_dtype
 from modjax.models.stack import init_block, run_stack, slot_params, split_boxed
 from modjax.plan import Plan
+from modjax.sharding import HIDDEN_AXES, LOGITS_AXES, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +174,7 @@ class T5:
     positions = jnp.arange(s)
     bias = m["enc_relpos"].apply({"params": params["encoder"]["relpos_bias"]}, positions, positions)
     bias = bias + self._attention_mask(input_ids_BS, input_mask_BS, segment_ids_BS, segment_ids_BS)
-    x = m["embed"].apply({"params": params["token_embedding"]}, input_ids_BS)
+    x = self._embed(params, input_ids_BS)
     rngs = _split(dropout_rng, 3)
     x = _dropout(x, c.dropout_rate, deterministic, rngs[0])
     x, inter = (stack_fns or {}).get("encoder", run_stack)(
@@ -235,8 +236,7 @@ class T5:
     else:
       cross_bias = self._attention_mask(encoder_input_ids, encoder_mask, None, None)
     rngs = _split(dec_rng, 3)
-    x = m["embed"].apply({"params": params["token_embedding"]}, decoder_input_ids)
-    x = _dropout(x, c.dropout_rate, deterministic, rngs[0])
+    x = _dropout(self._embed(params, decoder_input_ids), c.dropout_rate, deterministic, rngs[0])
     x, dec_inter = (stack_fns or {}).get("decoder", run_stack)(
       params["decoder"],
       plan.decoder,
@@ -261,7 +261,14 @@ class T5:
       mask_BS = ids_BS != self.config.pad_token_id
     return key_padding_bias(mask_BS)
 
+  def _embed(self, params, ids_BL):
+    x_BLD = self._modules()["embed"].apply({"params": params["token_embedding"]}, ids_BL)
+    return constrain(x_BLD, HIDDEN_AXES, "embeddings")
+
   def _logits(self, params, x_BLD, head_DV=None):
+    return constrain(self._unconstrained_logits(params, x_BLD, head_DV), LOGITS_AXES, "logits")
+
+  def _unconstrained_logits(self, params, x_BLD, head_DV):
     m, c = self._modules(), self.config
     if c.scale_decoder_outputs:
       x_BLD = x_BLD * (c.d_model**-0.5)

@@ -18,6 +18,7 @@ Jitted with in/out shardings and a donated state (pjit semantics).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -130,10 +131,17 @@ def _with_aux(loss_fn: Callable) -> Callable:
 
 def jit_train_step(step_fn, mesh, state_shardings, frozen_shardings):
   """pjit: state and frozen parameters placed by their shardings, the batch split over
-  ``data`` x ``fsdp``; the old state is donated."""
+  ``data`` x ``fsdp``; the old state is donated. The step is traced under
+  ``sharding.activation_mesh(mesh)``, so the models' activation constraints apply."""
   rep = sharding.replicated(mesh)
+
+  @functools.wraps(step_fn)  # keeps the step's name in profiles: jit(step_fn)
+  def constrained_step(state, frozen, batch, rng):
+    with sharding.activation_mesh(mesh):
+      return step_fn(state, frozen, batch, rng)
+
   return jax.jit(
-    step_fn,
+    constrained_step,
     in_shardings=(state_shardings, frozen_shardings, sharding.batch_sharding(mesh), rep),
     out_shardings=(state_shardings, rep),
     donate_argnums=(0,),

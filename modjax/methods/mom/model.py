@@ -41,6 +41,7 @@ from modjax.model_config import GPT2Config
 from modjax.models import GPT2
 from modjax.models.stack import run_stack
 from modjax.plan import Plan, PlanError, Slot
+from modjax.sharding import HIDDEN_AXES, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +185,7 @@ def forward(
     x, block_routings, block_dropped = mom_block(
       spec, cfg, params["decoder"], where, x, bias, mask, deterministic=deterministic, rng=key(i)
     )
+    x = constrain(x, HIDDEN_AXES, "residual")
     metrics.update(block_metrics(cfg, where, block_routings))
     for k in routings:
       routings[k] += block_routings[k]
