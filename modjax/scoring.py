@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import time
 from typing import TYPE_CHECKING
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 from modjax import decode
 from modjax.data import DataError
 from modjax.plan import Plan
+from modjax.progress import Progress
 from modjax.train import experiment, losses
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def predict(
   prepared = decode.prepare(model, params)
   texts = Predictions()
   totals = np.zeros(3, np.int64)  # rounds, drafted, accepted
-  start = time.perf_counter()
+  progress = Progress("decoded", len(examples), "examples", logger=log)
   for ids, rows in input_batches(examples, batch_size=batch_size, inputs_length=inputs_length):
     result = decode.generate(
       model,
@@ -167,16 +167,7 @@ def predict(
       texts.append(vocabulary.decode(out))
     if stats is not None:
       totals += [int(np.sum(x[:rows])) for x in (stats.rounds, stats.drafted, stats.accepted)]
-    done = len(texts)
-    rate = done / max(time.perf_counter() - start, 1e-9)
-    log.info(
-      "decoded %d/%d examples (%.1f examples/s, ETA %.0fs)%s",
-      done,
-      len(examples),
-      rate,
-      (len(examples) - done) / rate,
-      _draft_progress(totals) if draft_plan is not None else "",
-    )
+    progress.update(rows, note=_draft_progress(totals) if draft_plan is not None else "")
   if draft_plan is not None:
     texts.speculative = _draft_summary(totals)
   return texts
@@ -197,6 +188,6 @@ def _draft_summary(totals) -> dict:
 def _draft_progress(totals) -> str:
   s = _draft_summary(totals)
   return (
-    f"; draft acceptance rate {s['acceptance_rate']:.3f}, "
+    f"draft acceptance rate {s['acceptance_rate']:.3f}, "
     f"{s['mean_accepted_length']:.2f} accepted per round"
   )

@@ -18,10 +18,8 @@ plan: an assembled one, or one that already shares FFNs.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import logging
-import time
 from collections.abc import Iterable, Mapping
 
 import jax
@@ -29,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from modjax.plan import Plan, PlanError
+from modjax.progress import Progress
 from modjax.train import experiment
 
 log = logging.getLogger(__name__)
@@ -174,19 +173,6 @@ def _accumulate(model, plan: Plan, pairs: tuple, state, params, batch, branch: s
   return out
 
 
-def _progress(batches: int, tokens: float, max_tokens: int | None, start: float) -> str:
-  """``batch 3, 4,096/10,000 tokens, 2,310 tokens/s, ETA 0:00:03`` (the first batch compiles)."""
-  elapsed = max(time.perf_counter() - start, 1e-9)
-  rate = tokens / elapsed
-  if max_tokens is None:
-    return f"batch {batches}, {int(tokens):,} tokens, {rate:,.0f} tokens/s"
-  eta = max(max_tokens - tokens, 0) / max(rate, 1e-9)
-  return (
-    f"batch {batches}, {int(tokens):,}/{max_tokens:,} tokens, {rate:,.0f} tokens/s, "
-    f"ETA {datetime.timedelta(seconds=round(eta))}"
-  )
-
-
 def _initial_state(positions: int, d_ff: int, num_pairs: int) -> dict:
   return {
     "count": jnp.zeros((), jnp.float32),
@@ -229,12 +215,12 @@ def collect_stats(
   )
   d_ff = model.stack_block_spec(model.stacks[0]).d_ff
   state = {s: _initial_state(len(plan.stack(s)), d_ff, len(p)) for s, p in static_pairs}
-  seen, start = 0, time.perf_counter()
+  seen, progress = 0, Progress("ffn features", max_tokens, "tokens", logger=log)
   for index, batch in enumerate(batches):
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     state = _accumulate(model, plan, static_pairs, state, params, batch, branch=branch)
     seen = min(float(state[s]["count"]) for s in model.stacks)
-    log.info("ffn features: %s", _progress(index + 1, seen, max_tokens, start))
+    progress.update(done=seen, note=f"batch {index + 1}")  # the first batch compiles
     if max_tokens is not None and seen >= max_tokens:
       break
   if seen <= 0:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import time
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +43,7 @@ from modjax.methods.modular import commands
 from modjax.methods.modular import strategies as st
 from modjax.methods.modular import sweep as sw
 from modjax.plan import Plan
+from modjax.progress import Progress
 
 log = logging.getLogger("modjax.assemble")
 
@@ -139,8 +139,8 @@ def measure(decoder: SampleDecoder, drafts, ks, *, runs: int, warmup: int) -> di
   tokens = generated_tokens(plain.tokens, eos)
   greedy_seconds, rows = [], []
   cases = [(d, k) for d in drafts for k in ks]
-  start = time.perf_counter()
-  for i, (draft, k) in enumerate(cases):
+  progress = Progress("timed", len(cases), "drafts", logger=log, every_secs=0)
+  for draft, k in cases:
     first = decoder.run(draft, k)
     drafting = functools.partial(decoder.decode_all, draft, k)
     timing.repeat(drafting, 0, warmup)
@@ -162,12 +162,11 @@ def measure(decoder: SampleDecoder, drafts, ks, *, runs: int, warmup: int) -> di
         "mismatching_rows": mismatching_rows(first.tokens, plain.tokens),
       }
     )
-    eta = (time.perf_counter() - start) / (i + 1) * (len(cases) - i - 1)
-    log.info(
-      "timed draft %d/%d (ETA %.0fs): k=%d, %.1f tokens/s, acceptance %.3f  %s",
-      i + 1, len(cases), eta, k, rows[-1]["tokens_per_s"], rows[-1]["acceptance_rate"],
-      draft.describe(),
-    )  # fmt: skip
+    row = rows[-1]
+    progress.update(
+      note=f"k={k}, {row['tokens_per_s']:.1f} tokens/s, acceptance {row['acceptance_rate']:.3f}  "
+      f"{draft.describe()}"
+    )
   greedy = tokens / timing.median(greedy_seconds)
   for row in rows:
     row["speedup_vs_greedy"] = row["tokens_per_s"] / greedy

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ import numpy as np
 from modjax import bank, decode, timing
 from modjax.methods.modular import strategies as st
 from modjax.plan import Plan
+from modjax.progress import Progress
 
 log = logging.getLogger("modjax.assemble")
 
@@ -121,23 +121,14 @@ class Timer:
 
 
 def time_all(timer: Timer, plans: Sequence[Plan], what: str = "plans") -> list[Timing]:
-  """Times every plan (teacher first, so speed-ups have their reference), with N/M and ETA."""
+  """Times every plan (teacher first, so speed-ups have their reference), with a progress line
+  (N/M, rate, ETA) per plan."""
   timer.measure(timer.teacher)
-  out, start = [], time.perf_counter()
-  for i, plan in enumerate(plans):
+  out, progress = [], Progress("timed", len(plans), what, logger=log, every_secs=0)
+  for plan in plans:
     out.append(timer.measure(plan))
-    done = i + 1
-    eta = (time.perf_counter() - start) / done * (len(plans) - done)
-    log.info(
-      "timed %d/%d %s (ETA %.0fs): %.2fx, %.2f ms/token  %s",
-      done,
-      len(plans),
-      what,
-      eta,
-      timer.speedup(plan),
-      out[-1].per_token_ms,
-      plan.describe(),
-    )
+    speed = f"{timer.speedup(plan):.2f}x, {out[-1].per_token_ms:.2f} ms/token"
+    progress.update(note=f"{speed}  {plan.describe()}")
   return out
 
 

@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +32,7 @@ from modjax import results, scoring
 from modjax.methods.modular import latency
 from modjax.methods.modular import strategies as st
 from modjax.plan import Plan
+from modjax.progress import Progress
 from modjax.run_config import with_values
 from modjax.train import experiment
 
@@ -138,21 +138,11 @@ def _vocab_dir(cfg, bank_dir) -> epath.Path:
 
 
 def score_all(quality: Quality, plans: Sequence[Plan]) -> list[float]:
-  """Losses of ``plans``, with N/M and ETA progress lines."""
-  out, start = [], time.perf_counter()
-  for i, plan in enumerate(plans):
+  """Losses of ``plans``, with a progress line (N/M, rate, ETA) per plan."""
+  out, progress = [], Progress("scored", len(plans), "plans", logger=log, every_secs=0)
+  for plan in plans:
     out.append(quality.loss(plan))
-    done = i + 1
-    eta = (time.perf_counter() - start) / done * (len(plans) - done)
-    log.info(
-      "scored %d/%d plans (ETA %.0fs): %s %.4f  %s",
-      done,
-      len(plans),
-      eta,
-      quality.metric,
-      abs(out[-1]),
-      plan.describe(),
-    )
+    progress.update(note=f"{quality.metric} {abs(out[-1]):.4f}  {plan.describe()}")
   return out
 
 
