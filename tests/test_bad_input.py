@@ -110,6 +110,7 @@ CASES = [
   ),
   ("mesh_product_not_device_count", TRAIN, ["--config.mesh.data=3"], ["mesh", "3", "8"]),
   ("too_many_devices", TRAIN, ["--config.mesh.num_devices=99"], ["mesh.num_devices=99"]),
+  ("dcn_slices_not_there", TRAIN, ["--config.mesh.dcn_data=2"], ["mesh.dcn_data=2", "form 1"]),
   ("unknown_optimizer", TRAIN, ["--config.optimizer.name=sgd"], ["optimizer.name", "sgd"]),
   ("unknown_schedule", TRAIN, ["--config.optimizer.schedule=step"], ["optimizer.schedule"]),
   (
