@@ -11,12 +11,21 @@ pool's slots: modules ``0 .. N-1`` and, with SKIP, slot ``N``. Kinds (``MoMConfi
 Parameters are plain dicts ``{"input": {kernel, bias}, ...}`` (``input`` reads the residual
 stream, so its kernel carries the ``embed`` axis; the rest is replicated).
 
-Gates (``MoMConfig.gate``) from the scores s:
+Gates (``MoMConfig.gate``) from the scores s, with p = softmax(s / temperature):
 
-* ``renormalized`` (DESIGN.md; the authors' ``*softmax*`` routers): p = softmax(s / temperature),
-  the top K kept and renormalised to sum to one. With K=1 the kept weight is exactly 1 whatever
-  the scores, so no gradient of the task loss reaches the router: it learns from the balancing
-  loss alone.
+* ``renormalized`` (DESIGN.md; the authors' ``*softmax*`` routers): the top K of p kept and
+  renormalised to sum to one, computed as the softmax of the kept ``s / temperature`` (the same
+  value). With K=1 the kept weight is exactly 1 whatever the scores and its gradient is exactly
+  zero, so no gradient of the task loss reaches the router: it learns from the balancing loss
+  alone.
+* ``straight_through``: the forward value of ``renormalized`` (exactly; 1 for K=1), with the
+  gradient of ``g_k log p_k`` for kept slot k (g: the renormalised gates), i.e. the weight
+  ``sg(g) * (1 + log p - sg(log p))``. For K=1 that is the gradient of log p: the task loss's
+  derivative by the kept module's weight, times d log p. For K>1 it equals the gradient of
+  ``p_k / sg(sum of kept p)``: the renormalisation's denominator is held constant, so each
+  kept slot is pushed by its own probability, not only by the ratio among the kept ones. Scaling
+  by g (instead of the bare log p) keeps the gradient of a K>1 gate on the scale of its value.
+  It trains the router through the task loss while the forward pass stays the paper's.
 * ``softmax`` (Switch Transformer): the kept p as they are; the task loss trains the router.
 * ``raw`` (the authors' routers without ``softmax`` in their type): the top K raw scores are
   the weights; p = softmax(s) only for the balancing loss and statistics, as their code does.
@@ -107,12 +116,28 @@ def top_k_gates(scores_BLS, mask_BL, cfg: MoMConfig) -> Routing:
     probs = jax.nn.softmax(scores_BLS, axis=-1)
     weight, index = jax.lax.top_k(scores_BLS, cfg.top_k)
   else:
-    probs = jax.nn.softmax(scores_BLS / cfg.temperature, axis=-1)
+    scaled_BLS = scores_BLS / cfg.temperature
+    probs = jax.nn.softmax(scaled_BLS, axis=-1)
     weight, index = jax.lax.top_k(probs, cfg.top_k)
-  if cfg.gate == "renormalized":
-    weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
+    if cfg.gate in ("renormalized", "straight_through"):
+      weight = _renormalized(scaled_BLS, index, straight_through=cfg.gate == "straight_through")
   mask = mask_BL.astype(jnp.float32)
   return Routing(probs, index.astype(jnp.int32), weight * mask[..., None], mask)
+
+
+def _renormalized(scaled_BLS, index_BLK, *, straight_through: bool):
+  """The kept slots' probabilities renormalised: softmax over the kept scaled scores, whose
+  derivative is exactly zero for one kept slot (``p / p`` would leave rounding residue there).
+  ``straight_through``: the same value, with the gradient of ``g log p`` (module docstring)."""
+  kept_BLK = jnp.take_along_axis(scaled_BLS, index_BLK, axis=-1)
+  gates_BLK = jax.nn.softmax(kept_BLK, axis=-1)
+  if not straight_through:
+    return gates_BLK
+  log_p_BLK = jnp.take_along_axis(jax.nn.log_softmax(scaled_BLS, axis=-1), index_BLK, axis=-1)
+  # log p - sg(log p) is exactly 0 in the forward pass (log_softmax is finite), so the value
+  # is exactly the renormalised gate; its derivative is d log p, scaled by the gate
+  moved_BLK = log_p_BLK - jax.lax.stop_gradient(log_p_BLK)
+  return jax.lax.stop_gradient(gates_BLK) * (1.0 + moved_BLK)
 
 
 def route(cfg: MoMConfig, params: dict, x_BLD, state, mask_BL):

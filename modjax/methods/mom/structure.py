@@ -16,6 +16,7 @@ option              paper / DESIGN.md                authors' code
 ``gate``            ``renormalized``: softmax at     ``renormalized`` for their softmax
                     the temperature, top K           routers, ``raw`` (top K raw scores as
                     renormalised                     weights) for the others
+``rounds``          H (``configs/mom_gpt2.py``: 4)   8 (their pretraining script)
 ``weighted_qkv``    False: chosen q,k,v summed       ``weighted_qkv=True`` scales each by
                                                      its routing weight
 ``balance``         ``depthwise``: Switch loss per   ``pooled``: one loss over all rounds
@@ -24,6 +25,10 @@ option              paper / DESIGN.md                authors' code
                                                      (``require_anchor_layer``), as here
 ==================  ===============================  =====================================
 
+``configs/mom_gpt2.py:ddtp_authors`` runs the authors' anchor layer and 8 rounds.
+
+``straight_through`` (the renormalised gate's forward value, the gradient of g log p: the
+task loss trains the router even at K=1) and ``softmax`` (Switch's) are further gates, ours.
 ``linear`` (one D -> slots matmul, Switch's router) is a third router. The authors' GRU router
 scores ``max(N_A, N_F) + 1`` slots for both sublayers (extra slots act as SKIP); here each router
 scores its own pool's ``N + 1``. Their load-balancing loss applies a second softmax to
@@ -44,7 +49,7 @@ from collections.abc import Mapping
 from modjax.errors import UserError
 
 ROUTERS = ("linear", "mlp", "gru")
-GATES = ("renormalized", "softmax", "raw")
+GATES = ("renormalized", "straight_through", "softmax", "raw")
 BALANCE = ("depthwise", "pooled")
 DISPATCH = ("capacity", "dense", "gather", "exact")
 
@@ -69,7 +74,7 @@ class MoMConfig:
   router: str = "gru"
   router_dim: int = 256
   temperature: float = 0.2
-  gate: str = "renormalized"  # | "softmax" | "raw" (modjax/methods/mom/routers.py)
+  gate: str = "renormalized"  # | "straight_through" | "softmax" | "raw" (routers.py)
   weighted_qkv: bool = False
   balance_weight: float = 0.01
   balance: str = "depthwise"
