@@ -58,8 +58,22 @@ def make_schedule(name: str, learning_rate: float, warmup_steps: int, total_step
 
 
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, object]:
-  """(optimizer, schedule) from ``cfg`` (the config's ``optimizer`` section)."""
-  schedule = make_schedule(cfg.schedule, cfg.learning_rate, cfg.warmup_steps, total_steps)
+  """(optimizer, schedule) from ``cfg`` (the config's ``optimizer`` section).
+
+  A section with ``schedule_start`` S and ``schedule_steps`` N (configs/mom_gpt2.py adds them)
+  continues a schedule: step s of this run takes the rate of step S + s of a schedule of N
+  steps (0: S + ``total_steps``), so a run that goes on from another's weights keeps that run's
+  learning rate instead of warming up again."""
+  start, horizon = cfg.get("schedule_start", 0), cfg.get("schedule_steps", 0)
+  if start < 0 or horizon < 0:
+    raise OptimizerConfigError(
+      f"schedule_start={start} and schedule_steps={horizon} must be >= 0 (0: no offset; 0: the "
+      "run's own length)"
+    )
+  base = make_schedule(
+    cfg.schedule, cfg.learning_rate, cfg.warmup_steps, horizon or start + total_steps
+  )
+  schedule = (lambda step: base(step + start)) if start else base
   rewrites = use_cpu_kernels()
   if cfg.name == "adafactor":
     core = (adafactor if rewrites else optax_adafactor)(

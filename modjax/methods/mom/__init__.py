@@ -13,7 +13,11 @@ attention and FFN modules, over a bank and a (static) MoM structure.
 * :mod:`.model`: :class:`MoMGPT2`, GPT-2's embeddings, vanilla blocks and head around MoM blocks;
 * :mod:`.stats`, :mod:`.loss`, :mod:`.run`: router statistics, the step-contract loss and
   ``python -m modjax.train --config configs/mom_gpt2.py:<size>``;
-* :mod:`.decoding`: cached greedy, sampled and beam decoding through ``modjax.decode`` (a cache
+* :mod:`.baselines`, :mod:`.cost`, :mod:`.records`: the vanilla baselines (param-matched with
+  the routers counted, grown from a phase-two original), forward FLOPs on ``modjax.cost``'s scale
+  and the steps that match MoM's training FLOPs, each run's ``compute.json`` (parameters, FLOPs,
+  capacity drop rate);
+* :mod:`.decoding`: cached greedy, sampled and beam decoding through ``modjax.decoding`` (a cache
   entry per MoM round; a step of few rows gathers its chosen modules). ``python -m modjax.evaluate`` scores a MoM bank (:func:`.model.bank_model` tells
   it from its entries) with :meth:`MoMGPT2.teacher_forced_sums`: no capacity drops, router
   statistics.

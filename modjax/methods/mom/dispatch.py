@@ -87,17 +87,22 @@ class Gather:
     return jnp.einsum("tk,tk...->t...", coef_TK, y_TKX)
 
 
+def buffer_rows(tokens: int, k: int, modules: int, capacity_factor: float) -> int:
+  """C, the rows of each module's buffer: ``ceil(capacity_factor * T * K / N)``, at most T;
+  T when ``capacity_factor`` is 0 (never drops)."""
+  if capacity_factor == 0:
+    return tokens
+  return min(tokens, math.ceil(capacity_factor * tokens * k / modules))
+
+
 class Capacity:
   """Gather into per-module buffers of a fixed capacity, gather back (see the module doc)."""
 
   def __init__(self, routing: Routing, modules: int, capacity_factor: float):
     batch, length, k = routing.index_BLK.shape
     tokens = batch * length
-    if capacity_factor == 0:
-      capacity = tokens
-    else:
-      capacity = min(tokens, math.ceil(capacity_factor * tokens * k / modules))
-    self.modules, self.capacity = modules, capacity
+    self.modules = modules
+    self.capacity = capacity = buffer_rows(tokens, k, modules, capacity_factor)
     # position-major order: [L, B, K] flattened
     index = jnp.swapaxes(routing.index_BLK, 0, 1).reshape(-1)
     real = jnp.swapaxes(routing.mask_BL, 0, 1)[..., None] > 0
