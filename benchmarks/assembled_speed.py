@@ -16,7 +16,7 @@ the fastest call: the least disturbed by other processes (every call's time is i
   ``--chunk`` steps per jitted call from a prefilled cache of ``--new-tokens`` positions
   (donated, so it is rewritten in place as in the loop), divided by the chunk: calls short
   enough that some run undisturbed on a busy machine;
-* ``generate_ms``: the whole ``decode.generate`` call (greedy, ``decode.prepare``'d head) of
+* ``generate_ms``: the whole ``decoding.generate`` call (greedy, ``decoding.prepare``'d head) of
   exactly ``--new-tokens`` tokens per row: ``eos_id=-1`` is an id no token has, so no row stops
   early (the lengths are checked).
 
@@ -56,7 +56,7 @@ import numpy as np
 
 from benchmarks import harness
 from modjax import bank, cost
-from modjax.decode import _argmax, generate, prepare
+from modjax.decoding import argmax, generate, prepare
 from modjax.methods.modular import add_modules, bank_granularities, tiling_plan
 from modjax.model_config import to_dtype
 from modjax.models import T5
@@ -170,7 +170,7 @@ def plan_calls(model, params, plan, ids, mask, new: int, prepared, chunk: int):
     def body(t, carry):
       cache, tok, score = carry
       logits, cache = model.decode_step(p, plan, cache, tok, t)
-      tok = _argmax(logits)
+      tok = argmax(logits)
       logp = jnp.take_along_axis(logits, tok[:, None], 1)[:, 0] - jax.nn.logsumexp(logits, -1)
       return cache, tok, score + logp
 
@@ -181,7 +181,7 @@ def plan_calls(model, params, plan, ids, mask, new: int, prepared, chunk: int):
   def run_steps():
     if not state:  # a prefilled cache, then donated call to call (rewritten in place)
       cache, logits, _ = start(used, ids, mask, prepared)
-      state["carry"] = (cache, _argmax(logits), jnp.zeros(ids.shape[0]))
+      state["carry"] = (cache, argmax(logits), jnp.zeros(ids.shape[0]))
     state["carry"] = steps(used, state["carry"])
     return state["carry"]
 

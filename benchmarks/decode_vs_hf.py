@@ -11,7 +11,7 @@ whether their outputs agree.
 Throughput is generated tokens per second, batch * new tokens / seconds, the median of
 ``--repeats`` interleaved rounds (modjax, HF, modjax, HF, ... with a pause after each call, as
 ``benchmarks/harness.py`` times) after one warm-up call each; modjax's compile time is its first
-call minus that median. modjax lays the weights out for decoding once (``decode.prepare``: the
+call minus that median. modjax lays the weights out for decoding once (``decoding.prepare``: the
 tied head transposed), as HF's are laid out at load; that time is reported as
 ``modjax_prepare_s``. The machine's limits (peak float32 matmul FLOP/s, memory bandwidth) are
 measured in the same run, before and after the cases (the better counts); modjax's achieved
@@ -43,7 +43,7 @@ import transformers
 
 from benchmarks import harness
 from modjax import timing
-from modjax.decode import generate, prepare
+from modjax.decoding import generate, prepare
 from modjax.interop.hf import import_checkpoint
 from modjax.layers import add_beam_slots
 from modjax.models import architecture_for

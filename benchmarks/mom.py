@@ -17,9 +17,9 @@ MoM pools start from the vanilla model's layers (``mom_bank``, phase two of trai
   ahead (``compile_s``). The first call is untimed; then ``--rounds`` rounds each time
   ``--steps / --rounds`` consecutive steps of every side in turn; the median step counts.
   ``tokens_per_s`` = batch x length / median step; ``vs_vanilla`` = that over vanilla's.
-* ``decode``: ``modjax.decode.generate`` cached greedy on random prompts of
+* ``decode``: ``modjax.decoding.generate`` cached greedy on random prompts of
   ``--prompt-length`` tokens, exactly ``--new-tokens`` new tokens per row (``eos_id=-1``: no
-  row stops early), with ``decode.prepare``'d constants; one call includes the prefill
+  row stops early), with ``decoding.prepare``'d constants; one call includes the prefill
   (``compile_s`` = first call - median call).
   ``tokens_per_s`` = rows x new tokens / median call. MoM decodes through ``MoMGPT2.exact()``
   (no drops: a step must not depend on the other rows): a step of B rows gathers its B*K chosen
@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from modjax import decode, timing
+from modjax import decoding, timing
 from modjax.methods.mom import MoMGPT2
 from modjax.methods.mom.dispatch import exact_kind
 from modjax.methods.mom.loss import mom_loss
@@ -171,11 +171,11 @@ def decode_side(model, params, rows: int, args, seed: int) -> harness.Side:
   vocab = model.config.vocab_size
   prompt = np.random.default_rng(seed).integers(2, vocab, (rows, args.prompt_length), np.int32)
   prompt = jnp.asarray(prompt)
-  prepared = decode.prepare(model, params)
+  prepared = decoding.prepare(model, params)
   plan = model.identity_plan()
 
   def call():
-    out = decode.generate(
+    out = decoding.generate(
       model, params, plan, prompt, max_new_tokens=args.new_tokens, eos_id=NEVER, pad_id=0,
       prepared=prepared,
     )  # fmt: skip

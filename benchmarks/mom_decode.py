@@ -5,7 +5,7 @@ For pools of N = N_A = N_F modules (``--pools``; K, H and the rest from
 decode rows (``--batches``), three sides with the same weights (the MoM pools mapped from the
 vanilla model's layers, as phase two starts):
 
-* ``exact``: what ``modjax.decode`` runs (``MoMGPT2.exact()``): a step's B*K (row, slot) pairs
+* ``exact``: what ``modjax.decoding`` runs (``MoMGPT2.exact()``): a step's B*K (row, slot) pairs
   gather just their modules' weights while B*K < N, else every module runs;
 * ``dense``: every module of the pool runs every step and the routing weights mask (the
   reference, what MoM decoding did before ``exact``);
@@ -13,7 +13,7 @@ vanilla model's layers, as phase two starts):
 
 Per side: XLA's cost analysis of one compiled decode step (``decode_step`` after a prefilled
 prompt): ``mflop_per_step`` and ``mb_per_step`` (bytes accessed); and cached greedy
-``modjax.decode.generate`` of ``--new-tokens`` tokens per row after a ``--prompt-length`` prompt
+``modjax.decoding.generate`` of ``--new-tokens`` tokens per row after a ``--prompt-length`` prompt
 (median of ``--calls`` calls, prefill included): ``tokens_per_s`` and ``ms_per_step`` (median
 call / new tokens). ``pct_bw`` = bytes per step / ms per step / the peak memory bandwidth
 measured in the same run (``benchmarks/harness.py``): a step at these sizes reads its weights

@@ -1,5 +1,6 @@
 """Self-speculative decoding from a trained bank: plain greedy vs a small plan of the same bank
-drafting k tokens per round (``modjax.speculative``), on real validation inputs, in ONE run.
+drafting k tokens per round (``modjax.decoding.speculative``), on real validation inputs, in ONE
+run.
 
 Per batch size (``--batch-sizes``, default 1 and 8) and case (draft plan x k): tokens/s of
 speculative greedy decoding, ``speedup_vs_greedy`` (plain greedy's median pass over the
@@ -53,13 +54,12 @@ import numpy as np
 
 from benchmarks import harness
 from modjax import bank, bank_io, cost
-from modjax.decode import _argmax, generate, prepare
+from modjax.decoding import argmax, draft_block, generate, log_prob, prepare
 from modjax.methods.modular import add_modules, bank_granularities, tiling_plan
 from modjax.methods.modular.tilings import enumerate_tilings
 from modjax.models import T5
 from modjax.plan import Plan
 from modjax.presets import get_preset
-from modjax.speculative import _draft, _log_prob
 
 DEFAULT_BANK = os.path.join("runs", "quickstart", "bank")
 TABLE = "batch draft k acceptance accepted_per_round tokens_per_s speedup_vs_greedy"
@@ -242,8 +242,8 @@ class Parts:
     @functools.partial(jax.jit, donate_argnums=1)
     def step(params, cache):
       logits, cache = m.decode_step(params, full, cache, tok, jnp.int32(1))
-      best = _argmax(logits)
-      return (best, _log_prob(logits, best)), cache
+      best = argmax(logits)
+      return (best, log_prob(logits, best)), cache
 
     return self.time(step, "full", repeats)
 
@@ -255,8 +255,8 @@ class Parts:
     @functools.partial(jax.jit, donate_argnums=1)
     def verify(params, cache):
       logits, cache = m.decode_tokens(params, full, cache, block, pos)
-      best = _argmax(logits)
-      return (best, _log_prob(logits, best)), cache
+      best = argmax(logits)
+      return (best, log_prob(logits, best)), cache
 
     return self.time(verify, "full", repeats)
 
@@ -267,7 +267,7 @@ class Parts:
 
     @functools.partial(jax.jit, donate_argnums=1)
     def draft(params, cache):
-      return _draft(m, params, plan, cache, s, pos, k)
+      return draft_block(m, params, plan, cache, s, pos, k)
 
     return self.time(draft, name, repeats)
 

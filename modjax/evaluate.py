@@ -31,13 +31,13 @@ files are written atomically (temporary file, then rename). The scoring itself i
 ``modjax.scoring`` (pure functions over model, params, plan and batches) and what is scored is
 loaded by ``modjax.scored``; both re-exported here.
 
-``--draft NAME [--draft-tokens K]``: greedy decoding by self-speculation (``modjax.speculative``)
-with that plan of the bank (a saved name or a JSON file; for T5 only its decoder is used)
-drafting K tokens per round (default: the ``draft_tokens`` that ``python -m modjax.assemble
-draft`` recorded for NAME, else 4). The texts are those of plain greedy decoding; the metrics add
-``acceptance_rate``, ``mean_accepted_length`` and ``speculative`` (draft, K, counts), and the
-output names carry ``_draft-<name>-k<K>``. Beam search stays plain: ``eval.num_beams`` > 1 with
-a draft is refused.
+``--draft NAME [--draft-tokens K]``: greedy decoding by self-speculation
+(``modjax.decoding.speculative``) with that plan of the bank (a saved name or a JSON file; for T5
+only its decoder is used) drafting K tokens per round (default: the ``draft_tokens`` that
+``python -m modjax.assemble draft`` recorded for NAME, else 4). The texts are those of plain
+greedy decoding; the metrics add ``acceptance_rate``, ``mean_accepted_length`` and
+``speculative`` (draft, K, counts), and the output names carry ``_draft-<name>-k<K>``. Beam
+search stays plain: ``eval.num_beams`` > 1 with a draft is refused.
 """
 
 from __future__ import annotations

@@ -281,7 +281,7 @@ def _generate_note(config) -> str | None:
     return (
       f"the exported T5 has a deeper decoder ({decoder_layers} layers) than encoder ({layers}): "
       "transformers' T5 forward pass runs it, but its generate() cannot (IndexError in its "
-      "cache, transformers 5.x); decode with modjax.decode.generate"
+      "cache, transformers 5.x); decode with modjax.decoding.generate"
     )
   return None
 

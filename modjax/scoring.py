@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modjax import decode
+from modjax import decoding
 from modjax.data import DataError
 from modjax.plan import Plan
 from modjax.progress import Progress
@@ -53,7 +53,7 @@ def teacher_forced_metrics(model, params, plan: Plan, batches) -> dict:
   Tokens count by ``decoder_loss_weights``, so padding (and whole padding rows) adds nothing:
   the result does not depend on how the examples were cut into batches. Sums are carried across
   batches in float64 on the host."""
-  decode.validate_plan(model, params, plan)
+  decoding.validate_plan(model, params, plan)
   total, tokens, stats = 0.0, 0.0, {}
   for batch in batches:
     loss_sum, weight_sum, means = jax.device_get(_loss_sums(model, plan, params, _as_jax(batch)))
@@ -141,15 +141,15 @@ def predict(
 ) -> Predictions:
   """Decoded texts for ``examples`` (dicts with ``inputs_ids``) under ``plan``, in order. Inputs
   are padded to ``inputs_length`` and batches to ``batch_size`` so decoding compiles once.
-  ``draft_plan``: greedy decoding by self-speculation (``modjax.speculative``), which gives the
-  same texts; its acceptance statistics are in the result's ``speculative``."""
-  decode.validate_plan(model, params, plan)
-  prepared = decode.prepare(model, params)
+  ``draft_plan``: greedy decoding by self-speculation (``modjax.decoding.speculative``), which
+  gives the same texts; its acceptance statistics are in the result's ``speculative``."""
+  decoding.validate_plan(model, params, plan)
+  prepared = decoding.prepare(model, params)
   texts = Predictions()
   totals = np.zeros(3, np.int64)  # rounds, drafted, accepted
   progress = Progress("decoded", len(examples), "examples", logger=log)
   for ids, rows in input_batches(examples, batch_size=batch_size, inputs_length=inputs_length):
-    result = decode.generate(
+    result = decoding.generate(
       model,
       params,
       plan,

@@ -131,12 +131,12 @@ def test_bad_plans_fail_before_tracing(t5_bank, plan, message):
   not a KeyError from inside a trace."""
   model, params = t5_bank
   ids = _ids()
-  from modjax import decode
+  from modjax import decoding
 
   for call in (
     lambda: model(params, plan, ids, ids),
     lambda: model.encode(params, plan, ids),
-    lambda: decode.generate(model, params, plan, ids, max_new_tokens=2),
+    lambda: decoding.generate(model, params, plan, ids, max_new_tokens=2),
     lambda: bank.subset(params, plan, model.stacks),
   ):
     with pytest.raises(PlanError, match=message):

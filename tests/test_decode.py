@@ -1,4 +1,4 @@
-"""Cached greedy and beam decoding (modjax.decode) against Hugging Face ``generate`` in PyTorch.
+"""Cached greedy and beam decoding (modjax.decoding) against Hugging Face ``generate`` in PyTorch.
 
 Random tiny models repeat one token forever and never emit EOS. So every model here is a tiny
 HF model (vocab 64) whose parameters are multiplied by a constant (sharper, more varied outputs),
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from modjax.decode import generate
+from modjax.decoding import generate
 from modjax.interop.hf import import_checkpoint
 from modjax.models import architecture_for
 from modjax.plan import Plan, Slot
@@ -308,7 +308,7 @@ def test_bfloat16_compute_decodes_like_hf_float32_where_the_choice_is_clear(case
 def test_chunked_top_k_equals_lax_top_k(kind):
   """Beam search's top-k (chunk maxima first) returns lax.top_k's values and indices, ties and
   padding of a last partial chunk included."""
-  from modjax.decode import _top_k
+  from modjax.decoding import top_k
 
   rng = np.random.default_rng(0)
   for rows, n, k, chunk in [
@@ -324,7 +324,7 @@ def test_chunked_top_k_equals_lax_top_k(kind):
     if kind == "minus_inf":
       x[rng.random(x.shape) < 0.7] = -np.inf
     want_values, want_index = jax.lax.top_k(jnp.asarray(x), k)
-    values, index = _top_k(jnp.asarray(x), k, chunk=chunk)
+    values, index = top_k(jnp.asarray(x), k, chunk=chunk)
     np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
     np.testing.assert_array_equal(np.asarray(index), np.asarray(want_index))
 
@@ -333,7 +333,7 @@ def test_chunked_top_k_equals_lax_top_k(kind):
 def test_prepared_weights_decode_like_unprepared(case, kind):
   """``prepare`` once, then ``generate(prepared=...)``: same rows and scores as HF, greedy and
   beam."""
-  from modjax.decode import prepare
+  from modjax.decoding import prepare
 
   c = case(kind)
   prepared = prepare(c.model, c.params)
@@ -344,7 +344,7 @@ def test_prepared_weights_decode_like_unprepared(case, kind):
 
 
 def test_prepared_constants_of_another_shape_are_refused(case):
-  from modjax.decode import prepare
+  from modjax.decoding import prepare
 
   c = case("t5_v1_0")
   head = prepare(c.model, c.params)["head_DV"]

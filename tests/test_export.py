@@ -19,7 +19,7 @@ import torch
 from conftest import build_hf_model
 
 from modjax import bank, bank_io, export
-from modjax.decode import generate
+from modjax.decoding import generate
 from modjax.interop.hf import import_checkpoint
 from modjax.models import T5, architecture_for
 from modjax.plan import Plan, PlanError, Slot
@@ -101,7 +101,7 @@ def _hf_forward(hf_model, model, params, plan, is_t5):
 
 
 def _assert_generate_matches(hf_model, model, params, plan, is_t5):
-  """HF greedy ``generate`` and ``modjax.decode.generate`` give the same rows (each up to its
+  """HF greedy ``generate`` and ``modjax.decoding.generate`` give the same rows (each up to its
   first EOS: HF pads finished rows its own way)."""
   ids, mask = _padded(is_t5)
   c = model.config

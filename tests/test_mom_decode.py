@@ -1,4 +1,4 @@
-"""Mixture-of-Modules banks through ``modjax.evaluate`` and ``modjax.decode``: perplexity of a MoM
+"""Mixture-of-Modules banks through ``modjax.evaluate`` and ``modjax.decoding``: perplexity of a MoM
 run is the mean cross-entropy of its forward without capacity drops, with its router statistics;
 cached decoding (a cache entry per MoM round) equals the full forward step by step, greedy
 decoding is its argmax, and beam search of a one-module MoM is GPT-2's."""
@@ -12,7 +12,8 @@ import pytest
 from test_mom import CONFIG, DEEP, ONE_MODULE, _gpt2_config, _ids, _model, _mom_config
 from train_helpers import TRACEBACK, run_module
 
-from modjax import bank, decode, evaluate, sharding
+from modjax import bank, evaluate, sharding
+from modjax.decoding import generate
 from modjax.methods.mom import decoding
 from modjax.methods.mom.model import MoMGPT2
 from modjax.methods.mom.pools import mom_bank
@@ -208,7 +209,7 @@ def _log_probs(model, params, prompt, mask, tokens):
 def test_greedy_generate_is_the_argmax_of_the_full_forward():
   model, params = _model(seed=2, **DECODER)
   prompt, mask = _prompts()
-  result = decode.generate(
+  result = generate(
     model, params, model.identity_plan(), prompt, mask, max_new_tokens=8, eos_id=-1, pad_id=0
   )
   tokens = result.tokens
@@ -217,7 +218,7 @@ def test_greedy_generate_is_the_argmax_of_the_full_forward():
   np.testing.assert_array_equal(full[:, 5:-1].argmax(-1), tokens)
   np.testing.assert_allclose(result.scores, summed, atol=1e-4, rtol=0)
   with pytest.raises(PlanError, match="routed structure, not a plan"):
-    decode.generate(model, params, GPT2(model.config).identity_plan(), prompt, max_new_tokens=2)
+    generate(model, params, GPT2(model.config).identity_plan(), prompt, max_new_tokens=2)
 
 
 def test_beam_search_of_a_one_module_mom_is_gpt2s():
@@ -229,8 +230,8 @@ def test_beam_search_of_a_one_module_mom_is_gpt2s():
   params = mom_bank(vanilla, cfg, 3, jax.random.key(6))
   prompt, mask = _prompts(pad=(0, 3))
   kw = dict(max_new_tokens=6, num_beams=3, eos_id=7, pad_id=0)
-  ours = decode.generate(mom, params, mom.identity_plan(), prompt, mask, **kw)
-  ref = decode.generate(gpt2, vanilla, gpt2.identity_plan(), prompt, mask, **kw)
+  ours = generate(mom, params, mom.identity_plan(), prompt, mask, **kw)
+  ref = generate(gpt2, vanilla, gpt2.identity_plan(), prompt, mask, **kw)
   np.testing.assert_array_equal(ours.tokens, ref.tokens)
   np.testing.assert_array_equal(ours.lengths, ref.lengths)
   np.testing.assert_allclose(ours.scores, ref.scores, atol=1e-5, rtol=0)
@@ -239,7 +240,7 @@ def test_beam_search_of_a_one_module_mom_is_gpt2s():
 def test_beam_search_score_is_the_full_forward_log_prob_of_its_result():
   model, params = _model(seed=4, **DECODER)
   prompt, mask = _prompts()
-  result = decode.generate(
+  result = generate(
     model, params, model.identity_plan(), prompt, mask, max_new_tokens=5, num_beams=3,
     eos_id=-1, pad_id=0,
   )  # fmt: skip

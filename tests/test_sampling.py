@@ -1,4 +1,4 @@
-"""Sampled decoding (``modjax.decode.generate(sampling=...)``): draws follow the warped
+"""Sampled decoding (``modjax.decoding.generate(sampling=...)``): draws follow the warped
 distribution (chi-square against the model's own probabilities), top-k and top-p keep exactly
 their sets, a tiny temperature or top_k=1 gives greedy decoding, and MoM models sample through
 the same loop.
@@ -14,12 +14,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from modjax.decode import generate  # noqa: E402
+from modjax.decoding import Sampling, generate, warped_logits  # noqa: E402
 from modjax.methods.mom.model import MoMGPT2  # noqa: E402
 from modjax.methods.mom.structure import MoMConfig  # noqa: E402
 from modjax.model_config import GPT2Config  # noqa: E402
 from modjax.models import GPT2  # noqa: E402
-from modjax.sampling import Sampling, warped_logits  # noqa: E402
 
 VOCAB = 24
 CONFIG = GPT2Config(

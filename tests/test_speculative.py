@@ -1,4 +1,5 @@
-"""Self-speculative decoding (modjax.speculative) and the multi-token decoder step it verifies with.
+"""Self-speculative decoding (modjax.decoding.speculative) and the multi-token decoder step it
+verifies with.
 
 References: the multi-token step against the teacher-forced forward pass; speculative output
 against plain greedy decoding of the full plan (itself tested against Hugging Face ``generate``
@@ -17,12 +18,11 @@ import numpy as np
 import pytest
 
 from modjax import bank
-from modjax.decode import generate, prepare
+from modjax.decoding import generate, prepare, speculative_generate
 from modjax.methods.modular.modules import add_modules
 from modjax.model_config import GPT2Config, T5Config
 from modjax.models import GPT2, T5
 from modjax.plan import Plan, PlanError, Slot
-from modjax.speculative import speculative_generate
 
 NEW, K, BATCH, PROMPT = 16, 3, 8, 10
 T5_CONFIG = dict(

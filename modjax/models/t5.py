@@ -281,7 +281,7 @@ class T5:
   # ---- cached decoding ----------------------------------------------------------------------
   def decoding_constants(self, params):
     """Batch-free decoding inputs derived from the weights alone (``cache["shared"]``): the tied
-    head transposed to [D, V] (see layers.head_logits), None when untied. ``decode.prepare``
+    head transposed to [D, V] (see layers.head_logits), None when untied. ``decoding.prepare``
     computes them once per set of weights; otherwise each decoding call does (~25 ms at
     t5-small's vocabulary on CPU)."""
     return {"head_DV": tied_head(params, self.config)}

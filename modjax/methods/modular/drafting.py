@@ -1,4 +1,4 @@
-"""Choosing the draft of self-speculative decoding (``modjax.speculative``) by measurement.
+"""Choosing the draft of self-speculative decoding (``modjax.decoding.speculative``) by measurement.
 
   python -m modjax.assemble draft --bank DIR --config configs/x.py[:arg] \\
       [--draft-tokens 2,3,4,6] [--name draft] [--batch 1] [--sample 32] [--runs 3]
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modjax import bank, bank_io, decode, scoring, timing
+from modjax import bank, bank_io, decoding, scoring, timing
 from modjax.methods.modular import commands
 from modjax.methods.modular import strategies as st
 from modjax.methods.modular import sweep as sw
@@ -77,7 +77,7 @@ class SampleDecoder:
     union = Plan(encoder=full.encoder, decoder=full.decoder + sum((d.decoder for d in drafts), ()))
     self.params = bank.subset(params, union, model.stacks)  # what the calls read, no more
     self.model, self.full, self.new = model, full, new
-    self.prepared = decode.prepare(model, self.params)
+    self.prepared = decoding.prepare(model, self.params)
     self.batches = [
       (jnp.asarray(ids), jnp.asarray(ids > 0), rows)
       for ids, rows in scoring.input_batches(
@@ -90,7 +90,7 @@ class SampleDecoder:
     ``draft`` is None. What a pass times."""
     results = []
     for ids, mask, rows in self.batches:
-      result = decode.generate(
+      result = decoding.generate(
         self.model,
         self.params,
         self.full,

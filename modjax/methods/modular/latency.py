@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from modjax import bank, decode, timing
+from modjax import bank, decoding, timing
 from modjax.methods.modular import strategies as st
 from modjax.plan import Plan
 from modjax.progress import Progress
@@ -64,7 +64,7 @@ class Timer:
     ids = np.random.default_rng(seed).integers(2, vocab, (shapes.batch, shapes.input_length))
     self.ids = jnp.asarray(ids, jnp.int32)
     self.mask = jnp.ones_like(self.ids)
-    self.prepared = decode.prepare(model, params)
+    self.prepared = decoding.prepare(model, params)
     self.teacher = model.identity_plan()
     self.cache: dict[Plan, Timing] = {}
     self.calls: dict = {}
@@ -77,7 +77,7 @@ class Timer:
     params = bank.subset(self.params, plan, self.model.stacks)
 
     def call():
-      return decode.generate(
+      return decoding.generate(
         self.model,
         params,
         plan,

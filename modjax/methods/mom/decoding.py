@@ -1,4 +1,4 @@
-"""Cached decoding of a MoM decoder under ``modjax.decode``'s cache contract (greedy and beam).
+"""Cached decoding of a MoM decoder under ``modjax.decoding``'s cache contract (greedy and beam).
 
 ``cache["self"]`` holds one self-attention cache in ``modjax.layers``' layout per attention the
 decoder runs, in order: a vanilla block's, and one per round of each MoM block. A round's entry

@@ -9,7 +9,7 @@ it like any model. Its ``config`` is the GPT-2 config of the vanilla model the p
 (``n_layer`` = that model's depth), which is what a stored bank's ``model.json`` records; the
 MoM structure lives in the entry metadata (:func:`.pools.bank_meta`), from which
 :func:`bank_model` rebuilds the model. It also answers what ``modjax.scoring`` and
-``modjax.decode`` ask (``teacher_forced_sums``, ``start_decoding``, ``decode_step``, ...), always
+``modjax.decoding`` ask (``teacher_forced_sums``, ``start_decoding``, ``decode_step``, ...), always
 through :meth:`MoMGPT2.exact`, the dispatch without capacity drops; it takes no plan (the empty
 plan stands for its routed structure).
 """
@@ -87,7 +87,7 @@ class MoMGPT2:
       return self
     return dataclasses.replace(self, mom=dataclasses.replace(self.mom, dispatch="exact"))
 
-  # ---- what modjax.scoring and modjax.decode ask of a model ---------------------------------
+  # ---- what modjax.scoring and modjax.decoding ask of a model ---------------------------------
   # A MoM decoder runs its routed structure, not a plan: the empty plan stands for it.
 
   def identity_plan(self) -> Plan:

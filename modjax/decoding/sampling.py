@@ -3,7 +3,7 @@
 then keep the smallest set of most probable tokens whose probabilities reach ``top_p`` (the most
 probable token always stays), and draw from the softmax of what is left.
 
-``modjax.decode.generate(..., sampling=Sampling(...), rng=key)`` uses it in place of the argmax;
+``modjax.decoding.generate(..., sampling=Sampling(...), rng=key)`` uses it in place of the argmax;
 every row draws with its own stream of ``jax.random.fold_in(rng, step)``.
 """
 

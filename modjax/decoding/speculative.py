@@ -14,7 +14,7 @@ encoder output. Each round, per row:
    are never read, and the next round overwrites them.
 
 Every emitted token is the full plan's argmax given the emitted tokens before it, so the output
-is that of plain greedy decoding of the full plan (``modjax.decode``), token for token, whatever
+is that of plain greedy decoding of the full plan (:mod:`.greedy`), token for token, whatever
 the draft; a better draft only makes rounds emit more tokens.
 
 Rows advance independently: each has its own position in both caches (cache writes become
@@ -26,7 +26,7 @@ the last draft token's entry when all k are accepted, so each round the draft fi
 the token before the pending one together with the pending one (a two-token step), which fills
 that gap.
 
-An architecture provides, beyond what ``modjax.decode`` uses, ``decode_tokens(params, plan,
+An architecture provides, beyond what greedy decoding uses, ``decode_tokens(params, plan,
 cache, token_ids_BN, index)`` (N tokens per row; ``index`` a scalar or [B]) and, for
 encoder-decoders, ``encode`` and ``start_decoding(..., encoded=)``.
 
@@ -45,7 +45,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from modjax.decode import DecodeResult, _argmax, _check_prepared, _lengths, resolve_ids
+from modjax.decoding.core import (
+  DecodeResult,
+  argmax,
+  check_max_new_tokens,
+  check_prepared,
+  lengths,
+  log_prob,
+  resolve_ids,
+)
 from modjax.plan import Plan
 
 
@@ -103,8 +111,7 @@ def speculative_generate(
 
   For T5 the draft plan's encoder is ignored (and may be empty) unless ``draft_encoder``.
   """
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  check_max_new_tokens(max_new_tokens)
   if not isinstance(draft_tokens, int) or draft_tokens < 1:
     raise ValueError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
   if not isinstance(draft_plan, Plan):
@@ -124,7 +131,7 @@ def speculative_generate(
       f"({draft_tokens + 1}) exceed n_positions={limit}; lower max_new_tokens or draft_tokens"
     )
   if prepared is not None:
-    _check_prepared(model, params, prepared)
+    check_prepared(model, params, prepared)
   return _speculative(
     model,
     params,
@@ -156,8 +163,8 @@ def _speculative(
   full, logits, index = model.start_decoding(params, plan, ids, mask, room, shared, **full_kw)
   draft, _, _ = model.start_decoding(params, draft_plan, ids, mask, room, shared, **draft_kw)
   # The first token comes from the prefill / start step, as in plain greedy decoding.
-  first = _argmax(logits)
-  logp = _log_prob(logits, first)
+  first = argmax(logits)
+  logp = log_prob(logits, first)
   before = (
     jnp.full((b,), model.config.decoder_start_token_id, jnp.int32)
     if "encoder" in model.stacks
@@ -181,17 +188,17 @@ def _speculative(
 
   state = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), body, state)
   tokens = state["tokens"][:, :max_new]
-  return DecodeResult(tokens, _lengths(tokens, eos_id), state["score"], state["stats"])
+  return DecodeResult(tokens, lengths(tokens, eos_id), state["score"], state["stats"])
 
 
 def _round(model, params, plan, draft_plan, s, index, max_new, k, eos_id, pad_id):
   """One draft-and-verify round for every row still generating."""
   active = ~s["done"]
   position = index + s["n"] - 1  # [B] cache position of each row's pending token
-  drafts_BK, draft = _draft(model, params, draft_plan, s["draft"], s, position, k)
+  drafts_BK, draft = draft_block(model, params, draft_plan, s["draft"], s, position, k)
   block_BN = jnp.concatenate([s["pending"][:, None], drafts_BK], axis=1)  # N = k + 1
   logits_BNV, full = model.decode_tokens(params, plan, s["full"], block_BN, position)
-  best_BN = _argmax(logits_BNV)  # the full plan's next token after each prefix of the block
+  best_BN = argmax(logits_BNV)  # the full plan's next token after each prefix of the block
   agreed = jnp.sum(jnp.cumprod(drafts_BK == best_BN[:, :k], axis=1), axis=1)
   # Emitted: the agreed drafts plus the full plan's next token (all equal to best_BN's first
   # agreed + 1 entries), cut at the first EOS and at max_new_tokens.
@@ -204,7 +211,7 @@ def _round(model, params, plan, draft_plan, s, index, max_new, k, eos_id, pad_id
   count = jnp.sum(keep, axis=1)
   write = functools.partial(jax.lax.dynamic_update_slice_in_dim, axis=0)
   tokens = jax.vmap(write)(s["tokens"], jnp.where(keep, best_BN, pad_id), s["n"])
-  score = s["score"] + jnp.sum(jnp.where(keep, _log_prob(logits_BNV, best_BN), 0.0), axis=1)
+  score = s["score"] + jnp.sum(jnp.where(keep, log_prob(logits_BNV, best_BN), 0.0), axis=1)
   n = s["n"] + count
   seq = jnp.concatenate([s["pending"][:, None], best_BN], axis=1)  # seq[i]: emitted i-th now
 
@@ -230,27 +237,21 @@ def _round(model, params, plan, draft_plan, s, index, max_new, k, eos_id, pad_id
   )
 
 
-def _draft(model, params, draft_plan, cache, s, position, k):
+def draft_block(model, params, draft_plan, cache, s, position, k):
   """k greedy tokens of the draft plan after each row's pending token. The first step feeds the
   token before the pending one too: when the previous round accepted every draft, the draft
   cache lacks that token's entry (the draft never fed its own last token)."""
   two = jnp.stack([s["before"], s["pending"]], axis=1)
   logits, cache = model.decode_tokens(params, draft_plan, cache, two, position - 1)
-  token = _argmax(logits[:, -1])
+  token = argmax(logits[:, -1])
 
   def step(carry, offset):
     cache, token = carry
     logits, cache = model.decode_tokens(
       params, draft_plan, cache, token[:, None], position + offset
     )
-    token = _argmax(logits[:, 0])
+    token = argmax(logits[:, 0])
     return (cache, token), token
 
   (cache, _), rest_KB = jax.lax.scan(step, (cache, token), jnp.arange(1, k))
   return jnp.concatenate([token[:, None], rest_KB.T], axis=1), cache
-
-
-def _log_prob(logits, token):
-  """log softmax(logits)[token] over the last axis, as plain greedy decoding scores a token."""
-  chosen = jnp.take_along_axis(logits, token[..., None], axis=-1)[..., 0]
-  return chosen - jax.nn.logsumexp(logits, axis=-1)
