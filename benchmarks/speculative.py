@@ -9,15 +9,22 @@ machine load), the draft's acceptance rate and mean accepted length per round, a
 checked token for token against plain greedy's (``mismatching_rows`` must be 0). Tokens/s counts
 the tokens generated (EOS included); both sides generate the same ones.
 
-Where the time goes, per case: ``draft_ms`` (the draft's k tokens of a round: the two-token
-re-feed then k - 1 one-token steps, a jitted ``lax.scan`` as in the loop) and ``verify_ms`` (the
-full plan's (k+1)-token step with its argmax and log-probabilities), each timed alone as a
-jitted call on a prefilled cache (donated, so rewritten in place as in the loop), beside
-``greedy_step_ms`` (one token of plain greedy: step, argmax, log-probability). Then
+Both sides decode without scores (``generate(..., scores=False)``: nothing here reads them, and
+neither side then spends a log-softmax per token). Where the time goes, per case: ``draft_ms``
+(the draft's k tokens of a round: k one-token steps, a jitted ``lax.scan`` as in the loop; a
+round after one that accepted every draft starts with a two-token step instead) and
+``verify_ms`` (the full plan's (k+1)-token step with its argmax), beside ``greedy_step_ms`` (one
+token of plain greedy: step and argmax), each run ``--loop`` times in one jitted ``lax.scan``
+on a prefilled cache (donated, so rewritten in place; loop-invariant work hoisted, as in the
+decoding loops); the step and the verifications are timed in interleaved rounds, and XLA's cost
+analysis of one call of each (FLOPs, bytes accessed) is in ``greedy[].xla``.
+``verify_over_step`` (per batch size, and at the top level for batch 1) is the k + 1 = 5-token
+verification's time over a greedy step's, measured whatever ``--draft-tokens`` says. Then
 ``model_speedup`` = (1 + mean accepted length) x greedy_step_ms / (draft_ms + verify_ms): the
 speed-up the round's parts allow, against which ``speedup_vs_greedy`` shows what the rest
-(prefill, bookkeeping, rows waiting in a batch) costs. ``ms_per_round`` and
-``ms_per_greedy_step`` divide whole passes by the loop's iterations (prefill included).
+(prefill, bookkeeping, rows waiting in a batch) costs; the best case's is also at the top level
+per batch size. ``ms_per_round`` and ``ms_per_greedy_step`` divide whole passes by the loop's
+iterations (prefill included).
 The machine's ceilings (``benchmarks/harness.py``) are measured in the same run; a greedy
 step's bytes (``modjax.cost``: decoder weights, head, caches) over its time is quoted against
 the measured bandwidth.
@@ -54,7 +61,7 @@ import numpy as np
 
 from benchmarks import harness
 from modjax import bank, bank_io, cost
-from modjax.decoding import argmax, draft_block, generate, log_prob, prepare
+from modjax.decoding import argmax, draft_block, generate, prepare
 from modjax.methods.modular import add_modules, bank_granularities, tiling_plan
 from modjax.methods.modular.tilings import enumerate_tilings
 from modjax.models import T5
@@ -62,6 +69,7 @@ from modjax.plan import Plan
 from modjax.presets import get_preset
 
 DEFAULT_BANK = os.path.join("runs", "quickstart", "bank")
+VERIFY_K = 4  # verify_over_step: the (k+1)-token step at k + 1 = 5, timed in every run
 TABLE = "batch draft k acceptance accepted_per_round tokens_per_s speedup_vs_greedy"
 TABLE += " mismatching_rows draft_ms verify_ms greedy_step_ms model_speedup ms_per_round"
 
@@ -172,9 +180,11 @@ class Pass:
 
 
 def decode_pass(model, params, full, ids, batch, new, prepared, draft=None, k=2):
-  """A pass to time: every row of ``ids`` decoded in calls of ``batch`` rows, each waited for."""
+  """A pass to time: every row of ``ids`` decoded in calls of ``batch`` rows, each waited for
+  (no scores on either side: nothing here reads them)."""
   chunks = [jnp.asarray(ids[i : i + batch]) for i in range(0, len(ids), batch)]
   kw = dict(draft_plan=draft, draft_tokens=k) if draft is not None else {}
+  kw["scores"] = False
 
   def run():
     return [
@@ -224,52 +234,82 @@ class Parts:
       for name, plan in plans.items()
     }
 
-  def time(self, fn, key: str, repeats: int) -> float:
-    """Median ms of ``fn(params, cache)`` calls, the cache donated and fed back."""
-    state = {"cache": self.caches[key]}
+  def call(self, fn, key: str):
+    """A call of ``fn(params, cache)`` that donates the cache ``key`` and keeps the new one."""
 
     def call():
-      out, state["cache"] = fn(self.params, state["cache"])
+      out, self.caches[key] = fn(self.params, self.caches[key])
       return out
 
-    ms = 1e3 * harness.median(harness.repeat(call, repeats, warmup=2))
-    self.caches[key] = state["cache"]
-    return ms
+    return call
 
-  def greedy_step_ms(self, repeats: int) -> float:
-    m, full, tok = self.model, self.full, self.token
+  def cost(self, body, key: str) -> dict:
+    """XLA's FLOPs and bytes accessed of one ``body`` call compiled for the cache ``key``
+    (loop-invariant work included: the q/k/v kernels' concatenation, which a loop hoists)."""
+    return harness.xla_cost(jax.jit(body), self.params, self.caches[key])
+
+  @staticmethod
+  def looped(body, times: int):
+    """``body(params, cache) -> (out, cache)`` ``times`` times in one jitted ``lax.scan``, the
+    cache donated: as a decoding loop runs it, with loop-invariant work hoisted out."""
 
     @functools.partial(jax.jit, donate_argnums=1)
+    def run(params, cache):
+      def one(cache, _):
+        out, cache = body(params, cache)
+        return cache, out
+
+      cache, outs = jax.lax.scan(one, cache, None, length=times)
+      return outs, cache
+
+    return run
+
+  def step(self):
+    """One token of plain greedy decoding as its loop runs it: step and argmax."""
+    m, full, tok = self.model, self.full, self.token
+
     def step(params, cache):
       logits, cache = m.decode_step(params, full, cache, tok, jnp.int32(1))
-      best = argmax(logits)
-      return (best, log_prob(logits, best)), cache
+      return argmax(logits), cache
 
-    return self.time(step, "full", repeats)
+    return step
 
-  def verify_ms(self, k: int, repeats: int) -> float:
+  def verify(self, k: int):
+    """The full plan's (k+1)-token step at per-row positions and its argmax, as a round runs it
+    without scores."""
     m, full = self.model, self.full
     block = jnp.tile(self.token[:, None], (1, k + 1))
     pos = self.position
 
-    @functools.partial(jax.jit, donate_argnums=1)
     def verify(params, cache):
       logits, cache = m.decode_tokens(params, full, cache, block, pos)
-      best = argmax(logits)
-      return (best, log_prob(logits, best)), cache
+      return argmax(logits), cache
 
-    return self.time(verify, "full", repeats)
+    return verify
 
-  def draft_ms(self, name: str, k: int, repeats: int) -> float:
+  def draft_ms(self, name: str, k: int, repeats: int, loop: int) -> float:
+    """Median ms of the draft's k tokens of a round (first step one token: no re-feed)."""
     m, plan = self.model, self.drafts[name]
-    s = {"before": self.token, "pending": self.token}
+    s = {"before": self.token, "pending": self.token, "refeed": jnp.zeros_like(self.token, bool)}
     pos = self.position
 
-    @functools.partial(jax.jit, donate_argnums=1)
     def draft(params, cache):
       return draft_block(m, params, plan, cache, s, pos, k)
 
-    return self.time(draft, name, repeats)
+    call = self.call(self.looped(draft, loop), name)
+    return 1e3 * harness.median(harness.repeat(call, repeats, warmup=2)) / loop
+
+
+def step_and_verify(parts: Parts, ks, repeats: int, loop: int) -> dict:
+  """Median ms of a greedy step and of each (k+1)-token verification (``loop`` of them per timed
+  call, in one scan), timed in interleaved rounds (step, verify k..., step, ...), with XLA's
+  FLOPs and bytes of one of each."""
+  bodies = {"step": parts.step(), **{k: parts.verify(k) for k in ks}}
+  costs = {key: parts.cost(body, "full") for key, body in bodies.items()}
+  calls = {key: parts.call(parts.looped(body, loop), "full") for key, body in bodies.items()}
+  seconds = harness.interleaved(calls, repeats, warmup=2)
+  ms = {key: 1e3 * harness.median(v) / loop for key, v in seconds.items()}
+  return {"ms": ms, "xla": costs}
 
 
 # ---- one batch size -------------------------------------------------------------------------
@@ -285,9 +325,10 @@ def run_batch(model, params, drafts, full, ids, batch: int, args, prepared) -> t
   plain = passes()
   greedy = pass_outputs(plain())  # compiles
   tokens = int(np.sum(greedy.lengths))
-  parts = Parts(model, params, full, drafts, ids[:batch], new, prepared, max(args.draft_tokens))
-  step_ms = parts.greedy_step_ms(args.step_repeats)
-  verify = {k: parts.verify_ms(k, args.step_repeats) for k in args.draft_tokens}
+  verify_ks = sorted({*args.draft_tokens, VERIFY_K})
+  parts = Parts(model, params, full, drafts, ids[:batch], new, prepared, max(verify_ks))
+  timed = step_and_verify(parts, verify_ks, args.step_repeats, args.loop)
+  step_ms, verify = timed["ms"]["step"], {k: timed["ms"][k] for k in verify_ks}
   rows, greedy_seconds = [], []
   for name, draft in drafts.items():
     for k in args.draft_tokens:
@@ -299,7 +340,7 @@ def run_batch(model, params, drafts, full, ids, batch: int, args, prepared) -> t
       spec_s, plain_s = harness.median(seconds["spec"]), harness.median(seconds["greedy"])
       rounds, drafted, accepted = first.stats
       per_round = accepted / max(rounds, 1)
-      draft_ms = parts.draft_ms(name, k, args.step_repeats)
+      draft_ms = parts.draft_ms(name, k, args.step_repeats, args.loop)
       row = {"batch": batch, "draft": name, "draft_plan": draft.describe(), "k": k}
       row |= {"acceptance": accepted / max(drafted, 1), "accepted_per_round": per_round}
       row |= {"rounds": rounds, "tokens": tokens, "tokens_per_s": tokens / spec_s}
@@ -319,6 +360,13 @@ def run_batch(model, params, drafts, full, ids, batch: int, args, prepared) -> t
   summary["ms_per_greedy_step"] = 1e3 * greedy_s / max(greedy.iterations, 1)
   summary |= {"greedy_step_ms": step_ms, "step_mb": c.decode_step_bytes() / 1e6}
   summary |= {"step_gflop": c.decode_step_flops() / 1e9, "verify_ms": verify}
+  summary["verify_over_step"] = verify[VERIFY_K] / step_ms  # k + 1 = 5 tokens against one
+  summary["xla"] = {"step": timed["xla"]["step"]} | {
+    f"verify_k{k}": timed["xla"][k] for k in verify_ks
+  }
+  best = max(rows, key=lambda r: r["speedup_vs_greedy"])
+  summary["speedup_vs_greedy"] = best["speedup_vs_greedy"]
+  summary["best_case"] = {"draft": best["draft"], "k": best["k"]}
   return summary, rows
 
 
@@ -347,16 +395,19 @@ def parse_args(argv=None):
   p.add_argument("--new-tokens", type=int, default=None, help="at most; default 24; quick 8")
   p.add_argument("--repeats", type=int, default=None, help="timed pass pairs per case (5; quick 1)")
   p.add_argument("--step-repeats", type=int, default=None, help="timed part calls (10; quick 2)")
+  p.add_argument("--loop", type=int, default=None, help="part runs per timed call (8; quick 2)")
   args = p.parse_args(argv)
   harness.defaults(args, batch_sizes=([1, 2], [1, 8]), examples=([2, 4], [16, 64]))
   harness.defaults(args, draft_tokens=([2, 3], [2, 3, 4, 6]), input_length=(16, 64))
-  harness.defaults(args, new_tokens=(8, 24), repeats=(1, 5), step_repeats=(2, 10))
+  harness.defaults(args, new_tokens=(8, 24), repeats=(1, 5), step_repeats=(2, 10), loop=(2, 8))
   if len(args.examples) != len(args.batch_sizes):
     p.error("--examples needs one count per batch size")
   examples = args.examples
   args.examples = dict(zip(args.batch_sizes, examples, strict=True))
   if any(n < b or n % b for b, n in args.examples.items()):
     p.error(f"--examples {examples}: each a multiple of its batch size {args.batch_sizes}")
+  if not args.quick and args.repeats < 5:
+    p.error(f"--repeats {args.repeats}: speed-ups are medians of at least 5 interleaved rounds")
   args.drafts = args.drafts.split(",") if args.drafts else None
   return args
 
@@ -368,7 +419,8 @@ def summary_lines(rows: list[dict], greedy: list[dict]) -> list[str]:
     best = max(mine, key=lambda r: r["speedup_vs_greedy"])
     lines.append(
       f"batch {g['batch']}: plain greedy {g['tokens_per_s']:.0f} tokens/s "
-      f"({g['greedy_step_ms']:.2f} ms/step, {g['step_pct_peak_bw']:.0f}% of peak bandwidth); "
+      f"({g['greedy_step_ms']:.2f} ms/step, {g['step_pct_peak_bw']:.0f}% of peak bandwidth; "
+      f"a {VERIFY_K + 1}-token verification {g['verify_over_step']:.2f} steps); "
       f"best: {best['draft']} k={best['k']} at {best['speedup_vs_greedy']:.2f}x (acceptance "
       f"{best['acceptance']:.2f}, {best['accepted_per_round']:.2f} drafts accepted per round; "
       f"the round's parts allow {best['model_speedup']:.2f}x)"
@@ -402,13 +454,15 @@ def main(argv=None):
   harness.report(
     args,
     "speculative",
-    "data input_length new_tokens examples draft_tokens repeats step_repeats",
+    "data input_length new_tokens examples draft_tokens repeats step_repeats loop",
     source=source,
     bank=None if args.quick else args.bank,
     model=dataclasses.asdict(model.config),
     full_plan=full.describe(),
     drafts={name: d.describe() for name, d in drafts.items()},
     limits=limits,
+    verify_over_step={g["batch"]: g["verify_over_step"] for g in greedy},
+    speedup_vs_greedy={g["batch"]: g["speedup_vs_greedy"] for g in greedy},
     greedy=greedy,
     results=rows,
     notes=notes,

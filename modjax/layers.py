@@ -332,6 +332,15 @@ class Block(nn.Module):
     return self._ffn_residual(x_RND, True), new_cache
 
 
+def one_row_index(index):
+  """A per-row cache position of a single row ([1]) as a scalar, else ``index`` as is: with one
+  row (always at batch 1) a decoding step writes its keys/values with a plain
+  dynamic-update-slice and builds its bias for one position, not through per-row (vmapped)
+  writes and gathers."""
+  index = jnp.asarray(index, jnp.int32)
+  return index[0] if index.shape == (1,) else index
+
+
 def _write_positions(cache, new, at, axis: int):
   """Writes ``new`` into ``cache`` from position ``at`` along ``axis``: one dynamic-update-slice
   for a scalar ``at``, a per-row write (a scatter) for ``at`` of shape [B]."""

@@ -160,6 +160,7 @@ def predict(
       prepared=prepared,
       draft_plan=draft_plan,
       draft_tokens=draft_tokens,
+      scores=False,  # texts only: no log-softmax per token
     )
     tokens, lengths, stats = jax.device_get((result.tokens, result.lengths, result.stats))
     for row in range(rows):

@@ -155,6 +155,14 @@ def test_speculative_quick_run_gives_plain_greedy_tokens(tmp_path, capsys):
     assert r["draft_ms"] > 0 and r["verify_ms"] == greedy["verify_ms"]["3"]
     parts = (1 + r["accepted_per_round"]) * r["greedy_step_ms"] / (r["draft_ms"] + r["verify_ms"])
     assert r["model_speedup"] == pytest.approx(parts)
+  assert greedy["verify_over_step"] == pytest.approx(
+    greedy["verify_ms"]["4"] / greedy["greedy_step_ms"]
+  )
+  assert report["verify_over_step"] == {"2": greedy["verify_over_step"]}
+  best = max(r["speedup_vs_greedy"] for r in rows)
+  assert report["speedup_vs_greedy"] == {"2": best} and greedy["speedup_vs_greedy"] == best
+  assert set(greedy["xla"]) == {"step", "verify_k3", "verify_k4"}
+  assert greedy["xla"]["verify_k4"]["flops"] > greedy["xla"]["step"]["flops"] > 0
   assert "| batch | draft" in capsys.readouterr().out
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from modjax import bank
 from modjax.decoding import generate, prepare, speculative_generate
+from modjax.layers import NEG_INF, relative_position_bucket
 from modjax.methods.modular.modules import add_modules
 from modjax.model_config import GPT2Config, T5Config
 from modjax.models import GPT2, T5
@@ -295,9 +296,15 @@ class _Poisoning:
 
 @pytest.mark.parametrize("kind", ["t5", "gpt2"])
 def test_junk_after_the_accepted_length_changes_nothing(kind):
+  """Not the tokens, and not what the draft proposes: a draft step reading an entry it never
+  wrote (a round starting without the re-feed it needed) would read junk and accept less."""
   c = case(kind)
   poisoning = dataclasses.replace(c, model=_Poisoning(c.model))
-  _assert_same_as_plain(poisoning.run(_draft(kind, "subset")), c.plain)
+  poisoned = poisoning.run(_draft(kind, "subset"))
+  _assert_same_as_plain(poisoned, c.plain)
+  clean = c.run(_draft(kind, "subset"))
+  np.testing.assert_array_equal(poisoned.stats.accepted, clean.stats.accepted)
+  np.testing.assert_array_equal(poisoned.stats.rounds, clean.stats.rounds)
 
 
 @pytest.mark.parametrize("kind", ["t5", "gpt2"])
@@ -306,6 +313,41 @@ def test_batch_of_one_equals_plain_greedy_row_by_row(kind):
   for row in range(0, BATCH, 3):
     one = c.run(_draft(kind, "subset"), c.ids[row : row + 1], c.mask[row : row + 1])
     _assert_same_as_plain(one, jax.tree.map(lambda x, r=row: x[r : r + 1], c.plain))
+
+
+@pytest.mark.parametrize("kind", ["t5", "gpt2"])
+def test_without_scores_greedy_and_speculative_give_the_same_tokens(kind):
+  """``scores=False`` skips the log-softmax: the same tokens and statistics, no scores; at
+  batch 1 too, where a row's positions are one scalar."""
+  c = case(kind)
+  with_scores = c.run(_draft(kind, "subset"))
+  out = c.run(_draft(kind, "subset"), scores=False)
+  assert out.scores is None
+  np.testing.assert_array_equal(out.tokens, c.plain.tokens)
+  np.testing.assert_array_equal(out.stats.accepted, with_scores.stats.accepted)
+  kw = dict(max_new_tokens=NEW, eos_id=c.eos, scores=False)
+  greedy = generate(c.model, c.params, c.plan, c.ids, c.mask, **kw)
+  assert greedy.scores is None
+  np.testing.assert_array_equal(greedy.tokens, c.plain.tokens)
+  one = c.run(_draft(kind, "subset"), c.ids[:1], c.mask[:1], scores=False)
+  np.testing.assert_array_equal(one.tokens, c.plain.tokens[:1])
+
+
+def test_t5_self_bias_table_holds_the_bias_a_step_computes_from_positions():
+  """The table built once per generation: at offset ``T - 1 - q + t`` the relative-position
+  bias of key t for query q plus the causal mask, bit for bit."""
+  c = case("t5")
+  m, length, cfg = c.model, 20, case("t5").model.config
+  table = np.asarray(m.self_bias_table(c.params, length))
+  assert table.shape == (cfg.num_heads, 2 * length - 1)
+  by_bucket_NH = c.params["decoder"]["relpos_bias"]["embedding"]
+  keys = jnp.arange(length)
+  for q in (0, 1, 7, length - 1):
+    buckets = relative_position_bucket(
+      keys - q, False, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+    )
+    want = np.asarray(by_bucket_NH[buckets].T + jnp.where(keys <= q, 0.0, NEG_INF))
+    np.testing.assert_array_equal(table[:, length - 1 - q : 2 * length - 1 - q], want)
 
 
 def test_t5_draft_with_its_own_encoder_and_prepared_weights():

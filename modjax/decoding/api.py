@@ -35,13 +35,16 @@ def generate(
   draft_tokens: int = 4,
   sampling: Sampling | None = None,
   rng=None,
+  scores: bool = True,
 ) -> DecodeResult:
   """Decodes a batch. ``input_ids`` are T5 encoder inputs, or left-padded GPT-2 prompts.
 
   ``num_beams`` > 1: beam search (:mod:`.beam`). ``sampling``: draw each token
   (:class:`Sampling`: temperature, top-k, top-p) with the key ``rng`` instead of taking the
   argmax; ``scores`` stay the summed log-probabilities of the chosen tokens under the model's
-  own (unwarped) distribution.
+  own (unwarped) distribution. ``scores=False``: greedy, sampled and speculative decoding skip
+  the log-softmax those scores cost (a whole-vocabulary pass per token; ``scores`` None); beam
+  search always scores.
 
   ``prepared``: :func:`prepare` of these weights, when decoding them repeatedly (otherwise
   each call derives those constants itself). ``draft_plan``: greedy self-speculative decoding
@@ -68,10 +71,11 @@ def generate(
       eos_id=eos_id,
       pad_id=pad_id,
       prepared=prepared,
+      scores=scores,
     )
   input_mask, eos_id, pad_id = resolve_ids(model, input_ids, input_mask, eos_id, pad_id)
   fn = (
-    functools.partial(greedy, sampling=sampling, rng=rng)
+    functools.partial(greedy, sampling=sampling, rng=rng, scores=scores)
     if num_beams == 1
     else functools.partial(beam_search, num_beams=num_beams, length_penalty=length_penalty)
   )

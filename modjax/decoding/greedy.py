@@ -2,7 +2,8 @@
 
 As Hugging Face ``generate`` (transformers 5.x): argmax (or a draw from the warped distribution,
 :mod:`.sampling`); rows that emitted EOS are padded with ``pad_id``; the loop stops when every
-row is done or after ``max_new_tokens``.
+row is done or after ``max_new_tokens``. ``scores=False`` skips the log-softmax a step spends
+on the chosen token's log-probability (the result's ``scores`` are then None).
 """
 
 from __future__ import annotations
@@ -16,11 +17,23 @@ from modjax.decoding.core import DecodeResult, argmax, lengths, log_prob
 from modjax.decoding.sampling import sample
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 5, 6, 7), static_argnames=("sampling",))
+@functools.partial(jax.jit, static_argnums=(0, 2, 5, 6, 7), static_argnames=("sampling", "scores"))
 def greedy(
-  model, params, plan, input_ids, input_mask, max_new, eos_id, pad_id, prepared, sampling, rng
+  model,
+  params,
+  plan,
+  input_ids,
+  input_mask,
+  max_new,
+  eos_id,
+  pad_id,
+  prepared,
+  sampling,
+  rng,
+  scores: bool = True,
 ):
-  """Greedy decoding, or sampling with ``sampling`` and the key ``rng`` (a draw per step)."""
+  """Greedy decoding, or sampling with ``sampling`` and the key ``rng`` (a draw per step);
+  ``scores``: sum each row's log-probabilities of its tokens."""
   b = input_ids.shape[0]
   cache, logits, index = model.start_decoding(
     params, plan, input_ids, input_mask, max_new, shared=prepared
@@ -31,7 +44,8 @@ def greedy(
       tok = argmax(logits)
     else:
       tok = sample(logits, jax.random.fold_in(rng, t), sampling)
-    score = score + jnp.where(done, 0.0, log_prob(logits, tok))
+    if scores:
+      score = score + jnp.where(done, 0.0, log_prob(logits, tok))
     tok = jnp.where(done, pad_id, tok)
     return tok, done | (tok == eos_id), tokens.at[:, t].set(tok), score
 
@@ -51,4 +65,4 @@ def greedy(
   _, _, _, _, tokens, score = jax.lax.while_loop(
     cond, body, (jnp.int32(1), cache, tok, done, tokens, score)
   )
-  return DecodeResult(tokens, lengths(tokens, eos_id), score)
+  return DecodeResult(tokens, lengths(tokens, eos_id), score if scores else None)

@@ -21,10 +21,12 @@ Rows advance independently: each has its own position in both caches (cache writ
 per-row scatters, masks and T5's relative-position bias per-row), so a row that accepts k tokens
 never waits for one that accepts none. Lock-step at the batch's minimum would save only those
 scatters (the matmuls are the same) while discarding, every round, the tokens the other rows
-accepted beyond the worst row's (speed of the two not measured here). The draft's cache lacks
-the last draft token's entry when all k are accepted, so each round the draft first re-feeds
-the token before the pending one together with the pending one (a two-token step), which fills
-that gap.
+accepted beyond the worst row's (speed of the two not measured here). At batch 1 the one row's
+position is a scalar (``layers.one_row_index``): single in-place writes, one bias row. The
+draft's cache lacks the last draft token's entry when all k were accepted, so a round after
+such a one starts with a two-token draft step that re-feeds the token before the pending one
+with it; other rounds feed the pending token alone (a ``lax.cond`` on the batch). Without
+``scores`` the verification takes no log-softmax over its k+1 positions.
 
 An architecture provides, beyond what greedy decoding uses, ``decode_tokens(params, plan,
 cache, token_ids_BN, index)`` (N tokens per row; ``index`` a scalar or [B]) and, for
@@ -105,9 +107,11 @@ def speculative_generate(
   pad_id: int | None = None,
   prepared=None,
   draft_encoder: bool = False,
+  scores: bool = True,
 ) -> DecodeResult:
   """Greedy decoding of ``plan`` with ``draft_plan`` (same bank) drafting ``draft_tokens`` per
-  round. Returns plain greedy's :class:`DecodeResult` with ``stats`` a :class:`SpeculativeStats`.
+  round. Returns plain greedy's :class:`DecodeResult` with ``stats`` a :class:`SpeculativeStats`
+  (``scores`` None unless ``scores``).
 
   For T5 the draft plan's encoder is ignored (and may be empty) unless ``draft_encoder``.
   """
@@ -145,12 +149,25 @@ def speculative_generate(
     pad_id,
     draft_encoder,
     prepared,
+    scores,
   )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3, 6, 7, 8, 9, 10))
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 6, 7, 8, 9, 10, 12))
 def _speculative(
-  model, params, plan, draft_plan, ids, mask, max_new, k, eos_id, pad_id, draft_encoder, prepared
+  model,
+  params,
+  plan,
+  draft_plan,
+  ids,
+  mask,
+  max_new,
+  k,
+  eos_id,
+  pad_id,
+  draft_encoder,
+  prepared,
+  scores,
 ):
   b = ids.shape[0]
   shared = model.decoding_constants(params) if prepared is None else prepared
@@ -164,7 +181,6 @@ def _speculative(
   draft, _, _ = model.start_decoding(params, draft_plan, ids, mask, room, shared, **draft_kw)
   # The first token comes from the prefill / start step, as in plain greedy decoding.
   first = argmax(logits)
-  logp = log_prob(logits, first)
   before = (
     jnp.full((b,), model.config.decoder_start_token_id, jnp.int32)
     if "encoder" in model.stacks
@@ -174,24 +190,26 @@ def _speculative(
   state = dict(
     n=jnp.ones((b,), jnp.int32),  # tokens emitted; the last one (pending) is not cached yet
     pending=first,
-    before=before,  # the token cached just before the pending one
+    before=before,  # the token cached just before the pending one (but see refeed)
+    refeed=jnp.zeros((b,), bool),  # the draft cache lacks before's entry: all drafts accepted
     done=(first == eos_id) | (max_new <= 1),
     tokens=jnp.full((b, room), pad_id, jnp.int32).at[:, 0].set(first),
-    score=logp,
+    score=log_prob(logits, first) if scores else jnp.zeros((b,)),
     full=full,
     draft=draft,
     stats=SpeculativeStats(zeros, zeros, zeros),
   )
 
   def body(s):
-    return _round(model, params, plan, draft_plan, s, index, max_new, k, eos_id, pad_id)
+    return _round(model, params, plan, draft_plan, s, index, max_new, k, eos_id, pad_id, scores)
 
   state = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), body, state)
   tokens = state["tokens"][:, :max_new]
-  return DecodeResult(tokens, lengths(tokens, eos_id), state["score"], state["stats"])
+  score = state["score"] if scores else None
+  return DecodeResult(tokens, lengths(tokens, eos_id), score, state["stats"])
 
 
-def _round(model, params, plan, draft_plan, s, index, max_new, k, eos_id, pad_id):
+def _round(model, params, plan, draft_plan, s, index, max_new, k, eos_id, pad_id, scores):
   """One draft-and-verify round for every row still generating."""
   active = ~s["done"]
   position = index + s["n"] - 1  # [B] cache position of each row's pending token
@@ -211,20 +229,24 @@ def _round(model, params, plan, draft_plan, s, index, max_new, k, eos_id, pad_id
   count = jnp.sum(keep, axis=1)
   write = functools.partial(jax.lax.dynamic_update_slice_in_dim, axis=0)
   tokens = jax.vmap(write)(s["tokens"], jnp.where(keep, best_BN, pad_id), s["n"])
-  score = s["score"] + jnp.sum(jnp.where(keep, log_prob(logits_BNV, best_BN), 0.0), axis=1)
+  score = s["score"]
+  if scores:
+    score = score + jnp.sum(jnp.where(keep, log_prob(logits_BNV, best_BN), 0.0), axis=1)
   n = s["n"] + count
   seq = jnp.concatenate([s["pending"][:, None], best_BN], axis=1)  # seq[i]: emitted i-th now
 
   def pick(i_B):
     return jnp.take_along_axis(seq, i_B[:, None], axis=1)[:, 0]
 
-  moved = count > 0
+  moved = count > 0  # every active row emits at least one token
+  done = s["done"] | jnp.any(keep & is_eos, axis=1) | (n >= max_new)
   stats = s["stats"]
   return dict(
     n=n,
     pending=jnp.where(moved, pick(count), s["pending"]),
     before=jnp.where(moved, pick(jnp.maximum(count - 1, 0)), s["before"]),
-    done=s["done"] | jnp.any(keep & is_eos, axis=1) | (n >= max_new),
+    refeed=(count == k + 1) & ~done,
+    done=done,
     tokens=tokens,
     score=score,
     full=full,
@@ -238,12 +260,24 @@ def _round(model, params, plan, draft_plan, s, index, max_new, k, eos_id, pad_id
 
 
 def draft_block(model, params, draft_plan, cache, s, position, k):
-  """k greedy tokens of the draft plan after each row's pending token. The first step feeds the
-  token before the pending one too: when the previous round accepted every draft, the draft
-  cache lacks that token's entry (the draft never fed its own last token)."""
-  two = jnp.stack([s["before"], s["pending"]], axis=1)
-  logits, cache = model.decode_tokens(params, draft_plan, cache, two, position - 1)
-  token = argmax(logits[:, -1])
+  """k greedy tokens of the draft plan after each row's pending token (``s["pending"]`` at
+  ``position``). Where ``s["refeed"]`` marks a row whose draft cache lacks the entry of the token
+  before the pending one (the previous round accepted every draft: the draft never fed its own
+  last token), the first step feeds that token (``s["before"]``) too, for the whole batch."""
+
+  def first(two: bool):
+    def step(cache):
+      if two:
+        pair = jnp.stack([s["before"], s["pending"]], axis=1)
+        logits, cache = model.decode_tokens(params, draft_plan, cache, pair, position - 1)
+      else:
+        ids = s["pending"][:, None]
+        logits, cache = model.decode_tokens(params, draft_plan, cache, ids, position)
+      return argmax(logits[:, -1]), cache
+
+    return step
+
+  token, cache = jax.lax.cond(jnp.any(s["refeed"]), first(True), first(False), cache)
 
   def step(carry, offset):
     cache, token = carry

@@ -24,6 +24,7 @@ from modjax.layers import (
   decode_cache_from_prefill,
   head_logits,
   key_padding_bias,
+  one_row_index,
   segment_bias,
 )
 from modjax.model_config import GPT2Config, to_dtype
@@ -238,7 +239,8 @@ class GPT2:
     # Static entries have one row per prompt; beam search decodes that many rows times its beams.
     static = cache["static"]
     beams = token_ids_BN.shape[0] // static["key_mask"].shape[0]
-    query_idx = jnp.asarray(index, jnp.int32)[..., None] + jnp.arange(n)  # [N] or [B, N]
+    index = one_row_index(index)
+    query_idx = index[..., None] + jnp.arange(n)  # [N] or [B, N]
     positions = jnp.repeat(static["position_offset"], beams)[:, None] + query_idx
     x = self._embed(params, token_ids_BN, positions)
     keys = jnp.arange(static["key_mask"].shape[1])

@@ -39,6 +39,7 @@ from modjax.layers import (
   empty_decode_cache,
   head_logits,
   key_padding_bias,
+  one_row_index,
   segment_bias,
 )
 from modjax.model_config import T5Config, to_dtype
@@ -302,7 +303,8 @@ class T5:
 
     Returns a cache: ``self`` (per slot k/v, see ``layers.empty_decode_cache``; written in place
     as tokens are generated), ``static`` (per input row, shared by its beams: cross k/v and
-    the encoder mask) and ``shared`` (no batch axis: the transposed tied head).
+    the encoder mask; and, with no batch axis, the self-attention bias by query-key offset, see
+    :meth:`self_bias_table`) and ``shared`` (no batch axis: the transposed tied head).
     """
     c = self.config
     enc = encoded
@@ -320,9 +322,25 @@ class T5:
       "self": tuple(
         empty_decode_cache(b, spec.num_heads, spec.head_dim, max_length, dt) for _ in plan.decoder
       ),
-      "static": {"cross": cross, "cross_bias": key_padding_bias(input_mask_BS)},
+      "static": {
+        "cross": cross,
+        "cross_bias": key_padding_bias(input_mask_BS),
+        "self_bias_HW": self.self_bias_table(params, max_length),
+      },
       "shared": self.decoding_constants(params) if shared is None else shared,
     }
+
+  def self_bias_table(self, params, length: int):
+    """[H, 2 * length - 1] decoder self-attention bias by query-key offset, built once per
+    generation: entry ``length - 1 - q + t`` is the relative-position bias of key ``t`` for the
+    query at ``q`` plus the causal mask (``NEG_INF`` for ``t > q``), the values a step would
+    compute from the positions, so a step reads its [N, T] bias as a slice (:func:`_self_bias`)
+    instead of bucketing offsets and gathering every call."""
+    offsets = jnp.arange(2 * length - 1)
+    bias_1H1W = self._modules()["dec_relpos"].apply(
+      {"params": params["decoder"]["relpos_bias"]}, jnp.array([length - 1]), offsets
+    )
+    return bias_1H1W[0, :, 0] + jnp.where(offsets <= length - 1, 0.0, NEG_INF)
 
   def start_decoding(
     self,
@@ -363,15 +381,9 @@ class T5:
     if n > 1 and cache.get("ancestry") is not None:
       raise ValueError("decode_tokens scores several tokens per row only for greedy caches")
     max_length = decode_cache_length(cache["self"][0], token_ids_BN.shape[0])
-    keys = jnp.arange(max_length)
-    query_pos = jnp.asarray(index, jnp.int32)[..., None] + jnp.arange(n)  # [N] or [B, N]
-
-    def relpos(q_N):
-      return m["dec_relpos"].apply({"params": params["decoder"]["relpos_bias"]}, q_N, keys)
-
-    bias = relpos(query_pos) if query_pos.ndim == 1 else jax.vmap(relpos)(query_pos)[:, 0]
-    hide = jnp.where(keys <= query_pos[..., None], 0.0, NEG_INF)  # [N, T] or [B, N, T]
-    bias = bias + (hide[None, None] if hide.ndim == 2 else hide[:, None])
+    index = one_row_index(index)
+    query_pos = index[..., None] + jnp.arange(n)  # [N] or [B, N]
+    bias = _self_bias(cache["static"]["self_bias_HW"], query_pos, max_length)
     bias = beam_self_bias(bias, cache.get("ancestry"))
     x = m["embed"].apply({"params": params["token_embedding"]}, token_ids_BN)
     new_self = []
@@ -390,6 +402,17 @@ class T5:
       new_self.append({"k": updated["k"], "v": updated["v"]})
     x = m["norm"].apply({"params": params["decoder"]["final_norm"]}, x)
     return self._logits(params, x, cache["shared"]["head_DV"]), dict(cache, self=tuple(new_self))
+
+
+def _self_bias(table_HW, query_pos, length: int):
+  """[1 or B, H, N, T] self-attention bias of queries at ``query_pos`` ([N] or [B, N]) over a
+  cache of ``length`` positions, read from :meth:`T5.self_bias_table`: one dynamic slice for
+  one query, else a gather."""
+  start = length - 1 - query_pos
+  if start.shape == (1,):
+    return jax.lax.dynamic_slice_in_dim(table_HW, start[0], length, axis=1)[None, :, None]
+  bias = jnp.take(table_HW, start[..., None] + jnp.arange(length), axis=1, mode="clip")
+  return bias[None] if start.ndim == 1 else jnp.moveaxis(bias, 1, 0)
 
 
 def tied_head(params, config):

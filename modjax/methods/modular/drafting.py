@@ -100,6 +100,7 @@ class SampleDecoder:
         prepared=self.prepared,
         draft_plan=draft,
         draft_tokens=k,
+        scores=False,  # tokens only, on both sides
       )
       results.append((jax.block_until_ready(result), rows))
     return results

@@ -86,6 +86,7 @@ class Timer:
         max_new_tokens=self.shapes.max_new_tokens,
         eos_id=-1,
         prepared=self.prepared,
+        scores=False,  # tokens only: no log-softmax per token
       ).tokens
 
     timing.repeat(call, 0, warmup=1 + self.warmup)
