@@ -222,7 +222,7 @@ def test_decode_step_bytes_match_compiled_arguments(name, dtype):
   compiled, (cache, tokens, index) = _compiled_step(name, dtype)
   cost = plan_cost(model, plan, batch=B, input_length=S, target_length=T)
   tables = {k: v for k, v in bank.items() if k in ("token_embedding", "position_embedding")}
-  static = {k: v for k, v in cache["static"].items() if k != "cross"}  # masks, position offsets
+  static = {k: v for k, v in cache["static"].items() if k != "cross"}  # masks, bias table
   extra = _nbytes(tables) + _nbytes(static) + _nbytes((tokens, index))
   assert compiled.memory_analysis().argument_size_in_bytes == cost.decode_step_bytes() + extra
   assert cost.kv_cache_bytes() == _nbytes(cache["self"])
