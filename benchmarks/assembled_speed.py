@@ -20,7 +20,7 @@ the fastest call: the least disturbed by other processes (every call's time is i
   exactly ``--new-tokens`` tokens per row: ``eos_id=-1`` is an id no token has, so no row stops
   early (the lengths are checked).
 
-The ideal is a roofline per plan from ``modjax.cost.plan_cost`` against the machine's ceilings
+The ideal is a roofline per plan from ``modjax.models.cost.plan_cost`` against the machine's ceilings
 measured in the same run (``benchmarks/harness.py``: peak float32 matmul FLOP/s; memory
 bandwidth, the better of read and copy; measured before and after the plans, the better kept):
 time = max(FLOPs / peak FLOP/s, bytes / bandwidth).
@@ -55,12 +55,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from modjax import bank, cost
+from modjax.core.model_config import to_dtype
+from modjax.core.presets import get_preset
 from modjax.decoding import argmax, generate, prepare
 from modjax.methods.modular import add_modules, bank_granularities, tiling_plan
-from modjax.model_config import to_dtype
-from modjax.models import T5
-from modjax.presets import get_preset
+from modjax.models import T5, bank, cost
 
 NEVER = -1  # an EOS id no token has: every row generates exactly max_new_tokens
 

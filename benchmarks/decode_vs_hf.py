@@ -2,7 +2,7 @@
 
 One T5 with t5-small's shapes (vocab 32128, d_model 512, d_ff 2048, 8 heads of 64, 6+6 layers,
 ReLU) is initialised by transformers under ``torch.manual_seed``, written with
-``save_pretrained`` and imported by ``modjax.interop.hf``: both sides run the same weights on the
+``save_pretrained`` and imported by ``modjax.store.hf``: both sides run the same weights on the
 same random encoder inputs (no padding). Both generate exactly ``--new-tokens`` tokens: HF with
 ``eos_token_id=None``, modjax with ``eos_id=-1`` (an id no token has), so neither stops early,
 for greedy and beam search alike; the tokens each side really generated are reported, as is
@@ -42,11 +42,11 @@ import torch
 import transformers
 
 from benchmarks import harness
-from modjax import timing
+from modjax.core import timing
 from modjax.decoding import generate, prepare
-from modjax.interop.hf import import_checkpoint
-from modjax.layers import add_beam_slots
 from modjax.models import architecture_for
+from modjax.nn.layers import add_beam_slots
+from modjax.store.hf import import_checkpoint
 
 T5_SMALL = dict(
   vocab_size=32128,

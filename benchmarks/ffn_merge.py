@@ -16,7 +16,7 @@ k=2 in both stacks, GPT-2 k=4):
   ``--max-assignments`` of them (every pair is one [F, F] problem of the same size).
 * ``merge``: the aligned average of the window at start 0, one new bank entry per stack.
 * sizes: bytes of the arrays the identity plan reads vs what the merged plan reads (in memory),
-  and the Orbax directories of both written with ``modjax.export.export_bank_subset``
+  and the Orbax directories of both written with ``modjax.store.export.export_bank_subset``
   (on disk: each shared FFN is stored once).
 
     python -m benchmarks.ffn_merge                 # t5-small and gpt2, ~10k tokens each
@@ -34,11 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from modjax import export, timing
+from modjax.core import timing
+from modjax.core.presets import get_preset
 from modjax.methods.ffn_merge import assignment, features, merge_windows, window_pairs
 from modjax.methods.ffn_merge.window import candidate_starts
 from modjax.models import GPT2, T5
-from modjax.presets import get_preset
+from modjax.store import export
 
 SHAPES = {  # name -> (preset, overrides, k)
   "t5-small": ("t5-small", dict(vocab_size=32128), 2),

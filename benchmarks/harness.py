@@ -6,7 +6,7 @@
   copy, read + write), each the best of several timed repeats after a warm-up: what the
   machine can do, not what it did on average. :func:`around` measures them before and after
   a benchmark's timing and keeps the better of each (other work only lowers a measurement).
-* Timing: :mod:`modjax.timing`, the library's primitive: candidates timed in interleaved
+* Timing: :mod:`modjax.core.timing`, the library's primitive: candidates timed in interleaved
   rounds (a, b, c, a, b, c, ...) so drift hits each alike, each call waited for, warm-ups
   untimed; a benchmark reports medians (and minima) over its rounds and keeps every time.
 * XLA's cost analysis of a compiled (or only lowered) program: FLOPs and bytes accessed.
@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modjax import bank, sharding, timing
+from modjax.core import sharding, timing
+from modjax.models import bank
 from modjax.train import optim
 from modjax.train.step import TrainState, init_state, jit_train_step, make_train_step
 

@@ -12,7 +12,7 @@ MoM pools start from the vanilla model's layers (``mom_bank``, phase two of trai
 
 * ``train``: the step ``modjax.train`` runs (``make_train_step`` + ``jit_train_step`` on one
   device, the state donated) with the config's optimizer (AdamW 0.9/0.95, eps 1e-5, weight
-  decay 0.1, cosine, clip 1.0) and loss (``lm_loss`` for vanilla, ``mom_loss`` for MoM), for
+  decay 0.1, cosine, clip 1.0) and loss (``task_loss`` for vanilla, ``mom_loss`` for MoM), for
   the vanilla model and for MoM with ``dispatch=capacity`` and ``dispatch=dense``, compiled
   ahead (``compile_s``). The first call is untimed; then ``--rounds`` rounds each time
   ``--steps / --rounds`` consecutive steps of every side in turn; the median step counts.
@@ -59,7 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from modjax import decoding, timing
+from modjax import decoding
+from modjax.core import timing
 from modjax.methods.mom import MoMGPT2
 from modjax.methods.mom.dispatch import exact_kind
 from modjax.methods.mom.loss import mom_loss
@@ -119,7 +120,7 @@ def vanilla_of(mom: MoMGPT2) -> GPT2:
 def loss_for(model):
   if isinstance(model, MoMGPT2):
     return mom_loss(model)
-  return losses.lm_loss(model, model.identity_plan())
+  return losses.task_loss(model, model.identity_plan())
 
 
 def build_step(model, setup: Setup, params):

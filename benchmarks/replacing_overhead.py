@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from modjax import bank, timing
+from modjax.core import timing
+from modjax.core.presets import get_preset
 from modjax.methods.modular import (
   Curriculum,
   LossWeights,
@@ -63,9 +64,8 @@ from modjax.methods.modular import (
   teacher_outputs,
 )
 from modjax.methods.modular.replacing import span_losses, token_masks
-from modjax.models import T5
+from modjax.models import T5, bank
 from modjax.models.stack import DEFAULT_COLLECT
-from modjax.presets import get_preset
 from modjax.train.defaults import base_config
 from modjax.train.losses import cross_entropy
 

@@ -26,7 +26,7 @@ speed-up the round's parts allow, against which ``speedup_vs_greedy`` shows what
 per batch size. ``ms_per_round`` and ``ms_per_greedy_step`` divide whole passes by the loop's
 iterations (prefill included).
 The machine's ceilings (``benchmarks/harness.py``) are measured in the same run; a greedy
-step's bytes (``modjax.cost``: decoder weights, head, caches) over its time is quoted against
+step's bytes (``modjax.models.cost``: decoder weights, head, caches) over its time is quoted against
 the measured bandwidth.
 
 Drafts: every decoder at one granularity of the bank (``all-gG``: ``m{G}.*`` modules) and one
@@ -60,13 +60,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from modjax import bank, bank_io, cost
+from modjax.core.plan import Plan
+from modjax.core.presets import get_preset
 from modjax.decoding import argmax, draft_block, generate, prepare
 from modjax.methods.modular import add_modules, bank_granularities, tiling_plan
 from modjax.methods.modular.tilings import enumerate_tilings
-from modjax.models import T5
-from modjax.plan import Plan
-from modjax.presets import get_preset
+from modjax.models import T5, bank, cost
+from modjax.store import bank_io
 
 DEFAULT_BANK = os.path.join("runs", "quickstart", "bank")
 VERIFY_K = 4  # verify_over_step: the (k+1)-token step at k + 1 = 5, timed in every run

@@ -59,7 +59,7 @@ def time_phases(shape: str, repeats: int) -> dict:
   model = architecture_for(train_step.model_config(shape))
   params = jax.jit(model.init)(jax.random.key(0))
   data = train_step.random_batch(shape, 0)
-  loss_fn = losses.seq2seq_loss(model, model.identity_plan())
+  loss_fn = losses.task_loss(model, model.identity_plan())
   rng = jax.random.key(1)
 
   def forward(p):

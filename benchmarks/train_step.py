@@ -58,8 +58,8 @@ import torch
 import transformers
 
 from benchmarks import harness
+from modjax.core.presets import get_preset
 from modjax.models import architecture_for
-from modjax.presets import get_preset
 from modjax.train import losses
 from modjax.train.defaults import base_config
 
@@ -86,7 +86,7 @@ def build_step(config, optimizer_name: str, num_steps: int):
   model = architecture_for(config)
   cfg = base_config().optimizer
   cfg.name = optimizer_name
-  loss_fn = losses.seq2seq_loss(model, model.identity_plan())
+  loss_fn = losses.task_loss(model, model.identity_plan())
   params = jax.jit(model.init)(jax.random.key(0))
   step, init = harness.train_step(model, loss_fn, params, cfg, num_steps)
   return step, init(params)

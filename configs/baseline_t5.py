@@ -10,11 +10,11 @@ kept layers are ``--config.baseline.decoder_layers`` / ``encoder_layers`` ("" = 
   python -m modjax.train --config configs/baseline_t5.py:drop,tiny,runs/tiny \\
       --config.baseline.decoder_layers=0,2 --config.workdir=runs/tiny_drop_dec2
 
-See modjax/methods/baselines.py; each run writes compute.json (training FLOPs).
+See modjax/methods/modular/baselines.py; each run writes compute.json (training FLOPs).
 """
 
-from modjax.methods.baselines import KINDS, add_defaults
-from modjax.train.defaults import lock, sibling_module
+from modjax.methods.modular.baselines import KINDS
+from modjax.train.defaults import lock, sibling_module, with_method
 
 
 def _modular_recipes():
@@ -30,8 +30,7 @@ def get_config(arg: str = "kd,tiny"):
     raise ValueError(f"unknown teacher recipe {recipe!r}; use one of {sorted(recipes.RECIPES)}")
   file_name, default_teacher = recipes.RECIPES[recipe]
   c = recipes.recipe_config(file_name, data_dir)
-  with c.unlocked():
-    add_defaults(c)
+  with_method(c, "baseline")
   c.baseline.kind = kind
   c.modular.teacher = teacher or default_teacher
   c.optimizer.learning_rate = 0.005  # students start from teacher layers, as the modules do

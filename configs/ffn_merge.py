@@ -17,8 +17,7 @@ Every merged variant (permute, vanilla, drop) gets the same budget: ``train.num_
 ``--config.ffn_merge.scope=merged`` trains only the shared FFN entries.
 """
 
-from modjax.methods.ffn_merge.run import add_defaults
-from modjax.train.defaults import lock, sibling_config
+from modjax.train.defaults import lock, sibling_config, with_method
 
 RECIPES = {"tiny": "tiny.py", "lm": "ddtp_lm.py", "ende": "ddtp_ende.py"}
 # (steps, learning rate, warm-up) of the recovery budget per recipe
@@ -32,8 +31,7 @@ def get_config(arg: str = "tiny"):
   if recipe == "tiny" and data_dir:
     raise ValueError("the tiny recipe reads the embedded task; give no data dir")
   c = sibling_config(__file__, RECIPES[recipe], data_dir)
-  with c.unlocked():
-    add_defaults(c)
+  with_method(c, "ffn_merge")
   c.ffn_merge.bank = merged
   steps, learning_rate, warmup = BUDGETS[recipe]
   c.train.num_steps = steps

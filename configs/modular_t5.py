@@ -12,8 +12,7 @@ The data, vocabulary and batch settings are the teacher recipe's; the bank train
 modules (see modjax/methods/modular/config.py for every value and which are reconstructions).
 """
 
-from modjax.methods.modular.config import add_defaults
-from modjax.train.defaults import lock, sibling_config
+from modjax.train.defaults import lock, sibling_config, with_method
 
 RECIPES = {"tiny": ("tiny.py", "runs/tiny"), "ddtp_summ": ("ddtp_summ.py", "runs/ddtp_summ6")}
 
@@ -28,8 +27,7 @@ def get_config(arg: str = "tiny"):
     raise ValueError(f"unknown teacher recipe {recipe!r}; use one of {sorted(RECIPES)}")
   file_name, default_teacher = RECIPES[recipe]
   c = recipe_config(file_name, data_dir)
-  with c.unlocked():
-    add_defaults(c)
+  with_method(c, "modular")
   c.modular.teacher = teacher or default_teacher
   c.optimizer.learning_rate = 0.005  # modules start from teacher layers: a gentler step (R)
   c.optimizer.warmup_steps = 50

@@ -41,8 +41,7 @@ steps of each that spend the MoM's training FLOPs. ``--config.mom.continue_sched
 writes ``compute.json``: parameters, training FLOPs, capacity drops.
 """
 
-from modjax.methods.mom.run import add_defaults
-from modjax.train.defaults import base_config, lock, sibling_config
+from modjax.train.defaults import base_config, lock, sibling_config, with_method
 
 SIZES = ("tiny", "ddtp", "ddtp_authors")
 
@@ -79,8 +78,7 @@ def get_config(arg: str = "tiny"):
   if size == "tiny" and data_dir:
     raise ValueError("the tiny size reads the embedded task; give no data dir")
   c = _tiny() if size == "tiny" else _ddtp_lm(data_dir or "../shared/data/ddtp-summ")
-  with c.unlocked():
-    add_defaults(c)
+  with_method(c, "mom")
   _optimizer(c)
   m = c.mom
   m.bottom_layers, m.num_blocks, m.top_layers, m.anchor, m.skip = 1, 1, 1, False, True

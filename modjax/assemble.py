@@ -93,9 +93,7 @@ def _define_flags(flags) -> None:
     "plan", None, "export: a saved plan name or a plan JSON file; draft: the full plan's name."
   )
   flags.DEFINE_string("out", None, "sweep/export: output directory (must not exist or be empty).")
-  flags.DEFINE_list("formats", list(export.FORMATS), f"export: any of {export.FORMATS}.")
-  flags.DEFINE_integer("max-length", 64, "export: generated tokens the jax decoding cache holds.")
-  flags.DEFINE_list("platforms", ["cpu"], "export: jax platforms to lower for.")
+  export.define_format_flags(flags)  # export: --formats, --max-length, --platforms
   flags.DEFINE_list("draft-tokens", ["2", "3", "4", "6"], "draft: tokens drafted per round tried.")
   flags.DEFINE_integer("sample", 32, "draft: validation examples decoded per candidate.")
 
@@ -133,16 +131,7 @@ def _dispatch(f, cfg, args) -> None:
   if mode == "export":
     if not (f.bank and f.plan and f.out):
       raise st.AssemblyError("export needs --bank, --plan (a saved name or JSON file) and --out")
-    export.export(
-      f.bank,
-      f.plan,
-      f.out,
-      formats=f.formats,
-      batch=f.batch,
-      input_length=f["input-length"].value,
-      max_length=f["max-length"].value,
-      platforms=f.platforms,
-    )
+    export.export_from_flags(f)
     return
   if mode == "draft":
     _draft(f, cfg)
@@ -234,7 +223,7 @@ def main(config, *args: str) -> None:
 if __name__ == "__main__":
   from absl import flags
 
-  from modjax import cli
+  from modjax.core import cli
 
   _define_flags(flags)
   cli.run(main, config="optional", positional=True)

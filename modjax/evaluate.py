@@ -23,13 +23,13 @@ reads the task's targets as text), ``rouge`` (1/2/L/Lsum, Lsum with newline-spli
 Writes ``workdir/eval/<stem>.metrics.json`` and, when decoding, ``<stem>.predictions.jsonl``
 (input, target, prediction per example), where ``<stem>`` is
 ``<split>[_step<N>][_plan-<name>][_draft-<name>-k<K>]_<bank|hf>-<dir>_data-<source>_<digest>`` and
-the digest covers everything that changes the numbers (``modjax.results``: bank path and step,
+the digest covers everything that changes the numbers (``modjax.store.results``: bank path and step,
 plan, data files' contents or TFDS version, vocabulary, metrics, example limit, lengths, decoding
 mode, beams). The metrics JSON records all of it under ``evaluation``. A different evaluation
 never overwrites another's files; a rerun of the same one replaces its own and logs it. Both
 files are written atomically (temporary file, then rename). The scoring itself is
-``modjax.scoring`` (pure functions over model, params, plan and batches) and what is scored is
-loaded by ``modjax.scored``; both re-exported here.
+``modjax.train.scoring`` (pure functions over model, params, plan and batches) and what is scored is
+loaded by ``modjax.eval_inputs``; both re-exported here.
 
 ``--draft NAME [--draft-tokens K]``: greedy decoding by self-speculation
 (``modjax.decoding.speculative``) with that plan of the bank (a saved name or a JSON file; for T5
@@ -49,11 +49,13 @@ import jax
 import numpy as np
 from etils import epath
 
-from modjax import metrics, results
+from modjax.core import metrics
 from modjax.data import make_eval_examples
-from modjax.scored import Draft, Scored, load_draft, load_eval_vocabulary, load_scored
-from modjax.scoring import make_eval_batches, predict, teacher_forced_metrics
+from modjax.eval_inputs import Draft, Scored, load_draft, load_scored
+from modjax.store import results
 from modjax.train import experiment
+from modjax.train.experiment import load_eval_vocabulary
+from modjax.train.scoring import make_eval_batches, predict, teacher_forced_metrics
 
 __all__ = [
   "Draft",
@@ -74,7 +76,7 @@ TEACHER_FORCED_METRICS = ("perplexity",)
 
 
 def _check_fit(cfg, names, model, vocabulary) -> None:
-  if experiment.model_type(model) != "encdec" and set(names) & set(DECODED_METRICS):
+  if model.kind != "encdec" and set(names) & set(DECODED_METRICS):
     raise experiment.ConfigError(
       f"config.eval.metrics={cfg.eval.metrics!r}: rouge/bleu decode an encoder-decoder, and the "
       "bank holds a decoder-only model; use --config.eval.metrics=perplexity"
@@ -156,7 +158,7 @@ def _teacher_forced_scores(cfg, scored: Scored, task) -> dict:
     feature_lengths=experiment.feature_lengths(cfg, model),
     batch_size=cfg.eval.batch_size,
     max_examples=cfg.eval.max_examples or None,
-    model_type=experiment.model_type(model),
+    model_type=model.kind,
   )
   if not batches:
     raise _no_examples(cfg)
@@ -239,7 +241,7 @@ def _no_examples(cfg):
 
 
 def _evaluation_record(cfg, names, scored: Scored, vocabulary, drafting: Draft | None) -> dict:
-  """What identifies this evaluation (``modjax.results``): the bank and plan, the data, and the
+  """What identifies this evaluation (``modjax.store.results``): the bank and plan, the data, and the
   settings that change the numbers of the metrics asked for."""
   d, e = cfg.data, cfg.eval
   data = results.data_record(
@@ -344,7 +346,7 @@ def main(config):
 
 
 if __name__ == "__main__":
-  from modjax import cli
+  from modjax.core import cli
 
   define_flags()
   cli.run(main)

@@ -100,7 +100,7 @@ def main(config) -> None:
 if __name__ == "__main__":
   from absl import flags
 
-  from modjax import cli
+  from modjax.core import cli
 
   _define_flags(flags)
   cli.run(main, config="optional")

@@ -23,11 +23,13 @@ import time
 
 from etils import epath
 
-from modjax import assemble, bank_io, cli, export
+from modjax import assemble
+from modjax.core import cli
+from modjax.core.plan import Plan
+from modjax.core.run_config import with_values
 from modjax.methods.modular import strategies as st
 from modjax.methods.modular.run import train_bank
-from modjax.plan import Plan
-from modjax.run_config import with_values
+from modjax.store import bank_io, export
 from modjax.train.experiment import ConfigError
 from modjax.train.loop import train
 

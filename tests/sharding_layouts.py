@@ -57,7 +57,7 @@ def collapse_layers(paths: dict[str, str]) -> dict[str, str]:
 def parameter_shardings(model, mesh) -> dict[str, str]:
   import jax
 
-  from modjax import bank
+  from modjax.models import bank
 
   abstract = jax.eval_shape(model.init, jax.random.key(0))
   shardings = bank.shardings(model, abstract, mesh)
@@ -76,7 +76,7 @@ def activation_shardings(model, mesh) -> list[str]:
   import jax
   import jax.numpy as jnp
 
-  from modjax import sharding
+  from modjax.core import sharding
 
   plan = model.identity_plan()
   params = jax.eval_shape(model.init, jax.random.key(0))
@@ -100,9 +100,9 @@ def record(device_count: int) -> dict:
   first ``device_count`` devices."""
   import jax
 
-  from modjax import sharding
+  from modjax.core import sharding
+  from modjax.core.presets import get_preset
   from modjax.models import architecture_for
-  from modjax.presets import get_preset
 
   devices = jax.devices()
   if len(devices) < device_count:

@@ -23,9 +23,9 @@ from train_helpers import (
   subprocess_env,
 )
 
-from modjax import bank, sharding
-from modjax.models import architecture_for
-from modjax.presets import get_preset
+from modjax.core import sharding
+from modjax.core.presets import get_preset
+from modjax.models import architecture_for, bank
 from modjax.train import defaults, experiment
 from modjax.train.loop import train
 
@@ -155,7 +155,7 @@ def test_dcn_sizes_that_do_not_match_the_slices_are_one_line_errors():
 HYBRID_SCRIPT = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from modjax import sharding
+from modjax.core import sharding
 from modjax.train import defaults, experiment
 cfg = defaults.base_config()
 cfg.multihost.initialize = True

@@ -13,17 +13,18 @@ import numpy as np
 import pytest
 from train_helpers import TRACEBACK, micro_config, run_module
 
-from modjax import bank_io, cost, evaluate, scoring
+from modjax import evaluate
 from modjax.assemble import assemble_plan, assemble_search, run_sweep
-from modjax.export import ExportError
+from modjax.core.model_config import T5Config
+from modjax.core.plan import Plan, PlanError
 from modjax.methods.modular import add_modules, all_g_plan, bank_granularities, latency, tilings
 from modjax.methods.modular import strategies as st
 from modjax.methods.modular.assembly import stack_slots
 from modjax.methods.modular.modules import default_granularities
-from modjax.model_config import T5Config
-from modjax.models import T5
-from modjax.plan import Plan, PlanError
-from modjax.train import experiment
+from modjax.models import T5, cost
+from modjax.store import bank_io
+from modjax.store.export import ExportError
+from modjax.train import experiment, scoring
 
 FAST = dict(shapes=st.Shapes(batch=1, input_length=8, max_new_tokens=4), runs=1, warmup=0)
 

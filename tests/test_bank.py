@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from conftest import TINY_GPT2, TINY_T5
 
-from modjax import bank, bank_io, sharding
-from modjax.checkpoint import CheckpointError
-from modjax.model_config import GPT2Config, T5Config
-from modjax.models import GPT2, T5
-from modjax.plan import Plan, PlanError, Slot
+from modjax.core import sharding
+from modjax.core.model_config import GPT2Config, T5Config
+from modjax.core.plan import Plan, PlanError, Slot
+from modjax.models import GPT2, T5, bank
+from modjax.store import bank_io
+from modjax.store.checkpoint import CheckpointError
 
 
 def _t5(**overrides):

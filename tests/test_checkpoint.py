@@ -1,4 +1,4 @@
-"""Real Orbax saves and restores through modjax.checkpoint (8 fake CPU devices for the mesh tests)."""
+"""Real Orbax saves and restores through modjax.store.checkpoint (8 fake CPU devices for the mesh tests)."""
 
 import os
 
@@ -17,8 +17,8 @@ import pytest  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from modjax import checkpoint  # noqa: E402
-from modjax.checkpoint import Checkpointer, CheckpointError  # noqa: E402
+from modjax.store import checkpoint  # noqa: E402
+from modjax.store.checkpoint import Checkpointer, CheckpointError  # noqa: E402
 
 # A failed Orbax restore leaves un-awaited read coroutines behind; pytest reports them as warnings.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -192,7 +192,7 @@ def test_damaged_latest_step_is_moved_aside_and_previous_restored(tmp_path, capl
       ckpt.save(step, state, {"step": step})
   damage(tmp_path / "2")
 
-  with caplog.at_level(logging.ERROR, logger="modjax.checkpoint"):
+  with caplog.at_level(logging.ERROR, logger="modjax.store.checkpoint"):
     with _checkpointer(tmp_path) as ckpt:
       step, restored, metadata = ckpt.restore_latest(_abstract(states[1]))
       assert (step, metadata) == (1, {"step": 1})
@@ -214,7 +214,7 @@ def test_only_damaged_step_gives_none(tmp_path, caplog):
   with _checkpointer(tmp_path) as ckpt:
     ckpt.save(3, state, {})
   _garble_largest_data_file(tmp_path / "3")
-  with caplog.at_level(logging.ERROR, logger="modjax.checkpoint"):
+  with caplog.at_level(logging.ERROR, logger="modjax.store.checkpoint"):
     with _checkpointer(tmp_path) as ckpt:
       assert ckpt.restore_latest(_abstract(state)) is None
   assert any(str(tmp_path / "3") in record.getMessage() for record in caplog.records)

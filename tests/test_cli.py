@@ -1,5 +1,5 @@
-"""The one command-line runner (``modjax.cli.run``), the one bad-input base class
-(``modjax.errors.UserError``) and configs as values (``modjax.run_config``).
+"""The one command-line runner (``modjax.core.cli.run``), the one bad-input base class
+(``modjax.core.errors.UserError``) and configs as values (``modjax.core.run_config``).
 
 The runner cases run small programs over ``cli.run`` in a subprocess each (absl's flags are
 global to a process); they import no JAX, so each takes about a second.
@@ -17,8 +17,8 @@ import pytest
 from train_helpers import REPO, TRACEBACK, subprocess_env
 
 import modjax
-from modjax.errors import ConfigError, UserError
-from modjax.run_config import with_values
+from modjax.core.errors import ConfigError, UserError
+from modjax.core.run_config import with_values
 
 # Exceptions of modjax that are not bad input: a run that diverged (exit 3, not 2).
 NOT_USER_ERRORS = {"NonFiniteLossError"}
@@ -41,8 +41,8 @@ def test_every_error_class_of_modjax_is_a_user_error_and_keeps_its_builtin_base(
   assert all(issubclass(cls, UserError) for cls in found.values()), sorted(
     name for name, cls in found.items() if not issubclass(cls, UserError)
   )
-  from modjax.checkpoint import CheckpointError
-  from modjax.plan import PlanError
+  from modjax.core.plan import PlanError
+  from modjax.store.checkpoint import CheckpointError
   from modjax.train import experiment
 
   assert issubclass(PlanError, ValueError) and issubclass(CheckpointError, RuntimeError)
@@ -51,7 +51,9 @@ def test_every_error_class_of_modjax_is_a_user_error_and_keeps_its_builtin_base(
 
 def _program(body: str, *args: str) -> subprocess.CompletedProcess:
   """Runs ``body`` (a module that ends in ``cli.run(...)``) as a program with ``args``."""
-  source = "from absl import flags\nfrom modjax import cli\nfrom modjax.errors import UserError\n"
+  source = (
+    "from absl import flags\nfrom modjax.core import cli\nfrom modjax.core.errors import UserError\n"
+  )
   return subprocess.run(
     [sys.executable, "-c", source + textwrap.dedent(body), *args],
     cwd=REPO,
@@ -131,7 +133,7 @@ def test_with_values_returns_a_changed_copy_and_leaves_the_config_as_it_was():
 
 
 def test_a_bank_vocabulary_and_pseudo_labels_change_a_copy(tmp_path):
-  from modjax.methods.pseudo_labels import with_labels
+  from modjax.methods.modular.pseudo_labels import with_labels
   from modjax.train import defaults, experiment
 
   cfg = defaults.lock(defaults.base_config())

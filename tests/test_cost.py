@@ -1,4 +1,4 @@
-"""Cost model (modjax.cost) against references it does not compute itself: XLA's cost analysis
+"""Cost model (modjax.models.cost) against references it does not compute itself: XLA's cost analysis
 (FLOPs), XLA's argument sizes of a compiled decode step (bytes), the bank's arrays and
 transformers' ``num_parameters()`` (parameters).
 
@@ -18,11 +18,11 @@ import pytest
 import transformers
 from conftest import TINY_GPT2, TINY_T5
 
-from modjax.cost import count_params, plan_cost
-from modjax.layers import add_beam_slots
-from modjax.model_config import GPT2Config, T5Config
+from modjax.core.model_config import GPT2Config, T5Config
+from modjax.core.plan import Plan, PlanError, Slot
 from modjax.models import GPT2, T5
-from modjax.plan import Plan, PlanError, Slot
+from modjax.models.cost import count_params, plan_cost
+from modjax.nn.layers import add_beam_slots
 
 TOLERANCE = 0.03
 B, S, T = 2, 32, 16  # batch, input (encoder / prompt) length, target length (new tokens)
@@ -314,7 +314,7 @@ def test_as_dict_is_json_ready_and_consistent():
   [
     (T5(T5Config(**TINY_T5)), Plan(decoder=(Slot("0"),)), {}, PlanError, "no encoder slots"),
     (GPT2(GPT2Config(**TINY_GPT2)), Plan.identity(1, 1), {}, PlanError, "has no encoder"),
-    (T5(T5Config(**TINY_T5)), "0 1", {}, PlanError, "expected a modjax.plan.Plan"),
+    (T5(T5Config(**TINY_T5)), "0 1", {}, PlanError, "expected a modjax.core.plan.Plan"),
     (T5Config(**TINY_T5), Plan.identity(1, 1), {}, TypeError, "T5 or GPT2"),
     (T5(T5Config(**TINY_T5)), Plan.identity(1, 1), dict(batch=0), ValueError, "batch"),
     (

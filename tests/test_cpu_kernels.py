@@ -16,12 +16,13 @@ import optax
 import pytest
 from conftest import TINY_T5
 
-from modjax import contractions, cpu_kernels
-from modjax.cpu_kernels import ENV_VAR, CpuKernelsError, cpu_kernels_setting, use_cpu_kernels
-from modjax.dropout import Dropout, dropout
-from modjax.layers import Embed, Projection
-from modjax.model_config import T5Config
+from modjax.core import cpu_kernels
+from modjax.core.cpu_kernels import ENV_VAR, CpuKernelsError, cpu_kernels_setting, use_cpu_kernels
+from modjax.core.model_config import T5Config
 from modjax.models import T5
+from modjax.nn import contractions
+from modjax.nn.dropout import Dropout, dropout
+from modjax.nn.layers import Embed, Projection
 from modjax.train import optim
 
 PATHS = ("on", "off")

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+from modjax.core.plan import Plan, Slot
 from modjax.decoding import generate
-from modjax.interop.hf import import_checkpoint
 from modjax.models import architecture_for
-from modjax.plan import Plan, Slot
+from modjax.store.hf import import_checkpoint
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import build_hf_model  # noqa: E402

@@ -1,4 +1,4 @@
-"""modjax.dropout draws exactly ``jax.random.bernoulli``'s masks (and flax's Dropout outputs)."""
+"""modjax.nn.dropout draws exactly ``jax.random.bernoulli``'s masks (and flax's Dropout outputs)."""
 
 import flax.linen as nn
 import jax
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from modjax.cpu_kernels import ENV_VAR
-from modjax.dropout import Dropout, dropout, keep_mask, random_bits
+from modjax.core.cpu_kernels import ENV_VAR
+from modjax.nn.dropout import Dropout, dropout, keep_mask, random_bits
 
 
 @pytest.fixture(autouse=True)

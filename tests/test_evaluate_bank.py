@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from train_helpers import REPO, TRACEBACK, compilation_cache, micro_config, micro_flags
 
-from modjax import bank, bank_io, evaluate
+from modjax import evaluate
+from modjax.core.plan import Plan, Slot
 from modjax.data import embedded_corpus_texts, make_eval_examples
-from modjax.interop import hf
-from modjax.plan import Plan, Slot
+from modjax.models import bank
+from modjax.store import bank_io, hf
 from modjax.train import experiment
 from modjax.train.loop import train
 
@@ -59,7 +60,7 @@ def _hf_model(model, params, plan, directory):
   hf.export_checkpoint(config, jax_to_numpy(flat), str(directory))
   cls = (
     transformers.T5ForConditionalGeneration
-    if experiment.model_type(model) == "encdec"
+    if model.kind == "encdec"
     else transformers.GPT2LMHeadModel
   )
   return cls.from_pretrained(str(directory)).float().eval()
@@ -107,7 +108,7 @@ def _eval_batches(cfg, model, vocabulary, batch_size=None):
     feature_lengths=experiment.feature_lengths(cfg, model),
     batch_size=batch_size or cfg.eval.batch_size,
     max_examples=cfg.eval.max_examples,
-    model_type=experiment.model_type(model),
+    model_type=model.kind,
   )
 
 

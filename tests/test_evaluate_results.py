@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from train_helpers import REPO, compilation_cache, kill, micro_config
 
-from modjax import evaluate, results
+from modjax import evaluate
 from modjax.data import embedded
+from modjax.store import results
 from modjax.train import experiment
 
 SHORT_DECODER = {"encoder": ["0", "1"], "decoder": ["1"]}
@@ -206,8 +207,7 @@ def test_a_write_that_fails_midway_leaves_the_previous_files_and_no_temporary(tm
 
 KILLED_WRITER = """
 import sys, time
-from modjax import results
-
+from modjax.store import results
 def chunks():
   for i in range(5000):
     yield "new line %d\\n" % i

@@ -18,11 +18,11 @@ import pytest
 import torch
 from conftest import build_hf_model
 
-from modjax import bank, bank_io, export
+from modjax.core.plan import Plan, PlanError, Slot
 from modjax.decoding import generate
-from modjax.interop.hf import import_checkpoint
-from modjax.models import T5, architecture_for
-from modjax.plan import Plan, PlanError, Slot
+from modjax.models import T5, architecture_for, bank
+from modjax.store import bank_io, export
+from modjax.store.hf import import_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEW = 8  # generated tokens
@@ -222,7 +222,7 @@ _FRESH = textwrap.dedent(
   import sys
   import jax
   import numpy as np
-  from modjax.export import load_jax_export
+  from modjax.store.export import load_jax_export
 
   directory, inputs, outputs = sys.argv[1:]
   x = dict(np.load(inputs))

@@ -31,7 +31,7 @@ from train_helpers import (
   start_module,
 )
 
-from modjax import checkpoint
+from modjax.store import checkpoint
 from modjax.train.loop import train
 
 NUM_STEPS = 30

@@ -14,14 +14,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from conftest import TINY_GPT2, TINY_T5, build_hf_model  # noqa: E402
 
-from modjax import bank, cost, export, scoring  # noqa: E402
-from modjax.interop.hf import import_checkpoint  # noqa: E402
-from modjax.layers import FeedForward  # noqa: E402
+from modjax.core.model_config import GPT2Config, T5Config  # noqa: E402
+from modjax.core.plan import PlanError, Slot  # noqa: E402
 from modjax.methods import ffn_merge as fm  # noqa: E402
 from modjax.methods import modular as mt  # noqa: E402
-from modjax.model_config import GPT2Config, T5Config  # noqa: E402
-from modjax.models import GPT2, T5, architecture_for  # noqa: E402
-from modjax.plan import PlanError, Slot  # noqa: E402
+from modjax.models import GPT2, T5, architecture_for, bank, cost  # noqa: E402
+from modjax.nn.layers import FeedForward  # noqa: E402
+from modjax.store import export
+from modjax.store.hf import import_checkpoint  # noqa: E402
+from modjax.train import scoring  # noqa: E402
 from modjax.train.step import init_state, make_train_step  # noqa: E402
 
 T5_MODEL = T5(T5Config(**{**TINY_T5, "num_layers": 4, "num_decoder_layers": 4}))

@@ -24,13 +24,13 @@ from train_helpers import (
   run_module,
 )
 
-from modjax import bank, bank_io, cost, export, scoring
+from modjax.core.plan import Plan, PlanError, Slot
 from modjax.methods.ffn_merge import calibration_stats, merge_windows
 from modjax.methods.ffn_merge.commands import merge_bank, split_batches, task_data
 from modjax.methods.modular import add_modules
-from modjax.models import GPT2, T5
-from modjax.plan import Plan, PlanError, Slot
-from modjax.train import experiment
+from modjax.models import GPT2, T5, bank, cost
+from modjax.store import bank_io, export
+from modjax.train import experiment, scoring
 
 SETTINGS = dict(mesh__num_devices=1, eval__max_examples=8, eval__batch_size=4)
 RECOVERY_CONFIG = f"{REPO}/configs/ffn_merge.py"

@@ -17,12 +17,12 @@ import pytest
 import torch
 from train_helpers import compilation_cache, micro_config, micro_flags, run_module
 
-from modjax import bank_io
 from modjax.data import DataError, embedded_corpus_texts, load_vocabulary
 from modjax.data.tf_setup import tf
 from modjax.data.vocab import TokenizerVocabulary, find_vocabulary
-from modjax.scoring import make_eval_batches
+from modjax.store import bank_io
 from modjax.train import experiment
+from modjax.train.scoring import make_eval_batches
 
 EOS = "<|endoftext|>"
 SETTINGS = dict(mesh__num_devices=1, eval__max_examples=8, eval__batch_size=4)

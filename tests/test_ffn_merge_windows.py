@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from test_ffn_merge import T5_MODEL, _batches, _ffn_size, _random_bank
 
-from modjax import bank, cost
+from modjax.core.plan import PlanError
 from modjax.methods import ffn_merge as fm
 from modjax.methods.ffn_merge import ranges
-from modjax.models import T5
-from modjax.plan import PlanError
+from modjax.models import T5, bank, cost
 
 
 def test_drops_of_one_two_and_three_layers_are_three_different_plans():

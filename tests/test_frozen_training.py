@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from train_helpers import micro_config
 
+from modjax.core.presets import get_preset
 from modjax.models import T5
-from modjax.presets import get_preset
 from modjax.train import experiment, losses
 from modjax.train.loop import train
 from modjax.train.step import merge_params, partition_params
@@ -31,7 +31,7 @@ def test_frozen_encoder_does_not_move(tmp_path):
   assert model.config.d_model == get_preset("micro").d_model
   bank = jax.device_get(model.init(jax.random.key(3)))
   trainable, frozen = partition_params(bank, lambda path: path[0] != "encoder")
-  base = losses.seq2seq_loss(model, model.identity_plan())
+  base = losses.task_loss(model, model.identity_plan())
 
   def loss_fn(params, frozen_part, batch, rng, step):
     return base(merge_params(params, frozen_part), {}, batch, rng, step)

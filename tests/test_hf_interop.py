@@ -16,7 +16,9 @@ import transformers  # noqa: E402
 from conftest import TINY_GPT2, TINY_T5  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from modjax.interop.hf import (  # noqa: E402
+from modjax.core.model_config import GPT2Config, T5Config  # noqa: E402
+from modjax.models import architecture_for  # noqa: E402
+from modjax.store.hf import (  # noqa: E402
   INDEX,
   SAFETENSORS,
   HFInteropError,
@@ -24,8 +26,6 @@ from modjax.interop.hf import (  # noqa: E402
   import_checkpoint,
   read_config,
 )
-from modjax.model_config import GPT2Config, T5Config  # noqa: E402
-from modjax.models import architecture_for  # noqa: E402
 
 # Non-default values everywhere a field could silently fall back to its default.
 CONFIGS = {

@@ -7,9 +7,9 @@ import jax
 import numpy as np
 from train_helpers import micro_config
 
-from modjax.interop import hf
+from modjax.core.presets import get_preset
 from modjax.models import T5
-from modjax.presets import get_preset
+from modjax.store import hf
 from modjax.train import experiment, losses
 from modjax.train.loop import train
 
@@ -27,7 +27,7 @@ def test_training_starts_from_the_imported_checkpoint(tmp_path):
   vocabulary = experiment.build_vocabulary(cfg)
   task = experiment.build_task(cfg, vocabulary)
   first = next(experiment.train_batches(cfg, model, task, 0))
-  total, weight = losses.seq2seq_loss(model, model.identity_plan())(bank, {}, first, None)
+  total, weight = losses.task_loss(model, model.identity_plan())(bank, {}, first, None)
   np.testing.assert_allclose(result.losses[1], float(total / weight), rtol=1e-5)
   moved = result.state.params["decoder"]["blocks"]["1"]["ffn"]["wo"]["kernel"]
   original = bank["decoder"]["blocks"]["1"]["ffn"]["wo"]["kernel"]

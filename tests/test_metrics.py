@@ -4,7 +4,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from modjax import metrics
+from modjax.core import metrics
 
 PREDICTIONS = [
   "police arrested the suspect on friday .\nthe suspect was released on bail .",

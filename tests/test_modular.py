@@ -17,13 +17,18 @@ import transformers  # noqa: E402
 from conftest import TINY_T5  # noqa: E402
 from train_helpers import micro_config  # noqa: E402
 
-from modjax import bank, bank_io  # noqa: E402
-from modjax.interop import hf  # noqa: E402
+from modjax.core.model_config import T5Config  # noqa: E402
+from modjax.core.plan import Plan, PlanError, Slot  # noqa: E402
 from modjax.methods import modular as mt  # noqa: E402
 from modjax.methods.modular.replacing import attention_kl, hidden_mse, token_masks  # noqa: E402
-from modjax.model_config import T5Config  # noqa: E402
-from modjax.models import T5  # noqa: E402
-from modjax.plan import Plan, PlanError, Slot  # noqa: E402
+from modjax.models import (
+  T5,  # noqa: E402
+  bank,
+)
+from modjax.store import (
+  bank_io,  # noqa: E402
+  hf,  # noqa: E402
+)
 from modjax.train import experiment  # noqa: E402
 from modjax.train.loop import train  # noqa: E402
 from modjax.train.step import init_state, make_train_step  # noqa: E402

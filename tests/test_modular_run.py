@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from train_helpers import TRACEBACK, micro_config, micro_flags, run_module
 
-from modjax import bank_io, checkpoint, scoring
 from modjax.methods.modular import config as modular_config
 from modjax.methods.modular.modules import ModularError
 from modjax.methods.modular.run import train_bank
-from modjax.train import experiment
+from modjax.store import bank_io, checkpoint
+from modjax.train import experiment, scoring
 
 BANK_STEPS = 6
 
@@ -98,9 +98,9 @@ def test_decoder_only_bank_learns_past_its_start_and_layer_drop(micro_run, tmp_p
   plan, and its training lowers the assembled all-g2 plan's cross-entropy below the plan's
   initial value (the module is a copy of decoder layer 0, i.e. dropping layer 1) and below
   dropping either decoder layer of the teacher."""
-  from modjax.methods.baselines import drop_plan
+  from modjax.core.plan import Slot
+  from modjax.methods.modular.baselines import drop_plan
   from modjax.methods.modular.run import build_bank
-  from modjax.plan import Slot
 
   teacher_cfg, _ = micro_run
   cfg = _bank_config(tmp_path, teacher_cfg.workdir, train__num_steps=40)
@@ -157,7 +157,7 @@ def test_bad_teacher_is_a_one_line_error(tmp_path):
 
 
 def _baseline_config(workdir, teacher_dir, kind, decoder_layers, frozen_stacks=""):
-  from modjax.methods import baselines
+  from modjax.methods.modular import baselines
 
   cfg = micro_config(workdir, mesh__num_devices=1, train__num_steps=4)
   with cfg.unlocked():
@@ -170,8 +170,8 @@ def _baseline_config(workdir, teacher_dir, kind, decoder_layers, frozen_stacks="
 
 
 def test_kd_and_drop_baselines(micro_run, tmp_path):
-  from modjax.methods import baselines
-  from modjax.plan import Plan, PlanError, Slot
+  from modjax.core.plan import Plan, PlanError, Slot
+  from modjax.methods.modular import baselines
 
   teacher_cfg, _ = micro_run
   teacher = bank_io.load_bank(teacher_cfg.workdir)
@@ -204,8 +204,8 @@ def test_kd_and_drop_baselines(micro_run, tmp_path):
 def test_a_student_with_the_teachers_frozen_encoder(micro_run, tmp_path):
   """``frozen_stacks="encoder"``: the student trains decoder blocks only and its plan runs the
   teacher's own encoder blocks, the trainable scope of a decoder-only bank."""
-  from modjax.methods import baselines
-  from modjax.plan import Plan, Slot
+  from modjax.core.plan import Plan, Slot
+  from modjax.methods.modular import baselines
 
   teacher_cfg, _ = micro_run
   teacher = bank_io.load_bank(teacher_cfg.workdir)
@@ -231,7 +231,7 @@ def test_pseudo_label_baseline_trains_on_the_teachers_outputs(micro_run, tmp_pat
   import gzip
 
   from modjax.data import make_eval_examples
-  from modjax.methods import baselines
+  from modjax.methods.modular import baselines
 
   teacher_cfg, _ = micro_run
   cfg = _baseline_config(tmp_path / "pseudo", teacher_cfg.workdir, "pseudo", "1")

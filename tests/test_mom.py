@@ -17,9 +17,10 @@ import pytest
 import torch
 from train_helpers import TRACEBACK, run_module, set_key
 
-from modjax import bank, bank_io, sharding
-from modjax.interop.hf import import_checkpoint
-from modjax.layers import Block, FeedForward, Norm, causal_bias
+from modjax.core import registry, sharding
+from modjax.core.errors import ConfigError
+from modjax.core.model_config import GPT2Config
+from modjax.core.presets import get_preset
 from modjax.methods.mom.block import mom_block
 from modjax.methods.mom.dispatch import Capacity, Dense, Gather, transport
 from modjax.methods.mom.model import MoMGPT2
@@ -34,9 +35,10 @@ from modjax.methods.mom.routers import (
 )
 from modjax.methods.mom.run import load_mom_bank, structure_from_config, train_mom
 from modjax.methods.mom.structure import MoMConfig, MoMError
-from modjax.model_config import GPT2Config
-from modjax.models import GPT2
-from modjax.presets import get_preset
+from modjax.models import GPT2, bank
+from modjax.nn.layers import Block, FeedForward, Norm, causal_bias
+from modjax.store import bank_io
+from modjax.store.hf import import_checkpoint
 from modjax.train.experiment import validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -380,6 +382,21 @@ def test_training_cli_writes_a_mom_bank_and_logs_router_statistics(trained):
   assert params["decoder"]["pools"]["attn_0"]["self_attn"]["query"]["kernel"].shape[0] == 2
   logits, aux = jax.jit(lambda p, i: model(p, i))(params, _ids(vocab=200))
   assert np.isfinite(np.asarray(logits)).all() and np.isfinite(float(aux["balance_loss"]))
+
+
+def test_a_bank_records_its_method_and_its_reader_runs_it(trained, tmp_path):
+  """model.json names the method that wrote the bank; registry.bank_model gives the MoM bank
+  its routed model, a bank with no method its architecture, and an unknown one an error."""
+  stored = bank_io.load_bank(trained)
+  assert stored.method == "mom"
+  assert isinstance(registry.bank_model(stored.method, stored.model, stored.meta), MoMGPT2)
+  assert registry.bank_model(None, stored.model, stored.meta) is stored.model
+  copy = tmp_path / "copy"
+  shutil.copytree(trained, copy)
+  description = json.loads((copy / "model.json").read_text())
+  (copy / "model.json").write_text(json.dumps(dict(description, method="elsewhere")))
+  with pytest.raises(ConfigError, match="'elsewhere', which is not installed"):
+    registry.bank_model(bank_io.load_bank(copy).method, stored.model, stored.meta)
 
 
 def _config_module():

@@ -1,6 +1,6 @@
 """Mixture-of-Modules against like-for-like vanilla baselines: param-matched baselines match the
 MoM's parameter count (routers included) within 0.5%, a baseline grown from the original starts
-as the original, the FLOPs model agrees with modjax.cost and bounds XLA's count, a continued
+as the original, the FLOPs model agrees with modjax.models.cost and bounds XLA's count, a continued
 schedule takes the original's learning rate with no warm-up, and every run writes compute.json
 (parameters, training FLOPs, the capacity drop rate)."""
 
@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from train_helpers import TRACEBACK, run_module, set_key
 
-from modjax import bank_io
-from modjax import cost as gpt2_cost
+from modjax.core.model_config import GPT2Config
+from modjax.core.presets import get_preset
 from modjax.methods.mom import baselines, cost
 from modjax.methods.mom.model import MoMGPT2
 from modjax.methods.mom.run import train_mom
 from modjax.methods.mom.structure import MoMConfig, MoMError
-from modjax.model_config import GPT2Config
 from modjax.models import GPT2
-from modjax.presets import get_preset
+from modjax.models import cost as gpt2_cost
+from modjax.store import bank_io
 from modjax.train import experiment, optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,15 +12,16 @@ import pytest
 from test_mom import CONFIG, DEEP, ONE_MODULE, _gpt2_config, _ids, _model, _mom_config
 from train_helpers import TRACEBACK, run_module
 
-from modjax import bank, evaluate, sharding
+from modjax import evaluate
+from modjax.core import sharding
+from modjax.core.plan import PlanError
 from modjax.decoding import generate
 from modjax.methods.mom import decoding
 from modjax.methods.mom.model import MoMGPT2
 from modjax.methods.mom.pools import mom_bank
 from modjax.methods.mom.run import load_mom_bank, train_mom
 from modjax.methods.mom.structure import MoMConfig
-from modjax.models import GPT2
-from modjax.plan import PlanError
+from modjax.models import GPT2, bank
 from modjax.train import experiment
 
 # ---- perplexity of a MoM bank ----------------------------------------------------------------

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from modjax.core.model_config import GPT2Config
 from modjax.methods.mom.loss import mom_loss
 from modjax.methods.mom.model import MoMGPT2
 from modjax.methods.mom.routers import top_k_gates
 from modjax.methods.mom.structure import GATES, MoMConfig
-from modjax.model_config import GPT2Config
 
 SMALL = dict(bottom_layers=1, num_blocks=1, num_attn=3, num_ffn=2, rounds=2, router_dim=16)
 

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from modjax.cpu_kernels import ENV_VAR
+from modjax.core.cpu_kernels import ENV_VAR
 from modjax.train import optim
 
 

@@ -20,14 +20,14 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from conftest import TINY_T5  # noqa: E402
 
-from modjax.interop.hf import (  # noqa: E402
+from modjax.core.model_config import T5Config  # noqa: E402
+from modjax.core.plan import Plan, Slot  # noqa: E402
+from modjax.models import GPT2, T5, architecture_for  # noqa: E402
+from modjax.store.hf import (  # noqa: E402
   HFInteropError,
   export_checkpoint,
   import_checkpoint,
 )
-from modjax.model_config import T5Config  # noqa: E402
-from modjax.models import GPT2, T5, architecture_for  # noqa: E402
-from modjax.plan import Plan, Slot  # noqa: E402
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2), static_argnames=("collect",))

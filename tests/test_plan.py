@@ -11,9 +11,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from conftest import TINY_GPT2, TINY_T5  # noqa: E402
 
-from modjax.model_config import GPT2Config, T5Config  # noqa: E402
+from modjax.core.model_config import GPT2Config, T5Config  # noqa: E402
+from modjax.core.plan import Plan, PlanError, Slot  # noqa: E402
 from modjax.models import GPT2, T5  # noqa: E402
-from modjax.plan import Plan, PlanError, Slot  # noqa: E402
 
 
 def _slots(*names):

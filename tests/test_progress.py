@@ -1,11 +1,11 @@
-"""The progress helper of the non-training loops (``modjax.progress``): when it writes a line and
+"""The progress helper of the non-training loops (``modjax.core.progress``): when it writes a line and
 what the line says (count, rate, ETA, note), on a clock the test advances."""
 
 import logging
 
 import pytest
 
-from modjax.progress import Progress, format_duration, format_rate
+from modjax.core.progress import Progress, format_duration, format_rate
 
 
 class _Clock:

@@ -14,10 +14,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from modjax.core.model_config import GPT2Config  # noqa: E402
 from modjax.decoding import Sampling, generate, warped_logits  # noqa: E402
 from modjax.methods.mom.model import MoMGPT2  # noqa: E402
 from modjax.methods.mom.structure import MoMConfig  # noqa: E402
-from modjax.model_config import GPT2Config  # noqa: E402
 from modjax.models import GPT2  # noqa: E402
 
 VOCAB = 24

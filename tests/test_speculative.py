@@ -17,13 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from modjax import bank
+from modjax.core.model_config import GPT2Config, T5Config
+from modjax.core.plan import Plan, PlanError, Slot
 from modjax.decoding import generate, prepare, speculative_generate
-from modjax.layers import NEG_INF, relative_position_bucket
 from modjax.methods.modular.modules import add_modules
-from modjax.model_config import GPT2Config, T5Config
-from modjax.models import GPT2, T5
-from modjax.plan import Plan, PlanError, Slot
+from modjax.models import GPT2, T5, bank
+from modjax.nn.layers import NEG_INF, relative_position_bucket
 
 NEW, K, BATCH, PROMPT = 16, 3, 8, 10
 T5_CONFIG = dict(

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 from train_helpers import TRACEBACK, compilation_cache, micro_config, micro_flags, run_module
 
-from modjax import bank_io, evaluate
+from modjax import evaluate
 from modjax.assemble import assemble_draft
+from modjax.core.plan import Plan, PlanError, Slot
 from modjax.methods.modular import add_modules, drafting
 from modjax.methods.modular import strategies as st
 from modjax.models import T5
-from modjax.plan import Plan, PlanError, Slot
+from modjax.store import bank_io
 from modjax.train import experiment
 
 SETTINGS = dict(mesh__num_devices=1, eval__max_examples=8, eval__batch_size=4)

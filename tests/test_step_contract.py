@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from train_helpers import micro_config
 
-from modjax import bank, bank_io
-from modjax.models import T5
-from modjax.plan import Plan, Slot
+from modjax.core.plan import Plan, Slot
+from modjax.models import T5, bank
+from modjax.store import bank_io
 from modjax.train import experiment, losses
 from modjax.train.loop import train
 from modjax.train.step import make_train_step
@@ -40,7 +40,7 @@ def _tensorboard_tags(workdir) -> set[str]:
 def test_step_dependent_loss_switches_mid_run_in_one_compilation(tmp_path, caplog):
   cfg = micro_config(tmp_path, mesh__num_devices=1, train__num_steps=8, train__log_every=2)
   model = T5(experiment.model_config(cfg, experiment.build_vocabulary(cfg).vocab_size))
-  base = losses.seq2seq_loss(model, model.identity_plan())
+  base = losses.task_loss(model, model.identity_plan())
   traces = []
 
   def loss_fn(params, frozen, batch, rng, step):

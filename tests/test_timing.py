@@ -1,4 +1,4 @@
-"""The timing primitive (``modjax.timing``) and the benchmark harness's own pieces: the order and
+"""The timing primitive (``modjax.core.timing``) and the benchmark harness's own pieces: the order and
 count of timed calls, flags, the table and the JSON. Timings themselves are never asserted."""
 
 import argparse
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import harness
-from modjax import timing
+from modjax.core import timing
 
 
 def recorder(log: list, name: str):

@@ -10,8 +10,8 @@ import pytest
 from etils import epath
 from train_helpers import compilation_cache, jsonl_losses, micro_config
 
-from modjax import bank_io, scoring
-from modjax.train import experiment
+from modjax.store import bank_io
+from modjax.train import experiment, scoring
 from modjax.train.experiment import ConfigError
 from modjax.train.loop import train
 from modjax.train.validation import PlateauRule, read_history

@@ -225,7 +225,7 @@ def run_cli_cases(cases: list[dict], results_path: str, timeout: float = 120) ->
   import runpy  # noqa: F401  (imported before forking)
   import traceback  # noqa: F401
 
-  import modjax.cli  # noqa: F401
+  import modjax.core.cli  # noqa: F401
   import modjax.evaluate  # noqa: F401
   import modjax.train.loop  # noqa: F401
   from modjax.data import tf_setup

@@ -5,7 +5,7 @@ One module bank (``runs/summ6_bank``) assembled decoder-side at 4, 3, 2 and 1 de
 both stacks at g=2 and g=3; the KD, SFT and pseudo-labelling students of the same depths where
 they were trained (``runs/summ6_<kind>_dec<n>``); plain layer drop of the teacher at every point
 (the layers the students and the modules start from). Every model decodes the same validation
-examples greedily; ROUGE is ``modjax.metrics.rouge`` (Google's rouge-score).
+examples greedily; ROUGE is ``modjax.core.metrics.rouge`` (Google's rouge-score).
 
 ``--time`` also measures each bank plan's greedy decoding speed-up over the teacher on this
 machine (``modjax.methods.modular.latency.Timer``: batch 1, 96 input tokens, 24 new tokens,
@@ -27,13 +27,15 @@ import logging
 import os
 import time
 
-from modjax import bank_io, cost, metrics, scoring
+from modjax.core import metrics
+from modjax.core.plan import Plan, Slot
 from modjax.data import make_eval_examples
 from modjax.methods.modular import all_g_plan, tiling_plan
 from modjax.methods.modular.latency import Timer
 from modjax.methods.modular.strategies import Shapes
-from modjax.plan import Plan, Slot
-from modjax.train import experiment
+from modjax.models import cost
+from modjax.store import bank_io
+from modjax.train import experiment, scoring
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("compare")

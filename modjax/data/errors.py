@@ -5,7 +5,7 @@ unknown task name, a batch size that does not divide the process count) raises `
 one-line message that names the problem and the fix.
 """
 
-from modjax.errors import UserError
+from modjax.core.errors import UserError
 
 
 class DataError(UserError, ValueError):

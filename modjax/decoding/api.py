@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+from modjax.core.plan import Plan
 from modjax.decoding.beam import beam_search
 from modjax.decoding.core import (
   DecodeResult,
@@ -15,7 +16,6 @@ from modjax.decoding.core import (
 from modjax.decoding.greedy import greedy
 from modjax.decoding.sampling import Sampling
 from modjax.decoding.speculative import speculative_generate
-from modjax.plan import Plan
 
 
 def generate(

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from modjax.decoding.core import NEG, DecodeResult, gather_rows, lengths, top_k
-from modjax.layers import add_beam_slots, decode_cache_length
+from modjax.nn.layers import add_beam_slots, decode_cache_length
 
 
 @functools.partial(

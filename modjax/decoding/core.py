@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from modjax.plan import Plan
+from modjax.core.plan import Plan
 
 NEG = -1.0e9  # score of a hypothesis that must never be chosen
 
@@ -46,10 +46,9 @@ def check_max_new_tokens(max_new_tokens: int) -> None:
 
 
 def validate_plan(model, params, plan: Plan) -> Plan:
-  """``plan`` checked against the bank; a model that runs a structure of its own rather than a
-  plan (Mixture-of-Modules) checks it with its ``check_plan``."""
-  check = getattr(model, "check_plan", None)
-  return plan.validate(params, model.stacks) if check is None else check(plan, params)
+  """``plan`` checked against the bank by the model (``Architecture.check_plan``: a
+  Mixture-of-Modules model runs its own structure and takes only the empty plan)."""
+  return model.check_plan(plan, params)
 
 
 def resolve_ids(model, input_ids, input_mask, eos_id, pad_id):

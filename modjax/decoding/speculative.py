@@ -47,6 +47,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from modjax.core.plan import Plan
 from modjax.decoding.core import (
   DecodeResult,
   argmax,
@@ -56,7 +57,6 @@ from modjax.decoding.core import (
   log_prob,
   resolve_ids,
 )
-from modjax.plan import Plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +119,7 @@ def speculative_generate(
   if not isinstance(draft_tokens, int) or draft_tokens < 1:
     raise ValueError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
   if not isinstance(draft_plan, Plan):
-    raise ValueError(f"draft_plan must be a modjax.plan.Plan, got {type(draft_plan).__name__}")
+    raise ValueError(f"draft_plan must be a modjax.core.plan.Plan, got {type(draft_plan).__name__}")
   input_mask, eos_id, pad_id = resolve_ids(model, input_ids, input_mask, eos_id, pad_id)
   plan.validate(params, model.stacks)
   if "encoder" in model.stacks and not draft_encoder:

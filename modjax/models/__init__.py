@@ -1,6 +1,6 @@
 """Architectures: pure functions of (bank parameters, plan, inputs)."""
 
-from modjax.model_config import GPT2Config, T5Config
+from modjax.core.model_config import GPT2Config, T5Config
 from modjax.models.gpt2 import GPT2
 from modjax.models.t5 import T5
 

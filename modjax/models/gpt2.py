@@ -13,7 +13,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from modjax.layers import (
+from modjax.core.model_config import GPT2Config, to_dtype
+from modjax.core.plan import Plan
+from modjax.core.sharding import HIDDEN_AXES, LOGITS_AXES, constrain
+from modjax.models.stack import init_block, run_stack, slot_params, split_boxed
+from modjax.nn.layers import (
   NEG_INF,
   Block,
   BlockSpec,
@@ -27,10 +31,6 @@ from modjax.layers import (
   one_row_index,
   segment_bias,
 )
-from modjax.model_config import GPT2Config, to_dtype
-from modjax.models.stack import init_block, run_stack, slot_params, split_boxed
-from modjax.plan import Plan
-from modjax.sharding import HIDDEN_AXES, LOGITS_AXES, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,7 @@ class GPT2:
   config: GPT2Config
 
   stacks = ("decoder",)
+  kind = "lm"  # modjax.models.interface.Architecture
 
   def block_spec(self) -> BlockSpec:
     c = self.config
@@ -73,6 +74,23 @@ class GPT2:
 
   def identity_plan(self) -> Plan:
     return Plan.identity(0, self.config.n_layer)
+
+  def check_plan(self, plan: Plan, params) -> Plan:
+    return plan.validate(params, self.stacks)
+
+  def apply_batch(self, params, plan: Plan, batch, **kw):
+    """:meth:`__call__` on a seqio Decoder batch (``Architecture.apply_batch``)."""
+    return self(
+      params,
+      plan,
+      batch["decoder_input_tokens"],
+      positions=batch.get("decoder_positions"),
+      segment_ids=batch.get("decoder_segment_ids"),
+      **kw,
+    )
+
+  def score_batch(self, params, plan: Plan, batch):
+    return self.apply_batch(params, plan, batch)[0], {}
 
   def _modules(self):
     c = self.config

@@ -13,9 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from modjax.bank import slot_params
-from modjax.layers import Block, BlockSpec
-from modjax.plan import Slot
+from modjax.core.plan import Slot
+from modjax.models.bank import slot_params
+from modjax.nn.layers import Block, BlockSpec
 
 
 def init_block(spec: BlockSpec, rng, width: int = 8):

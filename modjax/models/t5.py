@@ -1,6 +1,6 @@
 """T5 encoder-decoder (v1.0 and v1.1/Flan) over a bank of named parameters and a plan.
 
-Bank layout (stable names; ``modjax.interop.hf`` maps them to Hugging Face's):
+Bank layout (stable names; ``modjax.store.hf`` maps them to Hugging Face's):
 
     token_embedding/embedding                         VD  (vocab, embed)
     {encoder,decoder}/relpos_bias/embedding           bucket x H, one table per stack
@@ -24,8 +24,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from modjax.dropout import dropout
-from modjax.layers import (
+from modjax.core.model_config import T5Config, to_dtype
+from modjax.core.plan import Plan
+from modjax.core.sharding import HIDDEN_AXES, LOGITS_AXES, constrain
+from modjax.models.stack import init_block, run_stack, slot_params, split_boxed
+from modjax.nn.dropout import dropout
+from modjax.nn.layers import (
   NEG_INF,
   Block,
   BlockSpec,
@@ -42,10 +46,6 @@ from modjax.layers import (
   one_row_index,
   segment_bias,
 )
-from modjax.model_config import T5Config, to_dtype
-from modjax.models.stack import init_block, run_stack, slot_params, split_boxed
-from modjax.plan import Plan
-from modjax.sharding import HIDDEN_AXES, LOGITS_AXES, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,7 @@ class T5:
   config: T5Config
 
   stacks = ("encoder", "decoder")
+  kind = "encdec"  # modjax.models.interface.Architecture
 
   # ---- construction -------------------------------------------------------------------------
   def block_spec(self, decoder: bool) -> BlockSpec:
@@ -91,6 +92,24 @@ class T5:
 
   def identity_plan(self) -> Plan:
     return Plan.identity(self.config.num_layers, self.config.num_decoder_layers)
+
+  def check_plan(self, plan: Plan, params) -> Plan:
+    return plan.validate(params, self.stacks)
+
+  def apply_batch(self, params, plan: Plan, batch, **kw):
+    """:meth:`__call__` on a seqio EncDec batch (``Architecture.apply_batch``)."""
+    return self(
+      params,
+      plan,
+      batch["encoder_input_tokens"],
+      batch["decoder_input_tokens"],
+      encoder_segment_ids=batch.get("encoder_segment_ids"),
+      decoder_segment_ids=batch.get("decoder_segment_ids"),
+      **kw,
+    )
+
+  def score_batch(self, params, plan: Plan, batch):
+    return self.apply_batch(params, plan, batch)[0], {}
 
   def _modules(self):
     c = self.config

@@ -3,37 +3,15 @@
 import logging
 import sys
 
-from modjax import cli
-from modjax.train.experiment import ConfigError
-from modjax.train.loop import NonFiniteLossError, train
+from modjax.core import cli, registry
+from modjax.train.reporting import NonFiniteLossError
 
 log = logging.getLogger("modjax.train")
 
 
 def run_method(config):
-  """The training the config's ``method`` names (methods sit above the training loop)."""
-  if config.method == "finetune":
-    return train(config)
-  if config.method == "modular":
-    from modjax.methods.modular.run import train_bank
-
-    return train_bank(config)
-  if config.method == "baseline":
-    from modjax.methods import baselines
-
-    return baselines.run(config)
-  if config.method == "ffn_merge":
-    from modjax.methods.ffn_merge.run import recover
-
-    return recover(config)
-  if config.method == "mom":
-    from modjax.methods.mom.run import train_mom
-
-    return train_mom(config)
-  raise ConfigError(
-    f"config.method={config.method!r} is unknown; use 'finetune', 'modular', 'baseline', "
-    "'ffn_merge' or 'mom'"
-  )
+  """The training the config's ``method`` names, looked up in ``modjax.core.registry``."""
+  return registry.method(config.method).run(config)
 
 
 def main(config):

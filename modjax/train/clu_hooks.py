@@ -21,8 +21,8 @@ import os
 
 from etils import epath
 
+from modjax.core.progress import format_duration
 from modjax.data import tf_setup
-from modjax.progress import format_duration
 from modjax.train.step import RESERVED_METRICS
 
 tf_setup.load()  # before clu imports TensorFlow: GPUs hidden from TF, start-up noise dropped

@@ -8,6 +8,8 @@ import os
 
 import ml_collections
 
+from modjax.core import registry
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -17,7 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = "finetune"
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "tiny"  # modjax.presets.PRESETS
+  c.model.preset = "tiny"  # modjax.core.presets.PRESETS
   c.model.init_from = ""  # a Hugging Face save_pretrained directory to fine-tune instead
   c.model.param_dtype = "float32"
   c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
@@ -118,6 +120,17 @@ def jsonl_corpus(c: ml_collections.ConfigDict, data_dir: str) -> ml_collections.
   c.data.train_files = os.path.join(data_dir, "train.jsonl.gz")
   c.data.validation_files = os.path.join(data_dir, "validation.jsonl.gz")
   c.eval.max_examples = 0
+  return c
+
+
+def with_method(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """``c`` training method ``name``: ``config.method`` set and the method's config section added
+  with its defaults (``modjax.core.registry``)."""
+  with c.unlocked():
+    c.method = name
+    add_defaults = registry.method(name).add_defaults
+    if add_defaults is not None:
+      add_defaults(c)
   return c
 
 

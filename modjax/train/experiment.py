@@ -14,14 +14,14 @@ import jax
 from etils import epath
 
 from modjax import data as data_lib
-from modjax import sharding
+from modjax.core import sharding
+from modjax.core.errors import ConfigError  # re-exported: experiment.ConfigError
+from modjax.core.model_config import DTYPES, GPT2Config, T5Config
+from modjax.core.presets import PRESETS, get_preset
+from modjax.core.run_config import with_values
 from modjax.data import KNOWN_TASKS, pipeline, tasks, vocab
-from modjax.errors import ConfigError  # re-exported: experiment.ConfigError
-from modjax.interop import hf
-from modjax.model_config import DTYPES, GPT2Config, T5Config
 from modjax.models import architecture_for
-from modjax.presets import PRESETS, get_preset
-from modjax.run_config import with_values
+from modjax.store import hf
 from modjax.train.optim import OPTIMIZERS, SCHEDULES
 
 log = logging.getLogger(__name__)
@@ -196,12 +196,8 @@ def build_mesh(cfg):
   )
 
 
-def model_type(model) -> str:
-  return "encdec" if isinstance(model.config, T5Config) else "lm"
-
-
 def feature_lengths(cfg, model) -> dict:
-  if model_type(model) == "lm":
+  if model.kind == "lm":
     return {"targets": cfg.data.targets_length}
   return {"inputs": cfg.data.inputs_length, "targets": cfg.data.targets_length}
 
@@ -227,7 +223,7 @@ def train_batches(cfg, model, task, start_batch: int):
     start_batch=start_batch,
     process_index=jax.process_index() if by_source else 0,
     process_count=jax.process_count() if by_source else 1,
-    model_type=model_type(model),
+    model_type=model.kind,
   )
 
 
@@ -359,3 +355,23 @@ def _validate_mesh(m, need) -> None:
   wildcards = [f"mesh.{a}" for a in sharding.MESH_AXES if m[a] == -1]
   need(len(wildcards) <= 1, "mesh", wildcards, "set at most one mesh axis to -1")
   need(m.num_devices >= 0, "mesh.num_devices", m.num_devices, "use 0 (all devices) or a count")
+
+
+def load_eval_vocabulary(cfg, vocab_dir=None):
+  """``data.vocab_path``, else the vocabulary in ``vocab_dir`` or the workdir (a trained
+  ``vocab/spm.model``, a copied ``vocab/tokenizer.json``, a Hugging Face directory's
+  ``tokenizer.json``; ``vocab.find_vocabulary``). Never trains one: a new vocabulary would not
+  match the model's embeddings."""
+  d = cfg.data
+  if d.vocab_path:
+    return vocab.load_vocabulary(
+      d.vocab_path, extra_ids=d.extra_ids, expected_size=d.expected_vocab_size or None
+    )
+  for root in (vocab_dir, workdir(cfg)):
+    found = vocab.find_vocabulary(root) if root is not None else None
+    if found:
+      return vocab.load_vocabulary(found, extra_ids=0)
+  raise ConfigError(
+    "config.data.vocab_path is empty and neither the bank nor the workdir holds vocab/spm.model "
+    "or a tokenizer.json; set --config.data.vocab_path to the vocabulary the bank was trained with"
+  )

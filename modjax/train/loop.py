@@ -18,9 +18,11 @@ from collections.abc import Callable
 
 import jax
 
-from modjax import bank, bank_io, checkpoint, sharding
-from modjax.interop import hf
-from modjax.plan import PlanError
+from modjax.core import sharding
+from modjax.core.plan import PlanError
+from modjax.core.registry import Method
+from modjax.models import bank
+from modjax.store import bank_io, checkpoint, hf
 from modjax.train import experiment, losses, optim, validation
 from modjax.train.reporting import NonFiniteLossError, StepReporter
 from modjax.train.step import TrainState, init_state, jit_train_step, make_train_step
@@ -42,9 +44,7 @@ class TrainResult:
 def default_loss_fn(cfg, model):
   plan = model.identity_plan()
   kw = dict(label_smoothing=cfg.train.label_smoothing, z_loss=cfg.train.z_loss)
-  if experiment.model_type(model) == "encdec":
-    return losses.seq2seq_loss(model, plan, **kw)
-  return losses.lm_loss(model, plan, **kw)
+  return losses.task_loss(model, plan, **kw)
 
 
 def train(
@@ -63,7 +63,7 @@ def train(
   ``validate=False``: the caller has checked ``cfg`` (``experiment.validate_config``) already, as
   a method does before it loads anything.
 
-  The workdir becomes a bank (``modjax.bank_io``): the model config, ``plans`` (name -> Plan;
+  The workdir becomes a bank (``modjax.store.bank_io``): the model config, ``plans`` (name -> Plan;
   by default the identity plan as "default") and entry metadata ``meta`` are written at the
   start, the frozen part once to ``frozen/``, so ``modjax.evaluate`` restores the trained bank
   from the workdir alone."""
@@ -82,7 +82,7 @@ def train(
   state, state_shardings = _initial_state(cfg, model, optimizer, init_params, mesh)
   frozen_shardings = bank.shardings(model, frozen, mesh)
   frozen = jax.device_put(frozen, frozen_shardings)
-  _write_run_bank(root, model, state.params, frozen, plans, meta)
+  _write_run_bank(root, model, state.params, frozen, plans, meta, cfg.method)
 
   ckpt = checkpoint.Checkpointer(
     str(root / "checkpoints"),
@@ -161,7 +161,7 @@ def _as_dict(state: TrainState) -> dict:
   return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
 
-def _write_run_bank(root, model, params, frozen, plans, meta) -> None:
+def _write_run_bank(root, model, params, frozen, plans, meta, method) -> None:
   """The workdir's bank description and frozen part, written once (a resumed run keeps them)."""
   full = bank.merge_params(jax.eval_shape(lambda p: p, params), frozen)
   for name, plan in plans.items():
@@ -170,7 +170,7 @@ def _write_run_bank(root, model, params, frozen, plans, meta) -> None:
     except PlanError as e:
       raise PlanError(f"plan {name!r} does not fit the bank being trained: {e}") from e
   if not (root / "model.json").exists():
-    bank_io.write_description(root, model, meta=meta, plans=plans)
+    bank_io.write_description(root, model, meta=meta, plans=plans, method=method)
   if frozen and not (root / "frozen").exists():
     checkpoint.save_pytree(root / "frozen", frozen)
 
@@ -218,3 +218,6 @@ def _global_batch(local_batch: dict, batch_sharding, by_source: bool) -> dict:
     k: jax.make_array_from_callback(v.shape, batch_sharding, lambda idx, v=v: v[idx])
     for k, v in local_batch.items()
   }
+
+
+FINETUNE = Method("finetune", run=train)

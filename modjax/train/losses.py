@@ -59,46 +59,13 @@ def _token_losses_bwd(label_smoothing, z_loss, residuals, g_BL):
 _token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 
-def seq2seq_loss(model, plan, *, label_smoothing=0.0, z_loss=0.0):
-  """Task loss of an encoder-decoder on seqio ``EncDecFeatureConverter`` batches."""
+def task_loss(model, plan, *, label_smoothing=0.0, z_loss=0.0):
+  """Step-contract task loss of any architecture on its seqio batches (EncDec for an
+  encoder-decoder, Decoder for a decoder-only model): ``model.apply_batch`` + cross-entropy."""
 
   def loss_fn(params, frozen, batch, rng, step=None):
     del frozen, step
-    logits, _ = model(
-      params,
-      plan,
-      batch["encoder_input_tokens"],
-      batch["decoder_input_tokens"],
-      encoder_segment_ids=batch.get("encoder_segment_ids"),
-      decoder_segment_ids=batch.get("decoder_segment_ids"),
-      deterministic=rng is None,
-      dropout_rng=rng,
-    )
-    return cross_entropy(
-      logits,
-      batch["decoder_target_tokens"],
-      batch["decoder_loss_weights"],
-      label_smoothing=label_smoothing,
-      z_loss=z_loss,
-    )
-
-  return loss_fn
-
-
-def lm_loss(model, plan, *, label_smoothing=0.0, z_loss=0.0):
-  """Next-token loss of a decoder-only model on ``DecoderFeatureConverter`` batches."""
-
-  def loss_fn(params, frozen, batch, rng, step=None):
-    del frozen, step
-    logits, _ = model(
-      params,
-      plan,
-      batch["decoder_input_tokens"],
-      positions=batch.get("decoder_positions"),
-      segment_ids=batch.get("decoder_segment_ids"),
-      deterministic=rng is None,
-      dropout_rng=rng,
-    )
+    logits, _ = model.apply_batch(params, plan, batch, deterministic=rng is None, dropout_rng=rng)
     return cross_entropy(
       logits,
       batch["decoder_target_tokens"],

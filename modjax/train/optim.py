@@ -8,7 +8,7 @@ gradients (a divide, which XLA will not recompute in each consumer), and in Adaf
 parameter scale a ``where`` copy of every parameter and a second reduction over it
 (``optax.safe_root_mean_squares`` guards a gradient the optimizer never takes).
 
-:func:`make_optimizer` takes these rewrites where ``modjax.cpu_kernels`` says so (XLA:CPU by
+:func:`make_optimizer` takes these rewrites where ``modjax.core.cpu_kernels`` says so (XLA:CPU by
 default) and otherwise the public ``optax.clip_by_global_norm`` and ``optax.adafactor`` (through
 :func:`optax_adafactor`, the same settings), which initialise the rewrites' state too: a checkpoint
 resumes on either path. Nothing here imports optax's private modules; the two rules the rewrite
@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from modjax.cpu_kernels import use_cpu_kernels
-from modjax.errors import UserError
+from modjax.core.cpu_kernels import use_cpu_kernels
+from modjax.core.errors import UserError
 
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("constant", "rsqrt", "cosine", "linear")

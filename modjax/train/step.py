@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from modjax import sharding
-from modjax.bank import merge_params, partition_params  # noqa: F401 (re-exported)
+from modjax.core import sharding
+from modjax.models.bank import merge_params, partition_params  # noqa: F401 (re-exported)
 
 
 @flax.struct.dataclass

@@ -20,8 +20,8 @@ import logging
 import jax
 from etils import epath
 
-from modjax import bank, scoring
-from modjax.train import experiment
+from modjax.models import bank
+from modjax.train import experiment, scoring
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Monitor:
         feature_lengths=experiment.feature_lengths(cfg, model),
         batch_size=cfg.eval.batch_size,
         max_examples=t.eval_max_examples or None,
-        model_type=experiment.model_type(model),
+        model_type=model.kind,
       )
 
   @property

@@ -4,7 +4,7 @@ An FFN's hidden units can be reordered without changing what it computes, as lon
 projection's output units (``wi``, or both ``wi_0`` and ``wi_1`` of a gated FFN, with their
 biases) and the output projection's input units (``wo``'s rows) move together; ``wo``'s bias is
 not on the hidden axis and stays. Kernels are stored ``[d_model, d_ff]`` (``wi*``) and
-``[d_ff, d_model]`` (``wo``), see ``modjax.layers.FeedForward``.
+``[d_ff, d_model]`` (``wo``), see ``modjax.nn.layers.FeedForward``.
 
 Alignment picks, for every other layer of a window, the permutation that maximises the total
 correlation of its units with the reference layer's (``scipy.optimize.linear_sum_assignment``).
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from modjax.plan import PlanError
+from modjax.core.plan import PlanError
 
 REFERENCES = ("first", "last", "middle")
 INPUT_PROJECTIONS = ("wi", "wi_0", "wi_1")

@@ -30,7 +30,8 @@ import time
 
 from etils import epath
 
-from modjax import bank_io, cost, export, results, scoring
+from modjax.core.plan import PlanError
+from modjax.core.run_config import with_values
 from modjax.methods.ffn_merge import ranges
 from modjax.methods.ffn_merge.align import reference_offset
 from modjax.methods.ffn_merge.features import BRANCHES, check_branch
@@ -42,9 +43,9 @@ from modjax.methods.ffn_merge.window import (
   choose_window,
   resolve_stacks,
 )
-from modjax.plan import PlanError
-from modjax.run_config import with_values
-from modjax.train import experiment
+from modjax.models import cost
+from modjax.store import bank_io, export, results
+from modjax.train import experiment, scoring
 
 log = logging.getLogger(__name__)
 MERGED_PLAN = "merged"
@@ -93,11 +94,10 @@ def resolve_windows(plan, model, stacks, k, start, windows) -> str | ranges.Wind
 
 def task_data(cfg, bank_dir, model):
   """(task, vocabulary) from the config, with the source bank's trained vocabulary."""
-  from modjax import evaluate
 
   if not cfg.workdir:  # where load_eval_vocabulary looks after the bank (in a copy of cfg)
     cfg = with_values(cfg, {"workdir": str(bank_dir)})
-  vocabulary = evaluate.load_eval_vocabulary(cfg, bank_dir)
+  vocabulary = experiment.load_eval_vocabulary(cfg, bank_dir)
   if model.config.vocab_size < vocabulary.vocab_size:
     raise experiment.ConfigError(
       f"the vocabulary ({vocabulary.vocab_size} pieces) is larger than the bank's model "
@@ -115,7 +115,7 @@ def split_batches(cfg, task, model, split: str, max_examples: int | None) -> lis
     feature_lengths=experiment.feature_lengths(cfg, model),
     batch_size=cfg.eval.batch_size,
     max_examples=max_examples,
-    model_type=experiment.model_type(model),
+    model_type=model.kind,
   )
   if not batches:
     raise experiment.ConfigError(f"split {split!r} of task {cfg.data.task!r} has no examples")

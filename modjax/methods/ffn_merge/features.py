@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modjax.plan import Plan, PlanError
-from modjax.progress import Progress
-from modjax.train import experiment
+from modjax.core.plan import Plan, PlanError
+from modjax.core.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -104,25 +103,7 @@ def _ffn_features(model, plan: Plan, params, batch, branch: str = "gate"):
   """``{stack: (features_BLF per position)}`` of ``branch`` from one forward pass collecting
   nothing else."""
   name = BRANCHES[branch]
-  if experiment.model_type(model) == "encdec":
-    _, inter = model(
-      params,
-      plan,
-      batch["encoder_input_tokens"],
-      batch["decoder_input_tokens"],
-      encoder_segment_ids=batch.get("encoder_segment_ids"),
-      decoder_segment_ids=batch.get("decoder_segment_ids"),
-      collect=(name,),
-    )
-  else:
-    _, inter = model(
-      params,
-      plan,
-      batch["decoder_input_tokens"],
-      positions=batch.get("decoder_positions"),
-      segment_ids=batch.get("decoder_segment_ids"),
-      collect=(name,),
-    )
+  _, inter = model.apply_batch(params, plan, batch, collect=(name,))
   return {stack: inter[stack][name] for stack in model.stacks}
 
 
@@ -201,7 +182,7 @@ def collect_stats(
   branch: str = "gate",
 ) -> FeatureStats:
   """Feature statistics of every FFN position of ``plan`` over ``batches`` (seqio-style dicts,
-  e.g. from ``modjax.scoring.make_eval_batches``), with cross sums for ``pairs`` (per stack;
+  e.g. from ``modjax.train.scoring.make_eval_batches``), with cross sums for ``pairs`` (per stack;
   stacks left out get none), read from ``branch`` (module docstring). Stops after the batch that
   brings a stack's count to ``max_tokens``."""
   plan.validate(params, model.stacks)

@@ -20,11 +20,11 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from modjax import bank
+from modjax.core.plan import Plan, PlanError, Slot
 from modjax.methods.ffn_merge.align import align_window, reference_offset
 from modjax.methods.ffn_merge.features import FeatureStats
 from modjax.methods.ffn_merge.ranges import check_windows, windows_at
-from modjax.plan import Plan, PlanError, Slot
+from modjax.models import bank
 
 METHODS = ("permute", "vanilla", "drop")
 

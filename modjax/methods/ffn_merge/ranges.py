@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from modjax.plan import Plan, PlanError
+from modjax.core.plan import Plan, PlanError
 
 Windows = dict[str, tuple[tuple[int, int], ...]]
 

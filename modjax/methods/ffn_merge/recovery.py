@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from modjax import bank, cost
-from modjax.plan import Plan, PlanError
-from modjax.train import experiment, losses
+from modjax.core.plan import Plan, PlanError
+from modjax.models import bank, cost
+from modjax.train import losses
 
 SCOPES = ("plan", "merged")
 
 
 def split_trainable(model, params: Mapping, plan: Plan, scope: str = "plan") -> tuple[dict, dict]:
   """(trainable, frozen) parts of ``params``: ``"plan"`` trains every parameter the plan reads
-  (``modjax.cost.used_entries``), ``"merged"`` only its shared ``ffns`` entries."""
+  (``modjax.models.cost.used_entries``), ``"merged"`` only its shared ``ffns`` entries."""
   bank.validate_plan(plan, params, model.stacks)
   if scope not in SCOPES:
     raise PlanError(f"recovery scope {scope!r} is unknown; use one of {SCOPES}")
@@ -39,8 +39,7 @@ def split_trainable(model, params: Mapping, plan: Plan, scope: str = "plan") -> 
 def recovery_loss(model, plan: Plan, **kw):
   """Step-contract loss: the task loss of ``plan`` over the trainable and frozen parts joined
   (``kw``: ``label_smoothing``, ``z_loss``)."""
-  make = losses.seq2seq_loss if experiment.model_type(model) == "encdec" else losses.lm_loss
-  task = make(model, plan, **kw)
+  task = losses.task_loss(model, plan, **kw)
 
   def loss_fn(params, frozen, batch, rng, step):
     return task(bank.merge_params(params, frozen), None, batch, rng, step)

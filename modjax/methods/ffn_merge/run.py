@@ -15,9 +15,10 @@ import os
 import ml_collections
 from etils import epath
 
-from modjax import bank_io
+from modjax.core.registry import Method
+from modjax.core.run_config import with_values
 from modjax.methods.ffn_merge.recovery import SCOPES, recovery_loss, split_trainable
-from modjax.run_config import with_values
+from modjax.store import bank_io
 from modjax.train import experiment
 from modjax.train.loop import TrainResult, train
 
@@ -84,3 +85,6 @@ def recover(cfg) -> TrainResult:
     meta=merged.meta,
     validate=False,
   )
+
+
+METHOD = Method("ffn_merge", run=recover, add_defaults=add_defaults)

@@ -12,11 +12,10 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
-from modjax import bank_io
+from modjax.core.plan import Plan, PlanError
 from modjax.data import vocab
-from modjax.interop import hf
 from modjax.models import architecture_for
-from modjax.plan import Plan, PlanError
+from modjax.store import bank_io, hf
 from modjax.train import experiment
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

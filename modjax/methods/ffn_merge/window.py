@@ -1,7 +1,7 @@
 """Choosing where to merge: slide a window of k over the stack, merge, score, keep the best.
 
 Every candidate is scored before any training by teacher-forced cross-entropy on validation
-batches (``modjax.scoring.teacher_forced_metrics``); the lowest wins. For T5 the same window is
+batches (``modjax.train.scoring.teacher_forced_metrics``); the lowest wins. For T5 the same window is
 merged in the encoder and the decoder (``stacks`` picks encoder-only or decoder-only instead).
 The feature statistics are collected once, under the input plan, with the cross sums of every
 (reference, other) pair of every candidate window. For ``"drop"`` the window is the k layers
@@ -14,12 +14,12 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 
-from modjax import scoring
+from modjax.core.plan import Plan, PlanError
 from modjax.methods.ffn_merge.align import reference_offset
 from modjax.methods.ffn_merge.features import FeatureStats, collect_stats
 from modjax.methods.ffn_merge.merge import METHODS, merge_windows
 from modjax.methods.ffn_merge.ranges import Windows
-from modjax.plan import Plan, PlanError
+from modjax.train import scoring
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from modjax.core.plan import Plan, PlanError, Slot
 from modjax.methods.modular.modules import bank_granularities, module_name, num_layers
-from modjax.plan import Plan, PlanError, Slot
 
 
 def _bounds(stack: str, span, layers: int) -> tuple[int, int]:

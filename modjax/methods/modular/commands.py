@@ -14,11 +14,11 @@ import os
 import jax
 from etils import epath
 
-from modjax import bank_io, export, results
+from modjax.core.plan import PlanError
 from modjax.methods.modular import latency
 from modjax.methods.modular import strategies as st
 from modjax.methods.modular import sweep as sw
-from modjax.plan import PlanError
+from modjax.store import bank_io, export, results
 
 log = logging.getLogger("modjax.assemble")
 

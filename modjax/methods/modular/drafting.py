@@ -16,7 +16,7 @@ complete plan, usable alone too).
 decodes the sample once to compile (its outputs are checked token for token against plain
 greedy decoding's), ``warmup`` more times, then ``runs`` times interleaved with plain greedy
 decoding of the same sample (plain, draft, plain, draft, ...: both see the same machine load;
-:mod:`modjax.timing`).
+:mod:`modjax.core.timing`).
 Tokens/s is the tokens generated (EOS included, padding rows excluded) over the median seconds
 of a pass; plain greedy's is over the median of all its passes. Acceptance rate and mean
 accepted length are the candidate's own statistics (``SpeculativeStats``).
@@ -38,12 +38,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modjax import bank, bank_io, decoding, scoring, timing
+from modjax import decoding
+from modjax.core import timing
+from modjax.core.plan import Plan
+from modjax.core.progress import Progress
 from modjax.methods.modular import commands
 from modjax.methods.modular import strategies as st
 from modjax.methods.modular import sweep as sw
-from modjax.plan import Plan
-from modjax.progress import Progress
+from modjax.models import bank
+from modjax.store import bank_io
+from modjax.train import scoring
 
 log = logging.getLogger("modjax.assemble")
 

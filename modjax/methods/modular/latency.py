@@ -5,7 +5,7 @@ tokens (no padding) decoded greedily for exactly ``max_new_tokens`` tokens: EOS 
 (``eos_id=-1``) so every plan runs the same number of steps whatever its weights predict. Per
 plan: the plan's entries only (``bank.subset``, what an export of it holds), one call that
 compiles, ``warmup`` more calls, then ``runs`` timed calls, each waited for
-(:mod:`modjax.timing`); the plan's time is their median. The teacher is timed the same way in
+(:mod:`modjax.core.timing`); the plan's time is their median. The teacher is timed the same way in
 the same process, interleaved with each plan (teacher, plan, teacher, plan, ...: both see the
 same machine load), and a speed-up is the teacher's median over the plan's. Latency per token is
 the median over ``max_new_tokens``; per sequence it is the whole batched ``generate`` call
@@ -24,10 +24,12 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from modjax import bank, decoding, timing
+from modjax import decoding
+from modjax.core import timing
+from modjax.core.plan import Plan
+from modjax.core.progress import Progress
 from modjax.methods.modular import strategies as st
-from modjax.plan import Plan
-from modjax.progress import Progress
+from modjax.models import bank
 
 log = logging.getLogger("modjax.assemble")
 

@@ -16,9 +16,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from modjax import bank
 from modjax.methods.modular.modules import ModularError, bank_granularities, num_layers
 from modjax.methods.modular.replacing import Curriculum, draw_choices, replacing_forward
+from modjax.models import bank
 from modjax.models.stack import DEFAULT_COLLECT
 from modjax.train.losses import cross_entropy
 
@@ -54,15 +54,7 @@ def logits_kd(student_BLV, teacher_BLV, weights_BL, temperature: float = 1.0):
 def teacher_outputs(model, frozen, plan, batch: Mapping):
   """The teacher's logits and per-layer hidden states and attention maps (no dropout, no
   gradient)."""
-  logits, inter = model(
-    frozen,
-    plan,
-    batch["encoder_input_tokens"],
-    batch["decoder_input_tokens"],
-    encoder_segment_ids=batch.get("encoder_segment_ids"),
-    decoder_segment_ids=batch.get("decoder_segment_ids"),
-    collect=DEFAULT_COLLECT,
-  )
+  logits, inter = model.apply_batch(frozen, plan, batch, collect=DEFAULT_COLLECT)
   return jax.lax.stop_gradient((logits, inter))
 
 

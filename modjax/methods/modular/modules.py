@@ -2,7 +2,7 @@
 
 For a stack of L original blocks and a granularity g dividing L, module ``m{g}.{j}`` is one
 block shaped like an original block of that stack, standing for the original layers
-``[j*g, (j+1)*g)``. Its metadata records ``span`` (those depths, which ``modjax.bank.span`` reads)
+``[j*g, (j+1)*g)``. Its metadata records ``span`` (those depths, which ``modjax.models.bank.span`` reads)
 and ``granularity``, so a saved bank says by itself which modules it holds. The original blocks
 are the frozen teacher; only module entries train.
 """
@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 import jax
 import jax.numpy as jnp
 
-from modjax import bank
-from modjax.errors import UserError
+from modjax.core.errors import UserError
+from modjax.models import bank
 
 INITS = ("first", "mean")
 MIN_GRANULARITY, MAX_DEFAULT_GRANULARITY = 2, 6

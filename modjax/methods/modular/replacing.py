@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from modjax.layers import Block
 from modjax.methods.modular.modules import ModularError, module_name
 from modjax.models.stack import run_stack, slot_params
+from modjax.nn.layers import Block
 
 ORDERS = ("coarse_to_fine", "cumulative", "uniform")
 
@@ -288,13 +288,10 @@ def replacing_forward(
       )
     else:
       fns[stack] = _plain_stack
-  logits, stats = model(
+  logits, stats = model.apply_batch(
     params,
     plan,
-    batch["encoder_input_tokens"],
-    batch["decoder_input_tokens"],
-    encoder_segment_ids=batch.get("encoder_segment_ids"),
-    decoder_segment_ids=batch.get("decoder_segment_ids"),
+    batch,
     deterministic=deterministic,
     dropout_rng=dropout_rng,
     collect=True,

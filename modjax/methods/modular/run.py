@@ -14,7 +14,8 @@ import logging
 
 import jax
 
-from modjax import bank_io, cost
+from modjax.core.model_config import T5Config
+from modjax.core.registry import Method
 from modjax.methods.modular import config as modular_config
 from modjax.methods.modular.assembly import all_g_plan
 from modjax.methods.modular.losses import modular_loss
@@ -24,8 +25,8 @@ from modjax.methods.modular.modules import (
   bank_granularities,
   split_trainable,
 )
-from modjax.model_config import T5Config
-from modjax.models import architecture_for
+from modjax.models import architecture_for, cost
+from modjax.store import bank_io
 from modjax.train import experiment
 from modjax.train.loop import TrainResult, train
 
@@ -159,3 +160,6 @@ def write_compute(
     (experiment.workdir(cfg) / "compute.json").write_text(json.dumps(record, indent=1))
   log.info("training compute: %.3g FLOPs over %d steps", record["training_flops"], steps)
   return record
+
+
+METHOD = Method("modular", run=train_bank, add_defaults=modular_config.add_defaults)

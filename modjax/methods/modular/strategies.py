@@ -4,7 +4,7 @@ A module bank holds, per stack of L original layers, modules ``m{g}.{j}`` for ea
 (``.modules``); an assembled plan tiles each stack with original layers and aligned modules
 (``.assembly``). Everything here is a pure, deterministic function of the model (its config),
 the bank's entry metadata (which modules exist) and a target: no parameters and no device, so
-thousands of plans can be costed (``modjax.cost``) before anything is compiled. Timing plans on
+thousands of plans can be costed (``modjax.models.cost``) before anything is compiled. Timing plans on
 a device is ``.latency``; scoring them on data is ``.sweep``.
 
 **Ladders.** A strategy orders plans from the teacher (first rung) to the most compressed one
@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from modjax import cost as cost_model
+from modjax.core.plan import Plan
 from modjax.methods.modular.assembly import tiling_plan
 from modjax.methods.modular.modules import bank_granularities, num_layers
 from modjax.methods.modular.tilings import (
@@ -50,7 +50,7 @@ from modjax.methods.modular.tilings import (
   random_tiling,
   top_down_ladder,
 )
-from modjax.plan import Plan
+from modjax.models import cost as cost_model
 
 STRATEGIES = ("speed-first", "size-first", "random")
 LATENCY_PER = ("token", "sequence")

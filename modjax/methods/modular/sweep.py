@@ -1,6 +1,6 @@
 """Quality of assembled plans on a validation split, the ``search`` strategy and the sweep.
 
-Quality is teacher-forced cross-entropy per target token (``modjax.scoring``; lower is better)
+Quality is teacher-forced cross-entropy per target token (``modjax.train.scoring``; lower is better)
 by default, or ROUGE on the first examples of the split (greedy decoding via
 ``scoring.predict``; ROUGE-Lsum, higher is better). The data come from a run config
 (``--config configs/x.py:arg``, as ``modjax.evaluate`` takes it): its task, split
@@ -28,13 +28,13 @@ from collections.abc import Sequence
 import numpy as np
 from etils import epath
 
-from modjax import results, scoring
+from modjax.core.plan import Plan
+from modjax.core.progress import Progress
+from modjax.core.run_config import with_values
 from modjax.methods.modular import latency
 from modjax.methods.modular import strategies as st
-from modjax.plan import Plan
-from modjax.progress import Progress
-from modjax.run_config import with_values
-from modjax.train import experiment
+from modjax.store import results
+from modjax.train import experiment, scoring
 
 log = logging.getLogger("modjax.assemble")
 QUALITY = ("cross_entropy", "rouge")
@@ -69,7 +69,7 @@ class Quality:
           max_new_tokens=d["max_new_tokens"],
           num_beams=1,
         )
-        from modjax import metrics  # rouge-score pulls in nltk: only when ROUGE is asked for
+        from modjax.core import metrics  # rouge-score pulls in nltk: only when ROUGE is asked for
 
         result = metrics.rouge(texts, [ex["targets"] for ex in d["examples"]])
       self.cache[plan] = result
@@ -83,16 +83,15 @@ class Quality:
 def load_quality_data(cfg, bank_dir, model, metric: str = "cross_entropy") -> dict:
   """The validation data ``Quality`` scores on (module docstring); one-line errors for a
   config that cannot give them."""
-  from modjax import evaluate
   from modjax.data import make_eval_examples
 
   if metric not in QUALITY:
     raise st.AssemblyError(f"--quality {metric!r} is unknown; use one of {QUALITY}")
-  if experiment.model_type(model) != "encdec":
+  if model.kind != "encdec":
     raise st.AssemblyError("assembly scores encoder-decoder (T5) banks; this bank is decoder-only")
   if not cfg.workdir:  # where load_eval_vocabulary looks after the bank (in a copy of cfg)
     cfg = with_values(cfg, {"workdir": os.fspath(bank_dir)})
-  vocabulary = evaluate.load_eval_vocabulary(cfg, _vocab_dir(cfg, bank_dir))
+  vocabulary = experiment.load_eval_vocabulary(cfg, _vocab_dir(cfg, bank_dir))
   if model.config.vocab_size < vocabulary.vocab_size:
     raise experiment.ConfigError(
       f"the vocabulary ({vocabulary.vocab_size} pieces) is larger than the bank's model "

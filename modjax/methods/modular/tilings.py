@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from modjax.errors import UserError
+from modjax.core.errors import UserError
 
 Span = tuple[int, int]
 Tiling = tuple[Span, ...]

@@ -14,12 +14,12 @@ attention and FFN modules, over a bank and a (static) MoM structure.
 * :mod:`.stats`, :mod:`.loss`, :mod:`.run`: router statistics, the step-contract loss and
   ``python -m modjax.train --config configs/mom_gpt2.py:<size>``;
 * :mod:`.baselines`, :mod:`.cost`, :mod:`.records`: the vanilla baselines (param-matched with
-  the routers counted, grown from a phase-two original), forward FLOPs on ``modjax.cost``'s scale
+  the routers counted, grown from a phase-two original), forward FLOPs on ``modjax.models.cost``'s scale
   and the steps that match MoM's training FLOPs, each run's ``compute.json`` (parameters, FLOPs,
   capacity drop rate);
 * :mod:`.decoding`: cached greedy, sampled and beam decoding through ``modjax.decoding`` (a cache
   entry per MoM round; a step of few rows gathers its chosen modules). ``python -m modjax.evaluate`` scores a MoM bank (:func:`.model.bank_model` tells
-  it from its entries) with :meth:`MoMGPT2.teacher_forced_sums`: no capacity drops, router
+  it from its entries) with :meth:`MoMGPT2.score_batch`: no capacity drops, router
   statistics.
 """
 

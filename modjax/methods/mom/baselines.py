@@ -32,11 +32,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from modjax.core.model_config import GPT2Config
 from modjax.methods.mom import cost
 from modjax.methods.mom.model import MoMGPT2
 from modjax.methods.mom.pools import init_routers
 from modjax.methods.mom.structure import MoMConfig, MoMError
-from modjax.model_config import GPT2Config
 from modjax.models import GPT2
 
 BASELINES = ("vanilla", "wider_ffn", "extra_layer")
@@ -181,7 +181,7 @@ def main(config) -> None:
 if __name__ == "__main__":
   from absl import flags
 
-  from modjax import cli
+  from modjax.core import cli
 
   flags.DEFINE_string("match", "", "Print only the steps of this baseline that match MoM's FLOPs.")
   cli.run(main)

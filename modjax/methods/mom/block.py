@@ -6,12 +6,12 @@ import functools
 
 import jax
 
-from modjax.dropout import dropout
-from modjax.layers import BlockSpec
 from modjax.methods.mom.dispatch import transport
 from modjax.methods.mom.routers import initial_state, route
 from modjax.methods.mom.structure import MoMConfig
 from modjax.methods.mom.sublayers import attention_sublayer, ffn_sublayer
+from modjax.nn.dropout import dropout
+from modjax.nn.layers import BlockSpec
 
 
 def _residual_dropout(spec: BlockSpec, y, key):

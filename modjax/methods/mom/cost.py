@@ -1,10 +1,10 @@
-"""Forward FLOPs of a MoM decoder, counted the way :mod:`modjax.cost` counts GPT-2's, so a MoM
+"""Forward FLOPs of a MoM decoder, counted the way :mod:`modjax.models.cost` counts GPT-2's, so a MoM
 run and a vanilla run are costed on one scale (``compute.json``: training = 3 x forward).
 
-As in :mod:`modjax.cost`: 2 FLOPs per multiply-add of every matmul (projections, attention
+As in :mod:`modjax.models.cost`: 2 FLOPs per multiply-add of every matmul (projections, attention
 scores and weighted sums, FFN, LM head) plus 1 per bias add and per learned-position add;
 softmax, norms, activations and residual adds are not counted. Vanilla blocks cost what
-``modjax.cost`` gives a GPT-2 block. Each round of a MoM block costs, per routed sublayer:
+``modjax.models.cost`` gives a GPT-2 block. Each round of a MoM block costs, per routed sublayer:
 
 * its router over all T = batch x length tokens (``linear``: D -> S; ``mlp``: D -> R -> S;
   ``gru``: D -> 3R, R -> 3R, R -> S; biases included);
@@ -13,7 +13,7 @@ softmax, norms, activations and residual adds are not counted. Vanilla blocks co
   do), ``dense`` N * T rows plus the N-way weighted sum of their outputs, ``gather`` T * K rows,
   ``exact`` whichever of those two it picks;
 * attention: the kept modules' q, k, v projections and output projections on those rows, and ONE
-  causal attention over the summed q, k, v (every (query, key) pair, as :mod:`modjax.cost`);
+  causal attention over the summed q, k, v (every (query, key) pair, as :mod:`modjax.models.cost`);
 * FFN: the kept modules' FFNs on those rows.
 
 XLA's cost analysis counts more (the elementwise work, the capacity bookkeeping); this model is a
@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import math
 
-from modjax.layers import BlockSpec
 from modjax.methods.mom.dispatch import buffer_rows, exact_kind
 from modjax.methods.mom.structure import MoMConfig
+from modjax.nn.layers import BlockSpec
 
 
 def _proj(tokens: int, n_in: int, n_out: int, bias: bool = True) -> int:
@@ -46,7 +46,7 @@ def ffn_flops(s: BlockSpec, rows: int) -> int:
 
 def gpt2_flops(s: BlockSpec, vocab_size: int, layers: int, batch: int, length: int) -> int:
   """A GPT-2 forward over ``batch x length`` tokens with ``layers`` blocks: the positions add,
-  the blocks and the tied head (``modjax.cost.plan_cost(...).forward_flops``)."""
+  the blocks and the tied head (``modjax.models.cost.plan_cost(...).forward_flops``)."""
   tokens = batch * length
   blocks = layers * (attention_flops(s, tokens, batch * length * length) + ffn_flops(s, tokens))
   return tokens * s.d_model + blocks + 2 * tokens * s.d_model * vocab_size

@@ -1,6 +1,6 @@
 """Cached decoding of a MoM decoder under ``modjax.decoding``'s cache contract (greedy and beam).
 
-``cache["self"]`` holds one self-attention cache in ``modjax.layers``' layout per attention the
+``cache["self"]`` holds one self-attention cache in ``modjax.nn.layers``' layout per attention the
 decoder runs, in order: a vanilla block's, and one per round of each MoM block. A round's entry
 holds the routed, summed keys and values of every token, computed once (when the prompt is
 prefilled or the token decoded) and read from the cache afterwards. Since every entry has the
@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from modjax.bank import slot_params
-from modjax.layers import (
+from modjax.core.plan import Slot
+from modjax.methods.mom import modules as mods
+from modjax.methods.mom.block import mom_block
+from modjax.models.bank import slot_params
+from modjax.nn.layers import (
   NEG_INF,
   Attention,
   Block,
@@ -30,9 +33,6 @@ from modjax.layers import (
   decode_cache_from_prefill,
   decode_cache_length,
 )
-from modjax.methods.mom import modules as mods
-from modjax.methods.mom.block import mom_block
-from modjax.plan import Slot
 
 
 def _vanilla(params, name: str) -> dict:

@@ -1,11 +1,11 @@
 """The MoM training loss under the step contract (``modjax.train.step``), and the sums
-``modjax.scoring`` adds up to score a MoM bank (teacher-forced perplexity)."""
+``modjax.train.scoring`` adds up to score a MoM bank (teacher-forced perplexity)."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from modjax.bank import merge_params
+from modjax.models.bank import merge_params
 from modjax.train.losses import cross_entropy
 
 
@@ -20,14 +20,8 @@ def mom_loss(model, *, label_smoothing: float = 0.0, z_loss: float = 0.0):
     del step
     full = merge_params(params, frozen) if frozen else params
     weights = batch["decoder_loss_weights"]
-    logits, aux = model(
-      full,
-      batch["decoder_input_tokens"],
-      positions=batch.get("decoder_positions"),
-      segment_ids=batch.get("decoder_segment_ids"),
-      token_mask=weights > 0,
-      deterministic=rng is None,
-      dropout_rng=rng,
+    logits, aux = model.apply_batch(
+      full, None, batch, token_mask=weights > 0, deterministic=rng is None, dropout_rng=rng
     )
     ce_sum, weight = cross_entropy(
       logits,
@@ -42,20 +36,13 @@ def mom_loss(model, *, label_smoothing: float = 0.0, z_loss: float = 0.0):
   return loss_fn
 
 
-def teacher_forced_sums(model, params, batch):
-  """(cross-entropy sum, target weight, router statistics) of one decoder-only batch: the
-  forward without dropout and without capacity drops (``model.exact()``), so a token's score
-  depends on its prefix alone, not on which examples share its batch. The statistics are
-  :mod:`.stats`' means over the batch's target tokens (``router/dropped`` and the balancing loss,
-  which are about training, are left out)."""
-  weights = batch["decoder_loss_weights"]
-  logits, aux = model.exact()(
-    params,
-    batch["decoder_input_tokens"],
-    positions=batch.get("decoder_positions"),
-    segment_ids=batch.get("decoder_segment_ids"),
-    token_mask=weights > 0,
+def score_batch(model, params, batch):
+  """(logits, router statistics) of one decoder-only batch for scoring: the forward without
+  dropout and without capacity drops (``model.exact()``), so a token's score depends on its
+  prefix alone, not on which examples share its batch. The statistics are :mod:`.stats`' means
+  over the batch's target tokens (``router/dropped`` and the balancing loss, which are about
+  training, are left out)."""
+  logits, aux = model.exact().apply_batch(
+    params, None, batch, token_mask=batch["decoder_loss_weights"] > 0
   )
-  ce_sum, weight = cross_entropy(logits, batch["decoder_target_tokens"], weights)
-  stats = {k: v for k, v in aux.items() if k.startswith("router/") and k != "router/dropped"}
-  return ce_sum, weight, stats
+  return logits, {k: v for k, v in aux.items() if k.startswith("router/") and k != "router/dropped"}

@@ -2,14 +2,14 @@
 (modjax's own, never copied) around MoM blocks (:mod:`.block`), as a pure function of
 (bank, MoM structure, inputs).
 
-:class:`MoMGPT2` is hashable (a ``jit`` static argument) and answers what ``modjax.bank`` and
+:class:`MoMGPT2` is hashable (a ``jit`` static argument) and answers what ``modjax.models.bank`` and
 the training loop ask of a model (``stacks``, ``stack_block_spec``, ``param_axes``, ``init``), so
 ``bank.shardings`` places pools on the ``expert`` mesh axis and ``modjax.train.loop.train`` runs
 it like any model. Its ``config`` is the GPT-2 config of the vanilla model the pools stand for
 (``n_layer`` = that model's depth), which is what a stored bank's ``model.json`` records; the
 MoM structure lives in the entry metadata (:func:`.pools.bank_meta`), from which
-:func:`bank_model` rebuilds the model. It also answers what ``modjax.scoring`` and
-``modjax.decoding`` ask (``teacher_forced_sums``, ``start_decoding``, ``decode_step``, ...), always
+:func:`bank_model` rebuilds the model. It also answers what ``modjax.train.scoring`` and
+``modjax.decoding`` ask (``score_batch``, ``start_decoding``, ``decode_step``, ...), always
 through :meth:`MoMGPT2.exact`, the dispatch without capacity drops; it takes no plan (the empty
 plan stands for its routed structure).
 """
@@ -23,11 +23,11 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from modjax.dropout import dropout
-from modjax.layers import causal_bias, key_padding_bias, segment_bias
-from modjax.methods.mom import decoding
+from modjax.core.model_config import GPT2Config
+from modjax.core.plan import Plan, PlanError, Slot
+from modjax.core.sharding import HIDDEN_AXES, constrain
+from modjax.methods.mom import decoding, loss
 from modjax.methods.mom.block import mom_block
-from modjax.methods.mom.loss import teacher_forced_sums
 from modjax.methods.mom.pools import (
   init_routers,
   mom_bank,
@@ -37,11 +37,10 @@ from modjax.methods.mom.pools import (
 from modjax.methods.mom.routers import balance_loss, router_axes
 from modjax.methods.mom.stats import block_metrics
 from modjax.methods.mom.structure import MoMConfig
-from modjax.model_config import GPT2Config
 from modjax.models import GPT2
 from modjax.models.stack import run_stack
-from modjax.plan import Plan, PlanError, Slot
-from modjax.sharding import HIDDEN_AXES, constrain
+from modjax.nn.dropout import dropout
+from modjax.nn.layers import causal_bias, key_padding_bias, segment_bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +49,7 @@ class MoMGPT2:
   mom: MoMConfig
 
   stacks = ("decoder",)
+  kind = "lm"  # modjax.models.interface.Architecture
 
   @property
   def gpt2(self) -> GPT2:
@@ -87,7 +87,7 @@ class MoMGPT2:
       return self
     return dataclasses.replace(self, mom=dataclasses.replace(self.mom, dispatch="exact"))
 
-  # ---- what modjax.scoring and modjax.decoding ask of a model ---------------------------------
+  # ---- what modjax.train.scoring and modjax.decoding ask of a model ---------------------------------
   # A MoM decoder runs its routed structure, not a plan: the empty plan stands for it.
 
   def identity_plan(self) -> Plan:
@@ -102,9 +102,22 @@ class MoMGPT2:
       )
     return plan
 
-  def teacher_forced_sums(self, params, batch):
-    """``modjax.scoring``'s per-batch sums (:func:`.loss.teacher_forced_sums`)."""
-    return teacher_forced_sums(self, params, batch)
+  def apply_batch(self, params, plan: Plan | None, batch, **kw):
+    """:meth:`__call__` on a seqio Decoder batch; ``plan`` is the empty plan (or None)."""
+    del plan
+    return self(
+      params,
+      batch["decoder_input_tokens"],
+      positions=batch.get("decoder_positions"),
+      segment_ids=batch.get("decoder_segment_ids"),
+      **kw,
+    )
+
+  def score_batch(self, params, plan: Plan, batch):
+    """``Architecture.score_batch``: no capacity drops, router statistics
+    (:func:`.loss.score_batch`)."""
+    del plan
+    return loss.score_batch(self, params, batch)
 
   def decoding_constants(self, params):
     return self.gpt2.decoding_constants(params)

@@ -3,7 +3,7 @@ pool's leading ``expert`` axis.
 
 A pool entry is shaped like part of a GPT-2 block with a leading axis of N modules
 (``self_attn_norm`` + ``self_attn`` for an attention pool, ``ffn_norm`` + ``ffn`` for an FFN
-pool), so each function here is ``jax.vmap`` of :mod:`modjax.layers`' ``Norm``, ``Attention``
+pool), so each function here is ``jax.vmap`` of :mod:`modjax.nn.layers`' ``Norm``, ``Attention``
 and ``FeedForward`` over that axis: buffer ``[N, C, ...]`` in, ``[N, C, ...]`` out, one batched
 matmul per weight whatever C is (all tokens for the dense path, a capacity for dispatch).
 """
@@ -13,8 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from modjax.layers import Attention, BlockSpec, FeedForward, Norm
-from modjax.model_config import to_dtype
+from modjax.core.model_config import to_dtype
+from modjax.nn.layers import Attention, BlockSpec, FeedForward, Norm
 
 
 def _norm(spec: BlockSpec) -> Norm:

@@ -8,7 +8,7 @@ Layout of a MoM bank (``decoder`` stack; model-wide entries as GPT-2's)::
     decoder/routers/attn_<b>  MoM block b's attention router (and ffn_<b>)
     decoder/final_norm
 
-Pools lead with the ``expert`` logical axis (``modjax.bank``), so ``bank.shardings`` spreads a
+Pools lead with the ``expert`` logical axis (``modjax.models.bank``), so ``bank.shardings`` spreads a
 pool over the mesh's ``expert`` axis. Which vanilla layer each part came from follows
 :meth:`MoMConfig.layer_map` and is recorded in the entry metadata (``span`` for blocks,
 ``modules_from`` for pools), beside the MoM structure itself (``mom``), so a stored bank
@@ -22,9 +22,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from modjax import bank
 from modjax.methods.mom.routers import init_router
 from modjax.methods.mom.structure import MoMConfig, MoMError
+from modjax.models import bank
 
 ATTN_PARTS = ("self_attn_norm", "self_attn")
 FFN_PARTS = ("ffn_norm", "ffn")

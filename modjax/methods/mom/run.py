@@ -4,7 +4,7 @@ Phase two of the paper when ``mom.init_from`` names a vanilla GPT-2 run's workdi
 bank (its vocabulary becomes the run's; its layers map into the pools, routers start fresh);
 from scratch otherwise (a fresh vanilla GPT-2 of the same parameters, mapped the same way), or
 from a Hugging Face GPT-2 checkpoint with ``model.init_from``. Checkpoints, resume, sharding
-and metrics are the generic loop's; the workdir is a bank that ``modjax.bank_io.load_bank``
+and metrics are the generic loop's; the workdir is a bank that ``modjax.store.bank_io.load_bank``
 reads (``model.json`` says ``gpt2``: the vanilla config the pools stand for; the MoM structure
 is in ``entries.json``; :func:`load_mom_bank` gives the MoM model back).
 
@@ -26,14 +26,15 @@ import jax
 import ml_collections
 from etils import epath
 
-from modjax import bank_io, checkpoint
+from modjax.core.model_config import GPT2Config
+from modjax.core.registry import Method
+from modjax.core.run_config import with_values
 from modjax.methods.mom import baselines, records
 from modjax.methods.mom.loss import mom_loss
-from modjax.methods.mom.model import MoMGPT2
+from modjax.methods.mom.model import MoMGPT2, bank_model
 from modjax.methods.mom.pools import bank_meta, mom_bank, structure_from_meta
 from modjax.methods.mom.structure import MoMConfig, MoMError
-from modjax.model_config import GPT2Config
-from modjax.run_config import with_values
+from modjax.store import bank_io, checkpoint
 from modjax.train import experiment
 from modjax.train.loop import TrainResult, train
 
@@ -273,3 +274,6 @@ def load_mom_bank(directory) -> tuple[MoMGPT2, dict, bank_io.StoredBank]:
   stored = bank_io.load_bank(directory)
   structure = structure_from_meta(stored.meta)
   return MoMGPT2(stored.model.config, structure), stored.params, stored
+
+
+METHOD = Method("mom", run=train_mom, add_defaults=add_defaults, bank_model=bank_model)

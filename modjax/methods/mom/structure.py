@@ -46,7 +46,7 @@ import dataclasses
 import itertools
 from collections.abc import Mapping
 
-from modjax.errors import UserError
+from modjax.core.errors import UserError
 
 ROUTERS = ("linear", "mlp", "gru")
 GATES = ("renormalized", "straight_through", "softmax", "raw")

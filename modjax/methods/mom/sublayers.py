@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from modjax.layers import BlockSpec
 from modjax.methods.mom import modules as mods
 from modjax.methods.mom.routers import Routing
+from modjax.nn.layers import BlockSpec
 
 
 def _tokens(x_BLD):

@@ -6,7 +6,7 @@
 * ``kd``: the same student trained with task cross-entropy + logits KD (KL(teacher || student)
   at a temperature, times T^2) against the frozen teacher, evaluated in the same step.
 * ``pseudo``: the same student fine-tuned on the teacher's greedy outputs for the training
-  inputs instead of the references (sequence-level KD; ``modjax/methods/pseudo_labels.py``).
+  inputs instead of the references (sequence-level KD; ``modjax/methods/modular/pseudo_labels.py``).
 
 A student is new entries in the teacher's bank (``<stack>/blocks/s<i>``) plus a plan over them
 (``baseline.frozen_stacks="encoder"``: its encoder slots are the teacher's own blocks, frozen),
@@ -24,11 +24,13 @@ import logging
 import jax
 import ml_collections
 
-from modjax import bank, bank_io
+from modjax.core.plan import Plan, PlanError, Slot
+from modjax.core.registry import Method
 from modjax.methods.modular.losses import logits_kd
+from modjax.methods.modular.pseudo_labels import with_labels, write_pseudo_labels
 from modjax.methods.modular.run import load_teacher, write_compute
-from modjax.methods.pseudo_labels import with_labels, write_pseudo_labels
-from modjax.plan import Plan, PlanError, Slot
+from modjax.models import bank
+from modjax.store import bank_io
 from modjax.train import experiment, losses
 from modjax.train.loop import TrainResult, train
 
@@ -105,17 +107,12 @@ def student_loss(model, plan: Plan, kind: str, *, kd_weight: float, temperature:
 
   def loss_fn(params, frozen, batch, rng, step):
     full = bank.merge_params(params, frozen)
-    args = (batch["encoder_input_tokens"], batch["decoder_input_tokens"])
-    kw = dict(
-      encoder_segment_ids=batch.get("encoder_segment_ids"),
-      decoder_segment_ids=batch.get("decoder_segment_ids"),
-    )
-    logits, _ = model(full, plan, *args, deterministic=rng is None, dropout_rng=rng, **kw)
+    logits, _ = model.apply_batch(full, plan, batch, deterministic=rng is None, dropout_rng=rng)
     weights = batch["decoder_loss_weights"]
     ce_sum, weight = losses.cross_entropy(logits, batch["decoder_target_tokens"], weights)
     if kind != "kd":
       return ce_sum, weight, {"ce": ce_sum / jax.numpy.maximum(weight, 1.0)}
-    teacher_logits, _ = model(frozen, teacher_plan, *args, **kw)
+    teacher_logits, _ = model.apply_batch(frozen, teacher_plan, batch)
     kd_sum = logits_kd(logits, jax.lax.stop_gradient(teacher_logits), weights, temperature)
     tokens = jax.numpy.maximum(weight, 1.0)
     return ce_sum + kd_weight * kd_sum, weight, {"ce": ce_sum / tokens, "kd": kd_sum / tokens}
@@ -169,3 +166,6 @@ def run(cfg) -> TrainResult | None:
     module_updates={s: {"every_layer": cfg.train.num_steps} for s in trainable},
   )
   return result
+
+
+METHOD = Method("baseline", run=run, add_defaults=add_defaults)

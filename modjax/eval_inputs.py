@@ -14,13 +14,11 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
-from modjax import bank_io
-from modjax.checkpoint import CheckpointError
-from modjax.data import vocab
-from modjax.interop import hf
-from modjax.methods.mom.model import bank_model
+from modjax.core import registry
+from modjax.core.plan import Plan, PlanError
 from modjax.models import architecture_for
-from modjax.plan import Plan, PlanError
+from modjax.store import bank_io, hf
+from modjax.store.checkpoint import CheckpointError
 from modjax.train import experiment
 
 
@@ -48,8 +46,10 @@ def load_scored(cfg, *, bank: str | None = None, hf_dir: str | None = None, plan
   if root is not None and not bank_io.is_bank(root) and not bank and cfg.model.init_from:
     root, hf_dir = None, cfg.model.init_from  # a workdir not trained yet: score the HF weights
   stored = bank_io.load_bank(root) if root is not None and bank_io.is_bank(root) else None
-  if stored is not None and bank_model(stored.model, stored.meta) is not stored.model:
-    return _mom_scored(stored, plan, root)
+  if stored is not None:
+    method_model = registry.bank_model(stored.method, stored.model, stored.meta)
+    if method_model is not stored.model:
+      return _method_scored(stored, method_model, plan, root)
   file_plan = _plan_file(plan, root)
   if root is None:
     return _load_hf(cfg, hf_dir, plan, file_plan)
@@ -67,15 +67,16 @@ def load_scored(cfg, *, bank: str | None = None, hf_dir: str | None = None, plan
   return Scored(stored.model, stored.params, chosen, name, stored.step, str(root), root, default)
 
 
-def _mom_scored(stored: bank_io.StoredBank, plan, root) -> Scored:
-  """A Mixture-of-Modules bank runs its routed structure (its entries record it), not a plan."""
+def _method_scored(stored: bank_io.StoredBank, model, plan, root) -> Scored:
+  """A bank its method runs with its own model (its registered reader: a Mixture-of-Modules bank
+  runs its routed structure), not with a plan."""
   if plan is not None:
     raise PlanError(
-      f"--plan {plan}: a Mixture-of-Modules bank runs its routed structure, not a plan; drop --plan"
+      f"--plan {plan}: a {stored.method} bank runs its method's own structure, not a plan; "
+      "drop --plan"
     )
-  model = bank_model(stored.model, stored.meta)
   return Scored(
-    model, stored.params, model.identity_plan(), "mom", stored.step, str(root), root, True
+    model, stored.params, model.identity_plan(), stored.method, stored.step, str(root), root, True
   )
 
 
@@ -157,23 +158,3 @@ def load_draft(scored: Scored, draft: str, draft_tokens: int | None = None) -> D
   if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
     raise experiment.ConfigError(f"--draft-tokens must be an integer >= 1, got {draft_tokens!r}")
   return Draft(plan, draft, draft_tokens)
-
-
-def load_eval_vocabulary(cfg, vocab_dir=None):
-  """``data.vocab_path``, else the vocabulary in ``vocab_dir`` or the workdir (a trained
-  ``vocab/spm.model``, a copied ``vocab/tokenizer.json``, a Hugging Face directory's
-  ``tokenizer.json``; ``vocab.find_vocabulary``). Never trains one: a new vocabulary would not
-  match the model's embeddings."""
-  d = cfg.data
-  if d.vocab_path:
-    return vocab.load_vocabulary(
-      d.vocab_path, extra_ids=d.extra_ids, expected_size=d.expected_vocab_size or None
-    )
-  for root in (vocab_dir, experiment.workdir(cfg)):
-    found = vocab.find_vocabulary(root) if root is not None else None
-    if found:
-      return vocab.load_vocabulary(found, extra_ids=0)
-  raise experiment.ConfigError(
-    "config.data.vocab_path is empty and neither the bank nor the workdir holds vocab/spm.model "
-    "or a tokenizer.json; set --config.data.vocab_path to the vocabulary the bank was trained with"
-  )

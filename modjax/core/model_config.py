@@ -12,7 +12,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from modjax.errors import UserError
+from modjax.core.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _T5_FFN = ("relu", "gated-gelu", "gated-relu", "gelu")

@@ -2,9 +2,9 @@
 
 Three pieces of modjax are rewritten for XLA:CPU, where each was measured faster:
 
-* ``modjax.contractions``: the dense and tied-head contractions with hand-written VJPs
+* ``modjax.nn.contractions``: the dense and tied-head contractions with hand-written VJPs
   (``jax.custom_vjp``) that give XLA:CPU weight gradients in the kernel's layout;
-* ``modjax.dropout``: ``jax.random.bernoulli``'s Threefry hash unrolled into fusible integer ops;
+* ``modjax.nn.dropout``: ``jax.random.bernoulli``'s Threefry hash unrolled into fusible integer ops;
 * ``modjax.train.optim``: global-norm clipping and Adafactor with fewer passes over the parameters.
 
 Each has a stock counterpart with the same values (tests/test_cpu_kernels.py): autodiff of a plain
@@ -26,7 +26,7 @@ import os
 
 import jax
 
-from modjax.errors import UserError
+from modjax.core.errors import UserError
 
 ENV_VAR = "MODJAX_CPU_KERNELS"
 SETTINGS = ("auto", "on", "off")

@@ -1,7 +1,7 @@
 """Transformer components shared by every architecture (Flax Linen, pure-functional).
 
 Parameters carry logical axis names (``embed``, ``heads``, ``kv``, ``mlp``, ``vocab``,
-``relpos_buckets``, ``positions``); ``modjax.sharding`` maps them to mesh axes. Shapes are
+``relpos_buckets``, ``positions``); ``modjax.core.sharding`` maps them to mesh axes. Shapes are
 named in suffixes: B batch, L/Q query length, T/K key length, D model width, H heads,
 K head width (``..._BHTK``), F feed-forward width, V vocabulary.
 
@@ -23,10 +23,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from modjax.contractions import dense, tied_logits
-from modjax.dropout import Dropout
-from modjax.model_config import to_dtype
-from modjax.sharding import CONTEXT_AXES, FFN_AXES, HEADS_AXES, HIDDEN_AXES, constrain
+from modjax.core.model_config import to_dtype
+from modjax.core.sharding import CONTEXT_AXES, FFN_AXES, HEADS_AXES, HIDDEN_AXES, constrain
+from modjax.nn.contractions import dense, tied_logits
+from modjax.nn.dropout import Dropout
 
 NEG_INF = -1e10  # additive mask value; finite so fully masked rows stay NaN-free
 

@@ -2,10 +2,12 @@
 
 A saved bank is a directory::
 
-    model.json          {"architecture": "t5" | "gpt2", "config": {...}}
-    entries.json        entry metadata (see modjax.bank), {} when there is none
+    model.json          {"architecture": "t5" | "gpt2", "config": {...}, "method": "mom", ...}
+                        (method: the training method that wrote it; its registered
+                        bank reader runs the bank, see modjax.core.registry)
+    entries.json        entry metadata (see modjax.models.bank), {} when there is none
     plans/<name>.json   named plans (Plan.to_dict); "default" is the plan the bank was made for
-    params/             the parameters (an Orbax pytree, via modjax.checkpoint)
+    params/             the parameters (an Orbax pytree, via modjax.store.checkpoint)
 
 A training workdir is also a bank: ``modjax.train`` writes ``model.json``, ``entries.json`` and
 ``plans/`` when it starts, the frozen part of the parameters once to ``frozen/``, and the
@@ -22,12 +24,12 @@ import re
 import jax
 from etils import epath
 
-from modjax import checkpoint
-from modjax.bank import merge_params
-from modjax.checkpoint import CheckpointError
-from modjax.model_config import GPT2Config, T5Config
+from modjax.core.model_config import GPT2Config, T5Config
+from modjax.core.plan import Plan, PlanError
 from modjax.models import architecture_for
-from modjax.plan import Plan, PlanError
+from modjax.models.bank import merge_params
+from modjax.store import checkpoint
+from modjax.store.checkpoint import CheckpointError
 
 _ARCHITECTURES = {"t5": T5Config, "gpt2": GPT2Config}
 _PLAN_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -43,6 +45,7 @@ class StoredBank:
   meta: dict
   plans: dict[str, Plan]
   step: int | None = None  # the training step, for a workdir
+  method: str | None = None  # the training method that wrote it (model.json; modjax.core.registry)
 
   def plan(self, name: str | None = None) -> Plan:
     """A named plan (``None``: the default plan, else the model's identity plan)."""
@@ -81,13 +84,17 @@ def config_from_dict(data: dict):
 # ---- writing --------------------------------------------------------------------------------
 
 
-def write_description(directory, model, *, meta=None, plans=None) -> None:
-  """``model.json``, ``entries.json`` and ``plans/*.json`` (process 0 writes; all may call)."""
+def write_description(directory, model, *, meta=None, plans=None, method=None) -> None:
+  """``model.json`` (the architecture and, given, the training method that wrote the bank),
+  ``entries.json`` and ``plans/*.json`` (process 0 writes; all may call)."""
   root = epath.Path(directory)
   if jax.process_index() != 0:
     return
   root.mkdir(parents=True, exist_ok=True)
-  (root / "model.json").write_text(json.dumps(config_to_dict(model.config), indent=1))
+  description = config_to_dict(model.config)
+  if method is not None:
+    description["method"] = method
+  (root / "model.json").write_text(json.dumps(description, indent=1))
   (root / "entries.json").write_text(json.dumps(meta or {}, indent=1, sort_keys=True))
   for name, plan in (plans or {}).items():
     save_plan(root, name, plan, overwrite=True)
@@ -105,7 +112,9 @@ def save_plan(directory, name: str, plan: Plan, *, overwrite: bool = False) -> e
   return path
 
 
-def save_bank(directory, model, params, *, meta=None, plans=None, overwrite=False) -> None:
+def save_bank(
+  directory, model, params, *, meta=None, plans=None, overwrite=False, method=None
+) -> None:
   """A standalone bank directory (see the module docstring)."""
   root = epath.Path(directory)
   if root.exists() and any(root.iterdir()) and not overwrite:
@@ -113,7 +122,7 @@ def save_bank(directory, model, params, *, meta=None, plans=None, overwrite=Fals
   for plan in (plans or {}).values():
     plan.validate(params, model.stacks)
   checkpoint.save_pytree(root / "params", params, overwrite=overwrite)
-  write_description(root, model, meta=meta, plans=plans)
+  write_description(root, model, meta=meta, plans=plans, method=method)
 
 
 # ---- reading --------------------------------------------------------------------------------
@@ -137,7 +146,8 @@ def load_bank(directory) -> StoredBank:
     raise CheckpointError(
       f"{root} holds no model.json: not a modjax bank or training workdir (train or export first)"
     )
-  model = architecture_for(config_from_dict(json.loads((root / "model.json").read_text())))
+  description = json.loads((root / "model.json").read_text())
+  model = architecture_for(config_from_dict(description))
   meta = _read_json(root / "entries.json", {})
   plans = {p.stem: read_plan_file(p) for p in sorted((root / "plans").glob("*.json"))}
   step = None
@@ -150,7 +160,7 @@ def load_bank(directory) -> StoredBank:
       plan.validate(params, model.stacks)
     except PlanError as e:
       raise PlanError(f"saved plan {name!r} in {root} does not fit the bank: {e}") from e
-  return StoredBank(model, params, meta, plans, step)
+  return StoredBank(model, params, meta, plans, step, description.get("method"))
 
 
 def _restore_workdir(root: epath.Path):

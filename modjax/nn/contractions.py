@@ -8,7 +8,7 @@ the weight gradient as ``dW = x^T . g`` contracted over the token axes, with the
 in the kernel's layout, lets XLA run it as one matmul on the operands as they are. Values are
 the same contractions as autodiff's (tests/test_parity.py checks gradients against PyTorch's).
 
-:func:`dense` and :func:`tied_logits` take these VJPs where ``modjax.cpu_kernels`` says so (XLA:CPU
+:func:`dense` and :func:`tied_logits` take these VJPs where ``modjax.core.cpu_kernels`` says so (XLA:CPU
 by default) and otherwise the plain contraction under autodiff, which TPU and GPU compilers fuse
 and shard without help (tests/test_cpu_kernels.py checks that both give the same values and
 gradients).
@@ -21,7 +21,7 @@ import functools
 import jax
 from jax import lax
 
-from modjax.cpu_kernels import use_cpu_kernels
+from modjax.core.cpu_kernels import use_cpu_kernels
 
 
 def dense(x, kernel, in_dims: int):

@@ -36,7 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from modjax.errors import UserError
+from modjax.core.errors import UserError
 
 _STATE_ITEM = "state"
 _METADATA_ITEM = "metadata"

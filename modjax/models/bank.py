@@ -36,11 +36,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from modjax import sharding
-from modjax.errors import UserError
-from modjax.layers import Block, BlockSpec
-from modjax.model_config import GPT2Config, T5Config
-from modjax.plan import Plan, PlanError, Slot
+from modjax.core import sharding
+from modjax.core.errors import UserError
+from modjax.core.model_config import GPT2Config, T5Config
+from modjax.core.plan import Plan, PlanError, Slot
+from modjax.nn.layers import Block, BlockSpec
 
 KINDS = ("blocks", "ffns", "pools")
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -375,7 +375,7 @@ def count_params(tree) -> int:
 def validate_plan(plan, params: Mapping, stacks: Iterable[str]) -> Plan:
   """``plan.validate`` with a clear error for things that are not plans at all."""
   if not isinstance(plan, Plan):
-    raise PlanError(f"expected a modjax.plan.Plan, got {type(plan).__name__}")
+    raise PlanError(f"expected a modjax.core.plan.Plan, got {type(plan).__name__}")
   return plan.validate(params, tuple(stacks))
 
 

@@ -14,7 +14,7 @@ the mask is bit-identical to ``jax.random.bernoulli(key, keep_prob, shape)`` for
 (tests/test_dropout.py checks it), so dropout stays deterministic in the key, a resumed run
 draws the same masks, and nothing about the keep probability changes. Keys of another PRNG
 implementation, 64-bit mode and arrays of 2**32 elements or more fall back to
-``jax.random.bernoulli``, and so does every platform where ``modjax.cpu_kernels`` turns the
+``jax.random.bernoulli``, and so does every platform where ``modjax.core.cpu_kernels`` turns the
 rewrites off (TPU and GPU by default, which generate random bits their own way): the masks are the
 same either way.
 """
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from modjax.cpu_kernels import use_cpu_kernels
+from modjax.core.cpu_kernels import use_cpu_kernels
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
@@ -88,7 +88,7 @@ def keep_mask(key, keep_prob: float, shape: tuple[int, ...]):
 
   bernoulli draws ``u = (bits >> 9) * 2**-23`` (a float32 in [0, 1)) and keeps ``u < p``
   with p rounded to float32; that is ``bits < ceil(p * 2**23) << 9`` in integers. Where
-  ``modjax.cpu_kernels`` turns the rewrites off, it is ``jax.random.bernoulli`` itself.
+  ``modjax.core.cpu_kernels`` turns the rewrites off, it is ``jax.random.bernoulli`` itself.
   """
   if not use_cpu_kernels() or _threefry_key_words(key) is None or math.prod(shape) >= 2**32:
     return jax.random.bernoulli(key, keep_prob, shape)

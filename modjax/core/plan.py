@@ -17,7 +17,7 @@ import dataclasses
 import json
 from collections.abc import Mapping
 
-from modjax.errors import UserError
+from modjax.core.errors import UserError
 
 
 class PlanError(UserError, ValueError):

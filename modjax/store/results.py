@@ -27,8 +27,8 @@ from collections.abc import Iterable
 
 from etils import epath
 
+from modjax.core.plan import Plan
 from modjax.data import sources, tasks
-from modjax.plan import Plan
 
 DIGEST_CHARS = 10  # 40 bits: a collision is still caught by comparing the stored record
 LABEL_CHARS = 40
@@ -87,7 +87,7 @@ def _sync_directory(directory: epath.Path) -> None:
 
 
 def evaluation_record(scored, *, data: dict, settings: dict) -> dict:
-  """The identity of an evaluation of ``scored`` (a ``modjax.scored.Scored``) on ``data``
+  """The identity of an evaluation of ``scored`` (a ``modjax.eval_inputs.Scored``) on ``data``
   (:func:`data_record`) with ``settings`` (the values that change its numbers); JSON values only,
   so it reads back equal from a metrics file."""
   return {

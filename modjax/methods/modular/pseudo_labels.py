@@ -22,10 +22,10 @@ import jax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from modjax import cost, scoring
+from modjax.core.run_config import with_values
 from modjax.data import make_eval_examples
-from modjax.run_config import with_values
-from modjax.train import experiment
+from modjax.models import cost
+from modjax.train import experiment, scoring
 
 log = logging.getLogger(__name__)
 LABELS_DIR = "pseudo_labels"

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from modjax import decoding
+from modjax.core.plan import Plan
+from modjax.core.progress import Progress
 from modjax.data import DataError
-from modjax.plan import Plan
-from modjax.progress import Progress
-from modjax.train import experiment, losses
+from modjax.train import losses
 
 if TYPE_CHECKING:
   import seqio
@@ -34,14 +34,12 @@ log = logging.getLogger("modjax.evaluate")
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _loss_sums(model, plan: Plan, params, batch):
   """(weighted CE sum, weight sum, {statistic: mean over the batch's target tokens}) of one
-  batch; compiled once per (model, plan, batch shape). A model with its own
-  ``teacher_forced_sums(params, batch)`` (Mixture-of-Modules: no capacity drops, router
-  statistics) scores itself."""
-  own = getattr(model, "teacher_forced_sums", None)
-  if own is not None:
-    return own(params, batch)
-  make = losses.seq2seq_loss if experiment.model_type(model) == "encdec" else losses.lm_loss
-  return (*make(model, plan)(params, None, batch, None), {})
+  batch through the model's scoring forward (``Architecture.score_batch``: a Mixture-of-Modules
+  model runs without capacity drops and reports router statistics); compiled once per (model,
+  plan, batch shape)."""
+  logits, stats = model.score_batch(params, plan, batch)
+  weights = batch["decoder_loss_weights"]
+  return (*losses.cross_entropy(logits, batch["decoder_target_tokens"], weights), stats)
 
 
 def teacher_forced_metrics(model, params, plan: Plan, batches) -> dict:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modjax.model_config import GPT2Config, T5Config
+from modjax.core.model_config import GPT2Config, T5Config
 
 _T5_V1_1 = dict(
   feed_forward_proj="gated-gelu", tie_word_embeddings=False, scale_decoder_outputs=False

@@ -21,8 +21,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from modjax.errors import UserError
-from modjax.model_config import GPT2Config, T5Config
+from modjax.core.errors import UserError
+from modjax.core.model_config import GPT2Config, T5Config
 from modjax.models import architecture_for
 
 SAFETENSORS = "model.safetensors"

@@ -1,6 +1,6 @@
 """Cost model of a (model, plan): parameters used, forward FLOPs and decoding bytes.
 
-Everything follows from the model config and the plan (a :class:`~modjax.layers.BlockSpec`
+Everything follows from the model config and the plan (a :class:`~modjax.nn.layers.BlockSpec`
 fixes every block's shapes), so an assembler can cost thousands of plans without building
 parameters; :func:`plan_cost` optionally counts parameters from a real bank instead.
 
@@ -37,10 +37,10 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from modjax.layers import BlockSpec
-from modjax.model_config import to_dtype
+from modjax.core.model_config import to_dtype
+from modjax.core.plan import Plan, PlanError
 from modjax.models import GPT2, T5
-from modjax.plan import Plan, PlanError
+from modjax.nn.layers import BlockSpec
 
 PARTS = ("embedding", "encoder", "decoder", "head")
 _BLOCK_SUBLAYERS = ("self_attn_norm", "self_attn", "cross_attn_norm", "cross_attn", "ffn_norm")
@@ -350,7 +350,7 @@ def _check_plan(model, plan) -> None:
   if not isinstance(model, (T5, GPT2)):
     raise TypeError(f"cost model needs a modjax.models.T5 or GPT2, got {type(model).__name__}")
   if not isinstance(plan, Plan):
-    raise PlanError(f"expected a modjax.plan.Plan, got {type(plan).__name__}")
+    raise PlanError(f"expected a modjax.core.plan.Plan, got {type(plan).__name__}")
   names = {
     stack: {
       "blocks": {slot.block: None for slot in plan.stack(stack)},

@@ -3,7 +3,7 @@
 It is absl's ``app.run`` with modjax's flag parsing (``--config configs/x.py:arg`` and
 ``--config.key=value`` overrides beside each command's own absl flags; a bad flag, a config file
 that fails to load or an unknown key is one ``error:`` line) and one error contract: a
-:class:`modjax.errors.UserError` raised by the command is one ``error: ...`` line on stderr and
+:class:`modjax.core.errors.UserError` raised by the command is one ``error: ...`` line on stderr and
 exit status 2, with no traceback. A command module defines its flags and ends with
 ``cli.run(main)``; ``main`` is an importable function over the parsed config.
 """
@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from modjax.errors import UserError
+from modjax.core.errors import UserError
 
 EXIT_BAD_INPUT = 2
 CONFIG_MODES = ("required", "optional", "none")
@@ -116,7 +116,7 @@ def configure_logging() -> None:
 def run(main: Callable[..., None], *, config: str = "required", positional: bool = False) -> None:
   """Runs ``main`` as the program: parses the flags (the command's own absl flags, defined
   before this call, and ``--config``), sets up logging and calls ``main``; a
-  :class:`~modjax.errors.UserError` from it is one ``error:`` line and exit 2.
+  :class:`~modjax.core.errors.UserError` from it is one ``error:`` line and exit 2.
 
   ``config``: ``"required"`` (``main(config)`` gets the parsed, locked ConfigDict; without
   ``--config`` the run stops with an error), ``"optional"`` (``main(config)`` gets it or None) or
