@@ -111,18 +111,30 @@ def _release_compiled_programs():
 
 @pytest.fixture(scope="session")
 def jax_compilation_cache_dir(tmp_path_factory):
-  """A persistent XLA compilation cache directory shared by one session's training runs (in
-  process and in subprocesses), so the same micro model compiles once; see
-  ``train_helpers.compilation_cache``."""
-  return str(tmp_path_factory.mktemp("jax_compilation_cache"))
+  """A persistent XLA compilation cache directory shared by one test run: every test, every
+  subprocess it starts (through the environment) and, under pytest-xdist, every worker (the
+  run's common temporary directory), so the same small programs compile once per run."""
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  path = root / "jax_compilation_cache"
+  path.mkdir(exist_ok=True)
+  return str(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _persistent_compilation_cache(jax_compilation_cache_dir):
+  from train_helpers import compilation_cache
+
+  with compilation_cache(jax_compilation_cache_dir):
+    yield
 
 
 @pytest.fixture(scope="session")
-def micro_run(tmp_path_factory, jax_compilation_cache_dir):
+def micro_run(tmp_path_factory):
   """``(config, TrainResult)`` of the micro config trained in-process for 30 steps on one device
   (checkpoints every 5 steps), shared by the training and fault-tolerance tests: do not write into
   its workdir except under ``eval/``."""
-  from train_helpers import compilation_cache, micro_config
+  from train_helpers import micro_config
 
   from modjax.train.loop import train
 
@@ -132,5 +144,4 @@ def micro_run(tmp_path_factory, jax_compilation_cache_dir):
     train__num_steps=30,
     checkpoint__every_steps=5,
   )
-  with compilation_cache(jax_compilation_cache_dir):
-    return cfg, train(cfg)
+  return cfg, train(cfg)

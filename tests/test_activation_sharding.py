@@ -16,7 +16,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from train_helpers import (
   REPO,
-  compilation_cache,
   free_port,
   losses_in_order,
   micro_config,
@@ -31,12 +30,6 @@ from modjax.train.loop import train
 
 NUM_STEPS = 8
 HYBRID_TIMEOUT_S = 120
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(jax_compilation_cache_dir):
-  with compilation_cache(jax_compilation_cache_dir):
-    yield
 
 
 def _eight_device_mesh():

@@ -22,7 +22,6 @@ import pytest
 from train_helpers import (
   REPO,
   TRACEBACK,
-  compilation_cache,
   kill,
   micro_flags,
   start_module,
@@ -267,12 +266,6 @@ def _snapshot(directory) -> dict[str, str]:
       with open(path, "rb") as f:
         files[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
   return files
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(jax_compilation_cache_dir):
-  with compilation_cache(jax_compilation_cache_dir):
-    yield
 
 
 @pytest.fixture(scope="module")

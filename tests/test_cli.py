@@ -51,9 +51,7 @@ def test_every_error_class_of_modjax_is_a_user_error_and_keeps_its_builtin_base(
 
 def _program(body: str, *args: str) -> subprocess.CompletedProcess:
   """Runs ``body`` (a module that ends in ``cli.run(...)``) as a program with ``args``."""
-  source = (
-    "from absl import flags\nfrom modjax.core import cli\nfrom modjax.core.errors import UserError\n"
-  )
+  source = "from absl import flags\nfrom modjax.core import cli\nfrom modjax.core.errors import UserError\n"
   return subprocess.run(
     [sys.executable, "-c", source + textwrap.dedent(body), *args],
     cwd=REPO,

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from train_helpers import REPO, TRACEBACK, compilation_cache, micro_config, micro_flags
+from train_helpers import REPO, TRACEBACK, micro_config, micro_flags
 
 from modjax import evaluate
 from modjax.core.plan import Plan, Slot
@@ -26,12 +26,6 @@ from modjax.train.loop import train
 
 SHORT_DECODER = {"encoder": ["0", "1"], "decoder": ["1"]}  # one decoder layer: the top one
 CLI_TIMEOUT_S = 600
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(jax_compilation_cache_dir):
-  with compilation_cache(jax_compilation_cache_dir):
-    yield
 
 
 @pytest.fixture(scope="module")

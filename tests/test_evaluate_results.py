@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from train_helpers import REPO, compilation_cache, kill, micro_config
+from train_helpers import REPO, kill, micro_config
 
 from modjax import evaluate
 from modjax.data import embedded
@@ -26,12 +26,6 @@ from modjax.train import experiment
 
 SHORT_DECODER = {"encoder": ["0", "1"], "decoder": ["1"]}
 METRICS = "perplexity,rouge"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(jax_compilation_cache_dir):
-  with compilation_cache(jax_compilation_cache_dir):
-    yield
 
 
 @pytest.fixture(scope="module")

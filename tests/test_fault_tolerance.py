@@ -20,7 +20,6 @@ import jax
 import numpy as np
 import pytest
 from train_helpers import (
-  compilation_cache,
   describe,
   jsonl_losses,
   kill,
@@ -46,12 +45,6 @@ SETTINGS = dict(
 KILL_SEED = 20240611
 TIMEOUT_S = 240
 DEVICES = jax.device_count  # the subprocesses' fake device count: the same as here
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(jax_compilation_cache_dir):
-  with compilation_cache(jax_compilation_cache_dir):
-    yield
 
 
 @pytest.fixture(scope="module")

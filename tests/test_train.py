@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 from train_helpers import (
-  compilation_cache,
   jsonl_losses,
   kill,
   losses_in_order,
@@ -28,12 +27,6 @@ from modjax.train.loop import train
 NUM_STEPS = 30
 SHORT_STEPS = 8
 EVALUATE_TIMEOUT_S = 300
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(jax_compilation_cache_dir):
-  with compilation_cache(jax_compilation_cache_dir):
-    yield
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pytest
 from train_helpers import (
-  compilation_cache,
   free_port,
   jsonl_losses,
   kill,
@@ -25,12 +24,6 @@ from modjax.train.loop import train
 NUM_STEPS = 10
 MESH = dict(mesh__data=-1, mesh__fsdp=2)  # params sharded across the two processes' devices
 TIMEOUT_S = 300
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(jax_compilation_cache_dir):
-  with compilation_cache(jax_compilation_cache_dir):
-    yield
 
 
 @pytest.mark.slow

@@ -10,18 +10,12 @@ import os
 
 import pytest
 from etils import epath
-from train_helpers import compilation_cache, micro_config
+from train_helpers import micro_config
 
 from modjax.train import experiment
 from modjax.train.clu_hooks import JsonlWriter
 from modjax.train.experiment import ConfigError
 from modjax.train.loop import train
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(jax_compilation_cache_dir):
-  with compilation_cache(jax_compilation_cache_dir):
-    yield
 
 
 def test_jsonl_writer_appends_scalar_lines_and_refuses_other_kinds(tmp_path):

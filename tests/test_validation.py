@@ -8,19 +8,13 @@ import os
 
 import pytest
 from etils import epath
-from train_helpers import compilation_cache, jsonl_losses, micro_config
+from train_helpers import jsonl_losses, micro_config
 
 from modjax.store import bank_io
 from modjax.train import experiment, scoring
 from modjax.train.experiment import ConfigError
 from modjax.train.loop import train
 from modjax.train.validation import PlateauRule, read_history
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(jax_compilation_cache_dir):
-  with compilation_cache(jax_compilation_cache_dir):
-    yield
 
 
 def _history(*points):
