@@ -315,7 +315,7 @@ def test_as_dict_is_json_ready_and_consistent():
     (T5(T5Config(**TINY_T5)), Plan(decoder=(Slot("0"),)), {}, PlanError, "no encoder slots"),
     (GPT2(GPT2Config(**TINY_GPT2)), Plan.identity(1, 1), {}, PlanError, "has no encoder"),
     (T5(T5Config(**TINY_T5)), "0 1", {}, PlanError, "expected a modjax.core.plan.Plan"),
-    (T5Config(**TINY_T5), Plan.identity(1, 1), {}, TypeError, "T5 or GPT2"),
+    (T5Config(**TINY_T5), Plan.identity(1, 1), {}, TypeError, "prices T5 and GPT-2"),
     (T5(T5Config(**TINY_T5)), Plan.identity(1, 1), dict(batch=0), ValueError, "batch"),
     (
       GPT2(GPT2Config(**TINY_GPT2)),

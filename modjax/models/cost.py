@@ -39,7 +39,7 @@ import numpy as np
 
 from modjax.core.model_config import to_dtype
 from modjax.core.plan import Plan, PlanError
-from modjax.models import GPT2, T5
+from modjax.models.interface import Priced
 from modjax.nn.layers import BlockSpec
 
 PARTS = ("embedding", "encoder", "decoder", "head")
@@ -47,7 +47,7 @@ _BLOCK_SUBLAYERS = ("self_attn_norm", "self_attn", "cross_attn_norm", "cross_att
 
 
 # ---- parameters -------------------------------------------------------------------------------
-def used_entries(model: T5 | GPT2, plan: Plan) -> dict[str, tuple[tuple[str, ...], ...]]:
+def used_entries(model: Priced, plan: Plan) -> dict[str, tuple[tuple[str, ...], ...]]:
   """Bank paths (key tuples) whose parameters ``plan`` reads, each once, grouped by part.
 
   A slot reads its block's sublayers (norms, self- and cross-attention) and either the block's
@@ -55,16 +55,11 @@ def used_entries(model: T5 | GPT2, plan: Plan) -> dict[str, tuple[tuple[str, ...
   """
   _check_plan(model, plan)
   parts: dict[str, list[tuple[str, ...]]] = {p: [] for p in PARTS}
-  parts["embedding"].append(("token_embedding",))
-  if isinstance(model, GPT2):
-    parts["embedding"].append(("position_embedding",))
-  elif not model.config.tie_word_embeddings:
-    parts["head"].append(("lm_head",))
+  for path, (part, _) in model.fixed_entries().items():
+    parts[part].append(path)
   for stack in model.stacks:
     spec = _spec(model, stack)
     paths = parts[stack]
-    if isinstance(model, T5):
-      paths.append((stack, "relpos_bias"))
     for slot in plan.stack(stack):
       for name in _BLOCK_SUBLAYERS:
         if name.startswith("cross") and not spec.has_cross_attention:
@@ -77,7 +72,7 @@ def used_entries(model: T5 | GPT2, plan: Plan) -> dict[str, tuple[tuple[str, ...
   return {p: tuple(dict.fromkeys(paths)) for p, paths in parts.items()}
 
 
-def count_params(model: T5 | GPT2, plan: Plan, bank: Mapping | None = None) -> dict[str, int]:
+def count_params(model: Priced, plan: Plan, bank: Mapping | None = None) -> dict[str, int]:
   """Parameters ``plan`` uses per part (:data:`PARTS`), from the config, or from ``bank``'s
   actual arrays when given (the plan is then validated against the bank). ``bank`` may be
   abstract (``jax.eval_shape(model.init, key)``): only shapes are read."""
@@ -96,19 +91,11 @@ def count_params(model: T5 | GPT2, plan: Plan, bank: Mapping | None = None) -> d
 
 def _entry_size(model, path) -> int:
   """Elements of one bank entry, from the config alone."""
-  c = model.config
-  if isinstance(model, T5):
-    vocab, d, positions = c.vocab_size, c.d_model, 0
-  else:
-    vocab, d, positions = c.vocab_size, c.n_embd, c.n_positions
-  if path in (("token_embedding",), ("lm_head",)):
-    return vocab * d
-  if path == ("position_embedding",):
-    return positions * d
+  fixed = model.fixed_entries()
+  if path in fixed:
+    return fixed[path][1]
   spec = _spec(model, path[0])
   name = path[-1] if path[1] == "blocks" else path[1]
-  if name == "relpos_bias":
-    return c.relative_attention_num_buckets * c.num_heads
   if name.endswith("norm"):
     return _norm_size(spec)
   if name in ("self_attn", "cross_attn"):
@@ -197,7 +184,7 @@ class Cost:
   prefill_flops: int  # T5 init_decode_state (encoder + cross K/V); GPT-2 start_decoding
   decode_weight_bytes: int  # weights one decode_step reads (see decode_step_bytes)
   cross_kv_bytes: int  # T5: precomputed cross-attention keys and values, read every step
-  _model: T5 | GPT2 = dataclasses.field(repr=False)
+  _model: Priced = dataclasses.field(repr=False)
   _plan: Plan = dataclasses.field(repr=False)
 
   def decode_step_flops(self, attended_length: int | None = None) -> int:
@@ -215,7 +202,7 @@ class Cost:
       decoder, rows, rows * keys, rows * self.input_length
     )
     flops += _head_flops(self._model, rows)
-    if isinstance(self._model, GPT2):
+    if _learned_positions(self._model):
       flops += rows * decoder.d_model  # learned position add
     return flops
 
@@ -244,7 +231,7 @@ class Cost:
 
 
 def plan_cost(
-  model: T5 | GPT2,
+  model: Priced,
   plan: Plan,
   *,
   batch: int,
@@ -263,7 +250,7 @@ def plan_cost(
   b, s, t = batch, input_length, target_length
   dec = _spec(model, "decoder")
   n_dec = len(plan.decoder)
-  if isinstance(model, T5):
+  if model.kind == "encdec":
     enc = _spec(model, "encoder")
     encoder = len(plan.encoder) * _block_flops(enc, b * s, b * s * s)
     cross_kv = n_dec * _cross_kv_flops(dec, b * s)
@@ -273,7 +260,8 @@ def plan_cost(
     cross_bytes = n_dec * 2 * b * s * dec.num_heads * dec.head_dim * _itemsize(dec.dtype)
   else:
     encoder = cross_kv = cross_bytes = 0
-    stack = n_dec * _block_flops(dec, b * s, b * s * s) + b * s * dec.d_model  # + positions
+    stack = n_dec * _block_flops(dec, b * s, b * s * s)
+    stack += b * s * dec.d_model if _learned_positions(model) else 0
     decoder = stack + _head_flops(model, b * s)
     prefill, cache_length = stack + _head_flops(model, b), s + t  # head on the last position
   return Cost(
@@ -315,7 +303,7 @@ def _decode_weight_bytes(model, plan: Plan) -> int:
     if path[-1] != "relpos_bias"
   )
   head = s.d_model * c.vocab_size
-  if isinstance(model, GPT2) or c.tie_word_embeddings:
+  if model.tied_head:
     return elements * _itemsize(s.param_dtype) + head * _itemsize(s.dtype)
   return (elements + head) * _itemsize(s.param_dtype)
 
@@ -328,7 +316,11 @@ def _kv_bytes(model, plan: Plan, rows: int, length: int) -> int:
 
 # ---- helpers ------------------------------------------------------------------------------------
 def _spec(model, stack: str) -> BlockSpec:
-  return model.block_spec(stack == "decoder") if isinstance(model, T5) else model.block_spec()
+  return model.stack_block_spec(stack)
+
+
+def _learned_positions(model) -> bool:
+  return ("position_embedding",) in model.fixed_entries()
 
 
 def _itemsize(dtype_name: str) -> int:
@@ -347,8 +339,8 @@ def _get(bank: Mapping, path: tuple[str, ...]):
 def _check_plan(model, plan) -> None:
   """Config-only validation: the model's stacks are filled and every slot names a block.
   Names are not checked against a bank (banks may hold entries beyond "0" .. "L-1")."""
-  if not isinstance(model, (T5, GPT2)):
-    raise TypeError(f"cost model needs a modjax.models.T5 or GPT2, got {type(model).__name__}")
+  if not isinstance(model, Priced):
+    raise TypeError(f"the cost model prices T5 and GPT-2 (plans), not {type(model).__name__}")
   if not isinstance(plan, Plan):
     raise PlanError(f"expected a modjax.core.plan.Plan, got {type(plan).__name__}")
   names = {
@@ -367,8 +359,9 @@ def _check_shapes(model, batch, input_length, target_length, beams) -> None:
   ).items():
     if not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f"plan_cost: {name} must be a positive integer, got {value!r}")
-  if isinstance(model, GPT2) and input_length + target_length > model.config.n_positions:
+  limit = model.max_positions
+  if limit is not None and input_length + target_length > limit:
     raise ValueError(
       f"plan_cost: input_length ({input_length}) + target_length ({target_length}) exceed "
-      f"n_positions={model.config.n_positions}; shorten them"
+      f"n_positions={limit}; shorten them"
     )

@@ -78,6 +78,21 @@ class GPT2:
   def check_plan(self, plan: Plan, params) -> Plan:
     return plan.validate(params, self.stacks)
 
+  # ---- what modjax.models.cost prices (Architecture) ---------------------------------------
+  tied_head = True
+
+  @property
+  def max_positions(self) -> int:
+    return self.config.n_positions
+
+  def fixed_entries(self) -> dict[tuple[str, ...], tuple[str, int]]:
+    """Entries outside the blocks and final norms: path -> (cost part, elements)."""
+    c = self.config
+    return {
+      ("token_embedding",): ("embedding", c.vocab_size * c.n_embd),
+      ("position_embedding",): ("embedding", c.n_positions * c.n_embd),
+    }
+
   def apply_batch(self, params, plan: Plan, batch, **kw):
     """:meth:`__call__` on a seqio Decoder batch (``Architecture.apply_batch``)."""
     return self(

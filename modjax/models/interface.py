@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from modjax.core.plan import Plan
+from modjax.nn.layers import BlockSpec
 
 Kind = Literal["encdec", "lm"]  # encoder-decoder (seqio EncDec batches) or decoder-only
 
@@ -53,4 +54,19 @@ class Architecture(Protocol):
   def score_batch(self, params, plan: Plan, batch: Mapping) -> tuple[Any, dict]:
     """(logits_BLV, {statistic: mean over the batch's target tokens}) of the forward that
     scoring uses: no dropout, nothing that depends on which other examples share the batch."""
+    ...
+
+
+@runtime_checkable
+class Priced(Architecture, Protocol):
+  """An architecture ``modjax.models.cost`` prices from its config: its blocks by their spec,
+  the rest by :meth:`fixed_entries`."""
+
+  tied_head: bool  # the head is the transposed token embedding (kept in the compute dtype)
+  max_positions: int | None  # learned absolute positions' limit; None: any length
+
+  def stack_block_spec(self, stack: str) -> BlockSpec: ...
+
+  def fixed_entries(self) -> dict[tuple[str, ...], tuple[str, int]]:
+    """Entries outside the blocks and final norms: bank path -> (cost part, elements)."""
     ...

@@ -96,6 +96,23 @@ class T5:
   def check_plan(self, plan: Plan, params) -> Plan:
     return plan.validate(params, self.stacks)
 
+  # ---- what modjax.models.cost prices (Architecture) ---------------------------------------
+  max_positions = None  # relative positions: any length
+
+  @property
+  def tied_head(self) -> bool:
+    return self.config.tie_word_embeddings
+
+  def fixed_entries(self) -> dict[tuple[str, ...], tuple[str, int]]:
+    """Entries outside the blocks and final norms: path -> (cost part, elements)."""
+    c = self.config
+    out = {("token_embedding",): ("embedding", c.vocab_size * c.d_model)}
+    if not c.tie_word_embeddings:
+      out[("lm_head",)] = ("head", c.vocab_size * c.d_model)
+    for stack in self.stacks:
+      out[(stack, "relpos_bias")] = (stack, c.relative_attention_num_buckets * c.num_heads)
+    return out
+
   def apply_batch(self, params, plan: Plan, batch, **kw):
     """:meth:`__call__` on a seqio EncDec batch (``Architecture.apply_batch``)."""
     return self(
