@@ -14,7 +14,7 @@ import jax
 from etils import epath
 
 from modjax import data as data_lib
-from modjax.core import sharding
+from modjax.core import registry, sharding
 from modjax.core.errors import ConfigError  # re-exported: experiment.ConfigError
 from modjax.core.model_config import DTYPES, GPT2Config, T5Config
 from modjax.core.presets import PRESETS, get_preset
@@ -234,14 +234,32 @@ def validate_config(cfg) -> None:
     if not ok:
       raise ConfigError(f"config.{key}={value!r} is invalid: {fix}")
 
-  t, d, m, o, c = cfg.train, cfg.data, cfg.model, cfg.optimizer, cfg.checkpoint
   workdir(cfg)
+  _validate_method(cfg, need)
+  _validate_model(cfg.model, need)
+  _validate_data(cfg.data, need)
+  _validate_training(cfg.train, cfg.optimizer, need)
+  _validate_mesh(cfg.mesh, need)
+  _validate_plateau(cfg.train, need)
+  c = cfg.checkpoint
+  need(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "use a positive interval")
+  need(c.keep >= 1, "checkpoint.keep", c.keep, "keep at least 1 checkpoint")
+  _validate_eval(cfg.eval, need)
+
+
+def _validate_method(cfg, need) -> None:
+  known = registry.methods()
+  need(cfg.method in known, "method", cfg.method, f"use one of {sorted(known)}")
   need(
-    cfg.method == "finetune" or cfg.method in cfg,
+    known[cfg.method].add_defaults is None or cfg.method in cfg,
     "method",
     cfg.method,
-    "use 'finetune', or a method whose config section the config file adds (configs/modular_t5.py)",
+    "the config lacks the method's section; start it from "
+    "modjax.train.defaults.with_method(config, name) (configs/modular_t5.py)",
   )
+
+
+def _validate_model(m, need) -> None:
   need(
     m.preset in PRESETS or bool(m.init_from),
     "model.preset",
@@ -256,6 +274,9 @@ def validate_config(cfg) -> None:
   )
   for key in ("param_dtype", "dtype"):
     need(m[key] in DTYPES, f"model.{key}", m[key], f"choose one of {sorted(DTYPES)}")
+
+
+def _validate_data(d, need) -> None:
   need(d.task in KNOWN_TASKS, "data.task", d.task, f"choose one of {sorted(KNOWN_TASKS)}")
   need(
     d.host_split in ("rows", "source"), "data.host_split", d.host_split, "use 'rows' or 'source'"
@@ -263,6 +284,20 @@ def validate_config(cfg) -> None:
   need(d.inputs_length > 0, "data.inputs_length", d.inputs_length, "use a positive length")
   need(d.targets_length > 0, "data.targets_length", d.targets_length, "use a positive length")
   need(d.vocab_size >= 16, "data.vocab_size", d.vocab_size, "use at least 16 pieces")
+  for key in ("train_files", "validation_files"):
+    pattern = d[key]
+    if pattern and not pattern.startswith("gs://"):
+      need(bool(glob.glob(pattern)), f"data.{key}", pattern, "no file matches; check the path")
+  if d.vocab_path and not d.vocab_path.startswith("gs://"):
+    need(
+      os.path.isfile(d.vocab_path),
+      "data.vocab_path",
+      d.vocab_path,
+      "no such file; give a SentencePiece .model",
+    )
+
+
+def _validate_training(t, o, need) -> None:
   need(t.batch_size > 0, "train.batch_size", t.batch_size, "use a positive global batch size")
   need(t.num_steps > 0, "train.num_steps", t.num_steps, "use a positive number of steps")
   need(t.num_microbatches > 0, "train.num_microbatches", t.num_microbatches, "use 1 or more")
@@ -279,6 +314,8 @@ def validate_config(cfg) -> None:
     t.label_smoothing,
     "use a value in [0, 1)",
   )
+  need(t.profile_steps >= 0, "train.profile_steps", t.profile_steps, "use 0 (off) or a count")
+  need(t.profile_start >= 1, "train.profile_start", t.profile_start, "use 1 or more steps")
   need(o.name in OPTIMIZERS, "optimizer.name", o.name, f"choose one of {OPTIMIZERS}")
   need(o.schedule in SCHEDULES, "optimizer.schedule", o.schedule, f"choose one of {SCHEDULES}")
   need(
@@ -288,37 +325,18 @@ def validate_config(cfg) -> None:
     "use a positive number",
   )
   need(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "use 0 (off) or a positive norm")
-  _validate_mesh(cfg.mesh, need)
-  _validate_plateau(cfg.train, need)
-  need(t.profile_steps >= 0, "train.profile_steps", t.profile_steps, "use 0 (off) or a count")
-  need(t.profile_start >= 1, "train.profile_start", t.profile_start, "use 1 or more steps")
-  need(c.every_steps > 0, "checkpoint.every_steps", c.every_steps, "use a positive interval")
-  need(c.keep >= 1, "checkpoint.keep", c.keep, "keep at least 1 checkpoint")
-  need(cfg.eval.batch_size > 0, "eval.batch_size", cfg.eval.batch_size, "use a positive batch size")
-  need(cfg.eval.num_beams > 0, "eval.num_beams", cfg.eval.num_beams, "use 1 (greedy) or more")
-  need(
-    cfg.eval.max_new_tokens > 0,
-    "eval.max_new_tokens",
-    cfg.eval.max_new_tokens,
-    "use a positive number",
-  )
-  for name in filter(None, cfg.eval.metrics.split(",")):
+
+
+def _validate_eval(e, need) -> None:
+  need(e.batch_size > 0, "eval.batch_size", e.batch_size, "use a positive batch size")
+  need(e.num_beams > 0, "eval.num_beams", e.num_beams, "use 1 (greedy) or more")
+  need(e.max_new_tokens > 0, "eval.max_new_tokens", e.max_new_tokens, "use a positive number")
+  for name in filter(None, e.metrics.split(",")):
     need(
       name.strip() in ("rouge", "bleu", "perplexity"),
       "eval.metrics",
-      cfg.eval.metrics,
+      e.metrics,
       "use rouge, bleu and/or perplexity",
-    )
-  for key in ("train_files", "validation_files"):
-    pattern = d[key]
-    if pattern and not pattern.startswith("gs://"):
-      need(bool(glob.glob(pattern)), f"data.{key}", pattern, "no file matches; check the path")
-  if d.vocab_path and not d.vocab_path.startswith("gs://"):
-    need(
-      os.path.isfile(d.vocab_path),
-      "data.vocab_path",
-      d.vocab_path,
-      "no such file; give a SentencePiece .model",
     )
 
 
