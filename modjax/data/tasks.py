@@ -137,12 +137,7 @@ def get_task(
   Raises:
     DataError: unknown name, `files` given or missing where it must not/must be, or bad files.
   """
-  if name not in KNOWN_TASKS:
-    raise DataError(f"unknown task {name!r}; known tasks: {', '.join(KNOWN_TASKS)}")
-  if name in FILE_TASKS and not files:
-    raise DataError(f"task {name!r} reads your files; pass files={{'train': path, ...}}")
-  if name not in FILE_TASKS and files:
-    raise DataError(f"task {name!r} takes no files; use name='jsonl' or 'tsv' for your own files")
+  _check_task_args(name, files)
   if shuffle_buffer_size is None:
     shuffle_buffer_size = seqio.SHUFFLE_BUFFER_SIZE
   spec = {
@@ -158,33 +153,11 @@ def get_task(
   registry_name = f"modjax.{name}.{digest}"
   if registry_name in seqio.TaskRegistry.names():
     return seqio.TaskRegistry.get(registry_name)
-
   if name in TFDS_TASKS:
-    task_spec = TFDS_TASKS[name]
-    prefix = task_spec.default_prefix if inputs_prefix is None else inputs_prefix
-    from modjax.data.seqio_sources import PinnedTfdsSource
-
-    source = PinnedTfdsSource(
-      tfds_name=task_spec.tfds_name, tfds_data_dir=tfds_data_dir, splits=task_spec.splits
-    )
-    format_fn = functools.partial(
-      _format_dataset,
-      format_example=task_spec.format_example,
-      prefix=prefix,
-      keep=task_spec.keep_example,
-    )
+    source, format_fn = _tfds_source(name, inputs_prefix, tfds_data_dir)
     buffer_size: int | None = shuffle_buffer_size
   else:
-    if name == "embedded_lead":
-      source = embedded_lead_source()
-      prefix = SUMMARIZE_PREFIX if inputs_prefix is None else inputs_prefix
-    elif name == "jsonl":
-      source = sources.jsonl_source(files, inputs_field=inputs_field, targets_field=targets_field)
-      prefix = inputs_prefix or ""
-    else:
-      source = sources.tsv_source(files)
-      prefix = inputs_prefix or ""
-    format_fn = functools.partial(_prefix_inputs, prefix=prefix)
+    source, format_fn = _own_source(name, files, inputs_prefix, inputs_field, targets_field)
     buffer_size = None  # the in-memory source shuffles the whole split itself
   output_features = {
     "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True),
@@ -201,6 +174,47 @@ def get_task(
     output_features=output_features,
     shuffle_buffer_size=buffer_size,
   )
+
+
+def _check_task_args(name: str, files) -> None:
+  if name not in KNOWN_TASKS:
+    raise DataError(f"unknown task {name!r}; known tasks: {', '.join(KNOWN_TASKS)}")
+  if name in FILE_TASKS and not files:
+    raise DataError(f"task {name!r} reads your files; pass files={{'train': path, ...}}")
+  if name not in FILE_TASKS and files:
+    raise DataError(f"task {name!r} takes no files; use name='jsonl' or 'tsv' for your own files")
+
+
+def _tfds_source(name: str, inputs_prefix, tfds_data_dir):
+  """(source, formatting preprocessor) of a TFDS task."""
+  from modjax.data.seqio_sources import PinnedTfdsSource
+
+  task_spec = TFDS_TASKS[name]
+  prefix = task_spec.default_prefix if inputs_prefix is None else inputs_prefix
+  source = PinnedTfdsSource(
+    tfds_name=task_spec.tfds_name, tfds_data_dir=tfds_data_dir, splits=task_spec.splits
+  )
+  format_fn = functools.partial(
+    _format_dataset,
+    format_example=task_spec.format_example,
+    prefix=prefix,
+    keep=task_spec.keep_example,
+  )
+  return source, format_fn
+
+
+def _own_source(name: str, files, inputs_prefix, inputs_field, targets_field):
+  """(source, formatting preprocessor) of the embedded task or the user's jsonl/tsv files."""
+  if name == "embedded_lead":
+    source = embedded_lead_source()
+    prefix = SUMMARIZE_PREFIX if inputs_prefix is None else inputs_prefix
+  elif name == "jsonl":
+    source = sources.jsonl_source(files, inputs_field=inputs_field, targets_field=targets_field)
+    prefix = inputs_prefix or ""
+  else:
+    source = sources.tsv_source(files)
+    prefix = inputs_prefix or ""
+  return source, functools.partial(_prefix_inputs, prefix=prefix)
 
 
 def embedded_lead_source() -> sources.InMemoryPairSource:
