@@ -179,13 +179,7 @@ def merge_bank(
   export.check_output_dir(out)
   source = load_source(bank_dir, cfg, plan, hf_only=hf_only)
   model, params, input_plan = source.model, source.params, source.plan
-  stacks = resolve_stacks(model, stacks)
-  chosen = resolve_windows(input_plan, model, stacks, k, start, windows)
-  if chosen != "auto":
-    stacks = tuple(chosen)
-  sizes = [k or 2] if chosen == "auto" else ranges.window_sizes(chosen)
-  for size in sizes:
-    reference_offset(size, reference)
+  stacks, chosen = _checked_windows(source, k, start, windows, stacks, reference)
   if method == "permute":
     check_branch(model, features)
   task, _ = task_data(cfg, bank_dir, model)
@@ -219,13 +213,31 @@ def merge_bank(
     timings_s=timings,
   )
   results.write_text_atomically(epath.Path(out) / "merge.json", json.dumps(record, indent=1))
+  _log_merge(method, chosen, record, scores, original, out)
+  return record
+
+
+def _checked_windows(source, k, start, windows, stacks, reference):
+  """(stacks, windows or "auto") the merge runs over, each window size checked against the
+  reference FFN's offset."""
+  model, input_plan = source.model, source.plan
+  stacks = resolve_stacks(model, stacks)
+  chosen = resolve_windows(input_plan, model, stacks, k, start, windows)
+  if chosen != "auto":
+    stacks = tuple(chosen)
+  sizes = [k or 2] if chosen == "auto" else ranges.window_sizes(chosen)
+  for size in sizes:
+    reference_offset(size, reference)
+  return stacks, chosen
+
+
+def _log_merge(method, chosen, record, scores, original, out) -> None:
   best = min(scores.values(), key=lambda m: m["cross_entropy"])  # auto keeps the best
   log.info(
     "%s %s (parameters %.4f of the original): cross-entropy %.4f (original %.4f) -> %s",
     method, ranges.label(chosen), record["params"]["fraction"], best["cross_entropy"],
     original["cross_entropy"], out,
   )  # fmt: skip
-  return record
 
 
 def _record(source, kind, plan, method, reference, stacks, windows, stats) -> dict:
