@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import jax
@@ -199,59 +199,81 @@ def stack_runner(
     collect=False,
   ):
     del collect  # the stats are what this stack reports
-    block = Block(spec)
-
-    def apply(params, x, position):
-      rngs = {}
-      if not deterministic and dropout_rng is not None:
-        rngs["dropout"] = jax.random.fold_in(dropout_rng, position)
-      return block.apply(
-        {"params": params},
-        x,
-        self_bias,
-        enc_BTD,
-        cross_bias,
-        deterministic=deterministic,
-        rngs=rngs,
-      )
-
-    def teacher_span(first, last, x):
-      out = None
-      for i in range(first, last):
-        out = apply(slot_params(stack_params, slots[i]), x, i)
-        x = out[0]
-      return out
-
-    def module(g, j, x):
-      return apply(stack_params["blocks"][module_name(g, j)], x, g * j)
-
-    def granularity_branch(g, x):
-      zero = jnp.zeros((), jnp.float32)
-      stats = {"hidden": zero, "attn": zero, "replaced": zero}
-      for j in range(len(slots) // g):
-        first, last = j * g, (j + 1) * g
-        take_module = functools.partial(module, g, j)
-        take_span = functools.partial(teacher_span, first, last)
-        if remat:
-          take_module, take_span = jax.checkpoint(take_module), jax.checkpoint(take_span)
-        replaced = choice.replace[j]
-        out = jax.lax.cond(replaced, take_module, take_span, x)
-        flag = replaced.astype(jnp.float32)
-        stats["replaced"] = stats["replaced"] + flag
-        if targets is not None:
-          hidden, attn = span_losses(out, targets, last - 1, mask_BL)
-          stats["hidden"] = stats["hidden"] + flag * hidden
-          stats["attn"] = stats["attn"] + flag * attn
-        x = out[0]
-      return x, stats
-
     for g in granularities:
       if len(slots) % g:
         raise ModularError(f"granularity {g} does not divide the plan's {len(slots)} slots")
-    branches = [functools.partial(granularity_branch, g) for g in granularities]
+    apply = _slot_applier(Block(spec), self_bias, enc_BTD, cross_bias, deterministic, dropout_rng)
+    stack = _Stack(apply, stack_params, tuple(slots), choice, targets, mask_BL, remat)
+    branches = [functools.partial(_granularity_branch, stack, g) for g in granularities]
     return jax.lax.switch(choice.index, branches, x_BLD)
 
   return run
+
+
+def _slot_applier(block, self_bias, enc_BTD, cross_bias, deterministic, dropout_rng):
+  """``apply(params, x, position)``: one block on ``x``, its dropout keyed by the position."""
+
+  def apply(params, x, position):
+    rngs = {}
+    if not deterministic and dropout_rng is not None:
+      rngs["dropout"] = jax.random.fold_in(dropout_rng, position)
+    return block.apply(
+      {"params": params},
+      x,
+      self_bias,
+      enc_BTD,
+      cross_bias,
+      deterministic=deterministic,
+      rngs=rngs,
+    )
+
+  return apply
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Stack:
+  """What one stack's replacing forward reads (built per trace by :func:`stack_runner`)."""
+
+  apply: Callable
+  params: Mapping
+  slots: tuple
+  choice: StackChoice
+  targets: Mapping | None
+  mask_BL: object
+  remat: bool
+
+  def teacher_span(self, first: int, last: int, x):
+    out = None
+    for i in range(first, last):
+      out = self.apply(slot_params(self.params, self.slots[i]), x, i)
+      x = out[0]
+    return out
+
+  def module(self, g: int, j: int, x):
+    return self.apply(self.params["blocks"][module_name(g, j)], x, g * j)
+
+
+def _granularity_branch(stack: _Stack, g: int, x):
+  """The stack at granularity ``g``: span j runs module (g, j) where the choice replaces it,
+  else the teacher's g slots (``lax.cond``), with the span's distillation sums."""
+  zero = jnp.zeros((), jnp.float32)
+  stats = {"hidden": zero, "attn": zero, "replaced": zero}
+  for j in range(len(stack.slots) // g):
+    first, last = j * g, (j + 1) * g
+    take_module = functools.partial(stack.module, g, j)
+    take_span = functools.partial(stack.teacher_span, first, last)
+    if stack.remat:
+      take_module, take_span = jax.checkpoint(take_module), jax.checkpoint(take_span)
+    replaced = stack.choice.replace[j]
+    out = jax.lax.cond(replaced, take_module, take_span, x)
+    flag = replaced.astype(jnp.float32)
+    stats["replaced"] = stats["replaced"] + flag
+    if stack.targets is not None:
+      hidden, attn = span_losses(out, stack.targets, last - 1, stack.mask_BL)
+      stats["hidden"] = stats["hidden"] + flag * hidden
+      stats["attn"] = stats["attn"] + flag * attn
+    x = out[0]
+  return x, stats
 
 
 def _plain_stack(*args, **kwargs):
