@@ -10,6 +10,7 @@ differ; the data is the embedded quickstart task with a micro vocabulary.
 import dataclasses
 import json
 import shutil
+import subprocess
 
 import jax
 import numpy as np
@@ -19,9 +20,11 @@ from train_helpers import (
   REPO,
   TRACEBACK,
   compilation_cache,
+  kill,
   micro_config,
   micro_flags,
-  run_module,
+  run_cli_batch,
+  start_module,
 )
 
 from modjax.core.plan import Plan, PlanError, Slot
@@ -79,17 +82,79 @@ def banks(tmp_path_factory):
   }
 
 
-def _cli(banks, out, *args, model_preset=None):
-  extra = {"model__preset": model_preset} if model_preset else {}
-  flags = micro_flags(banks["root"] / "data", **SETTINGS, **extra)
-  return run_module("modjax.merge", [*flags, f"--out={out}", *args], timeout=300)
+MERGE, TRAIN = "modjax.merge", "modjax.train"
+# Bad merges of the t5 bank: (name of the --out directory under the runs' root, flags, what the
+# error line says). "taken" exists and holds a file; the others must not appear.
+BAD_MERGES = [
+  ("taken", ("--k=2",), "not empty"),
+  ("a", ("--k=3",), "window size"),
+  ("b", ("--k=2", "--start=5"), "does not fit"),
+  ("c", ("--k=2", "--start=x"), "'auto', a layer index"),
+  ("d", ("--k=2", "--plan=nope"), "no plan named"),
+  ("e", ("--k=2", "--windows=0-2"), "not both"),
+  ("f", ("--windows=encoder:0-2,1-2",), "overlap"),
+  ("g", ("--features=up",), "not gated"),
+]
+REAL_SUBPROCESS = ("real", ("--k=3",), "window size")  # as "a", in a `python -m` of its own
+
+
+def _merge_args(banks, out, *args):
+  return [*micro_flags(banks["root"] / "data", **SETTINGS), f"--out={out}", *args]
+
+
+@pytest.fixture(scope="module")
+def cli(banks, tmp_path_factory):
+  """Every command-line run of this module, in this order, through one driver that imports
+  modjax once and runs each ``python -m ...`` in a fork of itself as the interpreter would
+  (``train_helpers.run_cli_batch``; the recovery trains the first merge's bank), and one bad merge
+  also as a real ``python -m modjax.merge`` alongside: ``{"root": directory, id: result}``."""
+  root = tmp_path_factory.mktemp("cli")
+  t5, modular = f"--bank={banks['t5']}", f"--bank={banks['modular']}"
+  (root / "taken").mkdir()
+  (root / "taken" / "keep.txt").write_text("mine")
+  recovery = micro_flags(
+    root / "recovered", **SETTINGS, train__num_steps=3, checkpoint__every_steps=3
+  )
+  recovery[1] = f"{RECOVERY_CONFIG}:tiny,{root / 'writes'}"  # recovers the first merge
+  missing = micro_flags(root / "rec", **SETTINGS)
+  missing[1] = f"{RECOVERY_CONFIG}:tiny,{root / 'absent'}"
+  dec2 = ("--plan=dec2", "--k=2", "--stacks=decoder", "--method=vanilla", "--start=0")
+  two = ("--windows=encoder:0-2", "--windows=decoder:0-2,2-4", "--calib-tokens=100")
+  per_stack = ("--k=1", "--start=encoder=0,decoder=1", "--method=drop")
+  hf = [
+    *micro_flags(banks["root"] / "data", **SETTINGS),
+    f"--hf={banks['t5']}",
+    f"--out={root / 'h'}",
+  ]
+  runs = [
+    ("writes", MERGE, _merge_args(banks, root / "writes", t5, "--k=2", "--calib-tokens=200")),
+    ("dec2", MERGE, _merge_args(banks, root / "dec2", modular, *dec2)),
+    ("two", MERGE, _merge_args(banks, root / "two", modular, *two)),
+    ("per_stack", MERGE, _merge_args(banks, root / "per_stack", modular, *per_stack)),
+    ("recovery", TRAIN, recovery),
+    *[(f"bad_{n}", MERGE, _merge_args(banks, root / n, t5, *a)) for n, a, _ in BAD_MERGES],
+    ("bad_hf", MERGE, hf),
+    ("bad_recovery", TRAIN, missing),
+  ]
+  name, args, _ = REAL_SUBPROCESS
+  logs = tmp_path_factory.mktemp("real")
+  with open(logs / "out", "w") as out, open(logs / "err", "w") as err:
+    real = start_module(MERGE, _merge_args(banks, root / name, t5, *args), stdout=out, stderr=err)
+  try:
+    results = run_cli_batch(runs, tmp_path_factory.mktemp("driver"))
+    code = real.wait(timeout=300)
+  finally:
+    kill(real)
+  results[f"bad_{name}"] = subprocess.CompletedProcess(
+    real.args, code, "", (logs / "err").read_text()
+  )
+  return {"root": root, **results}
 
 
 def test_merge_cli_writes_a_bank_that_stores_the_shared_ffn_once_and_scores_as_in_memory(
-  banks, tmp_path
+  banks, cli
 ):
-  out = tmp_path / "merged"
-  result = _cli(banks, out, f"--bank={banks['t5']}", "--k=2", "--calib-tokens=200")
+  out, result = cli["root"] / "writes", cli["writes"]
   assert result.returncode == 0, result.stderr
   assert "ffn features " in result.stderr and "tokens/s, ETA" in result.stderr
   record = json.loads((out / "merge.json").read_text())
@@ -144,10 +209,8 @@ def test_merging_gpt2_picks_the_best_window_and_drop_removes_whole_layers(banks,
   assert counts["fraction"] == counts["merged"] / counts["original"]  # exact, not rounded
 
 
-def test_merge_inside_an_assembled_modular_plan_from_the_command_line(banks, tmp_path):
-  out = tmp_path / "merged"
-  args = (f"--bank={banks['modular']}", "--plan=dec2", "--k=2", "--stacks=decoder")
-  result = _cli(banks, out, *args, "--method=vanilla", "--start=0")
+def test_merge_inside_an_assembled_modular_plan_from_the_command_line(banks, cli):
+  out, result = cli["root"] / "dec2", cli["dec2"]
   assert result.returncode == 0, result.stderr
   stored = bank_io.load_bank(out)
   source = bank_io.load_bank(banks["modular"])
@@ -164,10 +227,8 @@ def test_merge_inside_an_assembled_modular_plan_from_the_command_line(banks, tmp
   assert sum(used.values()) == bank.count_params(stored.params)
 
 
-def test_several_windows_and_a_start_per_stack_from_the_command_line(banks, tmp_path):
-  out = tmp_path / "two"
-  args = ("--windows=encoder:0-2", "--windows=decoder:0-2,2-4", "--calib-tokens=100")
-  result = _cli(banks, out, f"--bank={banks['modular']}", *args)
+def test_several_windows_and_a_start_per_stack_from_the_command_line(banks, cli):
+  out, result = cli["root"] / "two", cli["two"]
   assert result.returncode == 0, result.stderr
   record = json.loads((out / "merge.json").read_text())
   assert record["windows"] == {"encoder": [[0, 2]], "decoder": [[0, 2], [2, 4]]}
@@ -179,9 +240,7 @@ def test_several_windows_and_a_start_per_stack_from_the_command_line(banks, tmp_
   ffn = bank.count_params(source.params["decoder"]["blocks"]["0"]["ffn"])
   assert record["params"]["original"] - record["params"]["merged"] == 3 * ffn
 
-  out = tmp_path / "per_stack"
-  args = ("--k=1", "--start=encoder=0,decoder=1", "--method=drop")
-  result = _cli(banks, out, f"--bank={banks['modular']}", *args)
+  out, result = cli["root"] / "per_stack", cli["per_stack"]
   assert result.returncode == 0, result.stderr
   record = json.loads((out / "merge.json").read_text())
   assert record["dropped_layers"] == {"encoder": [0], "decoder": [1]}
@@ -194,48 +253,37 @@ def test_several_windows_and_a_start_per_stack_from_the_command_line(banks, tmp_
   ]
 
 
-def test_recovery_trains_the_merged_bank_and_keeps_the_window_tied(banks, tmp_path):
-  merged = tmp_path / "merged"
-  result = _cli(banks, merged, f"--bank={banks['t5']}", "--k=2", "--method=vanilla")
+def test_recovery_trains_the_merged_bank_and_keeps_the_window_tied(cli):
+  assert cli["writes"].returncode == 0, cli["writes"].stderr
+  result = cli["recovery"]  # python -m modjax.train --config configs/ffn_merge.py:tiny,<merged>
   assert result.returncode == 0, result.stderr
-  workdir = tmp_path / "recovered"
-  flags = micro_flags(workdir, **SETTINGS, train__num_steps=3, checkpoint__every_steps=3)
-  flags[1] = f"{RECOVERY_CONFIG}:tiny,{merged}"
-  result = run_module("modjax.train", flags, timeout=300)
-  assert result.returncode == 0, result.stderr
-  before, after = bank_io.load_bank(merged), bank_io.load_bank(workdir)
+  before, after = (
+    bank_io.load_bank(cli["root"] / "writes"),
+    bank_io.load_bank(cli["root"] / "recovered"),
+  )
   assert after.step == 3 and after.plan() == before.plan()
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), after.params, before.params)
   assert moved["decoder"]["ffns"]["merged.0-2"]["wo"]["kernel"] > 0  # trained, and stored once
   assert list(after.params["decoder"]["ffns"]) == ["merged.0-2"]
 
 
-def test_bad_merge_input_is_one_line_and_overwrites_nothing(banks, tmp_path):
-  out = tmp_path / "taken"
-  out.mkdir()
-  (out / "keep.txt").write_text("mine")
-  cases = [
-    (out, ("--k=2",), "not empty"),
-    (tmp_path / "a", ("--k=3",), "window size"),
-    (tmp_path / "b", ("--k=2", "--start=5"), "does not fit"),
-    (tmp_path / "c", ("--k=2", "--start=x"), "'auto', a layer index"),
-    (tmp_path / "d", ("--k=2", "--plan=nope"), "no plan named"),
-    (tmp_path / "e", ("--k=2", "--windows=0-2"), "not both"),
-    (tmp_path / "f", ("--windows=encoder:0-2,1-2",), "overlap"),
-    (tmp_path / "g", ("--features=up",), "not gated"),
-  ]
-  for target, args, message in cases:
-    result = _cli(banks, target, f"--bank={banks['t5']}", *args)
+def test_bad_merge_input_is_one_line_and_overwrites_nothing(cli):
+  root = cli["root"]
+  for name, args, message in [*BAD_MERGES, REAL_SUBPROCESS]:
+    result = cli[f"bad_{name}"]
     assert result.returncode == 2, (args, result.stderr)
     assert message in result.stderr and TRACEBACK not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error:")
-  result = run_module("modjax.merge", [*micro_flags(banks["root"] / "data", **SETTINGS),
-                                       f"--hf={banks['t5']}", f"--out={tmp_path / 'h'}"])  # fmt: skip
+  # the real subprocess and the driver's fork of the same case say the same
+  real, forked = cli["bad_real"], cli["bad_a"]
+  assert real.stderr.strip().splitlines()[-1] == forked.stderr.strip().splitlines()[-1].replace(
+    str(root / "a"), str(root / "real")
+  )
+  result = cli["bad_hf"]
   assert result.returncode == 2 and "not a save_pretrained directory" in result.stderr
-  assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
-  assert not any((tmp_path / name).exists() for name in "abcdefgh")
-  missing = micro_flags(tmp_path / "rec", **SETTINGS)
-  missing[1] = f"{RECOVERY_CONFIG}:tiny,{tmp_path / 'absent'}"
-  result = run_module("modjax.train", missing, timeout=120)
+  assert (root / "taken" / "keep.txt").read_text() == "mine"
+  assert len(list((root / "taken").iterdir())) == 1
+  assert not any((root / name).exists() for name in [*"abcdefgh", "real"])
+  result = cli["bad_recovery"]
   assert result.returncode == 2 and "holds no bank" in result.stderr
-  assert not (tmp_path / "rec").exists()
+  assert not (root / "rec").exists()

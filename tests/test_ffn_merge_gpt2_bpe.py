@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from train_helpers import compilation_cache, micro_config, micro_flags, run_module
+from train_helpers import REPO, compilation_cache, micro_config, micro_flags, run_cli_batch
 
 from modjax.data import DataError, embedded_corpus_texts, load_vocabulary
 from modjax.data.tf_setup import tf
@@ -139,18 +139,31 @@ def _hf_cross_entropy(gpt2_dir, tmp_path) -> float:
 
 
 def test_gpt2_directory_evaluates_merges_and_recovers_from_the_command_line(gpt2_dir, tmp_path):
-  scored = tmp_path / "scored_hf"
-  result = run_module("modjax.evaluate", _flags(scored, f"--hf={gpt2_dir}"), timeout=300)
+  """Four ``python -m`` runs, in order, through one driver that imports modjax once
+  (``train_helpers.run_cli_batch``): evaluate the directory, merge it, evaluate and recover the
+  merged bank."""
+  scored, merged = tmp_path / "scored_hf", tmp_path / "merged"
+  scored_merged, recovered = tmp_path / "scored_merged", tmp_path / "recovered"
+  merge = (f"--hf={gpt2_dir}", f"--out={merged}", "--k=2", "--calib-tokens=200")
+  recovery = micro_flags(recovered, **SETTINGS, train__num_steps=2, checkpoint__every_steps=2)
+  recovery[1] = f"{REPO}/configs/ffn_merge.py:tiny,{merged}"
+  results = run_cli_batch(
+    [
+      ("evaluate_hf", "modjax.evaluate", _flags(scored, f"--hf={gpt2_dir}")),
+      ("merge", "modjax.merge", [*micro_flags(tmp_path / "w", **SETTINGS), *merge]),
+      # the merged bank's own copy of the tokenizer
+      ("evaluate_merged", "modjax.evaluate", _flags(scored_merged, f"--bank={merged}")),
+      ("recovery", "modjax.train", recovery),
+    ],
+    tmp_path,
+  )
+  result = results["evaluate_hf"]
   assert result.returncode == 0, result.stderr
   metrics = _metrics(scored)
   expected = _hf_cross_entropy(gpt2_dir, tmp_path)
   np.testing.assert_allclose(metrics["cross_entropy"], expected, rtol=1e-4)
 
-  merged = tmp_path / "merged"
-  args = (f"--hf={gpt2_dir}", f"--out={merged}", "--k=2", "--calib-tokens=200")
-  result = run_module(
-    "modjax.merge", [*micro_flags(tmp_path / "w", **SETTINGS), *args], timeout=300
-  )
+  result = results["merge"]
   assert result.returncode == 0, result.stderr
   record = json.loads((merged / "merge.json").read_text())
   assert record["source_kind"] == "hf" and record["calibration_tokens"]["decoder"] >= 200
@@ -165,17 +178,15 @@ def test_gpt2_directory_evaluates_merges_and_recovers_from_the_command_line(gpt2
     f"merged.{start}-{start + 2}"
   ] * 2
 
-  scored = tmp_path / "scored_merged"  # the merged bank's own copy of the tokenizer
-  result = run_module("modjax.evaluate", _flags(scored, f"--bank={merged}"), timeout=300)
+  result = results["evaluate_merged"]
   assert result.returncode == 0, result.stderr
   np.testing.assert_allclose(
-    _metrics(scored)["cross_entropy"], record["scores"][str(start)]["cross_entropy"], rtol=1e-5
+    _metrics(scored_merged)["cross_entropy"],
+    record["scores"][str(start)]["cross_entropy"],
+    rtol=1e-5,
   )
 
-  recovered = tmp_path / "recovered"
-  flags = micro_flags(recovered, **SETTINGS, train__num_steps=2, checkpoint__every_steps=2)
-  flags[1] = f"{os.path.dirname(os.path.dirname(__file__))}/configs/ffn_merge.py:tiny,{merged}"
-  result = run_module("modjax.train", flags, timeout=300)
+  result = results["recovery"]
   assert result.returncode == 0, result.stderr
   assert bank_io.load_bank(recovered).step == 2
   assert not (recovered / "vocab" / "spm.model").exists()  # no new vocabulary was trained

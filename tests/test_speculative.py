@@ -118,18 +118,33 @@ def _assert_close(got, want, what):
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=atol, err_msg=what)
 
 
+@functools.cache
+def _jitted(kind: str):
+  """The model's forward pass and cached-decoding entry points, each jitted (plan and cache
+  length static) and shared by the tests of the multi-token step: run eagerly, each of their
+  many small operations would compile on its own, which takes far longer than one program."""
+  m = case(kind).model
+  return dict(
+    forward=jax.jit(m.__call__, static_argnums=1),
+    start=jax.jit(m.start_decoding, static_argnums=(1, 4)),
+    tokens=jax.jit(m.decode_tokens, static_argnums=1),
+    step=jax.jit(m.decode_step, static_argnums=1),
+  )
+
+
 def _teacher_forced(c: Case, tokens):
   """Logits [B, L, V] at every decoder position: T5's decoder input is the start token then
   ``tokens``; GPT-2 reads the prompt then ``tokens`` (the prompt's own logits are dropped)."""
   ids, mask = jnp.asarray(c.ids), jnp.asarray(c.mask)
+  forward = _jitted("t5" if isinstance(c.model, T5) else "gpt2")["forward"]
   if isinstance(c.model, T5):
     start = jnp.full((BATCH, 1), c.model.config.decoder_start_token_id, jnp.int32)
     dec_in = jnp.concatenate([start, tokens], axis=1)
-    return c.model(c.params, c.plan, ids, dec_in, encoder_mask=mask)[0]
+    return forward(c.params, c.plan, ids, dec_in, encoder_mask=mask)[0]
   seq = jnp.concatenate([ids, tokens], axis=1)
   full_mask = jnp.concatenate([mask, jnp.ones_like(tokens)], axis=1)
   positions = jnp.maximum(jnp.cumsum(full_mask, axis=1) - 1, 0)
-  logits, _ = c.model(c.params, c.plan, seq, attention_mask=full_mask, positions=positions)
+  logits, _ = forward(c.params, c.plan, seq, attention_mask=full_mask, positions=positions)
   return logits[:, PROMPT - 1 :]
 
 
@@ -139,19 +154,19 @@ def test_decode_tokens_equal_teacher_forced_logits_at_per_row_positions(kind):
   logits equal the teacher-forced ones. Unscaled weights here: the sharpened models of the
   other tests are too ill-conditioned for 1e-5 even between one-token steps and the forward."""
   c = dataclasses.replace(case(kind), params=case(kind).model.init(jax.random.key(0)))
-  m, rng = c.model, np.random.default_rng(1)
+  m, rng = _jitted(kind), np.random.default_rng(1)
   tokens = jnp.asarray(rng.integers(2, 64, size=(BATCH, 14)), jnp.int32)
   want = _teacher_forced(c, tokens)  # want[:, t]: logits after t tokens
-  cache, first, index = m.start_decoding(c.params, c.plan, c.ids, c.mask, 20)
+  cache, first, index = m["start"](c.params, c.plan, c.ids, c.mask, 20)
   _assert_close(first, want[:, 0], "start")
-  logits, cache = m.decode_tokens(c.params, c.plan, cache, tokens[:, :8], index)
+  logits, cache = m["tokens"](c.params, c.plan, cache, tokens[:, :8], index)
   _assert_close(logits, want[:, 1:9], "8 tokens at one position")
   start_B = jnp.asarray(rng.integers(1, 8, size=BATCH), jnp.int32)  # tokens already cached
   assert len(set(start_B.tolist())) > 2
   at = start_B[:, None] + jnp.arange(3)
-  logits, _ = m.decode_tokens(c.params, c.plan, cache, _take(tokens, at), index + start_B)
+  logits, _ = m["tokens"](c.params, c.plan, cache, _take(tokens, at), index + start_B)
   _assert_close(logits, _take(want, at + 1), "3 tokens at per-row positions")
-  one, _ = m.decode_step(c.params, c.plan, cache, _take(tokens, at)[:, 0], index + start_B)
+  one, _ = m["step"](c.params, c.plan, cache, _take(tokens, at)[:, 0], index + start_B)
   _assert_close(one, _take(want, at + 1)[:, 0], "one token at per-row positions")
 
 
@@ -161,18 +176,18 @@ def test_entries_after_a_rows_position_are_never_read(kind):
   positions (rejected drafts) must not reach any logit. Junk tokens written there first, or
   large random keys/values, leave the logits bit-identical."""
   c, rng = case(kind), np.random.default_rng(2)
-  m = c.model
+  m = _jitted(kind)
   tokens = jnp.asarray(rng.integers(2, 64, size=(BATCH, 8)), jnp.int32)
-  cache, _, index = m.start_decoding(c.params, c.plan, c.ids, c.mask, 20)
-  _, cache = m.decode_tokens(c.params, c.plan, cache, tokens, index)
+  cache, _, index = m["start"](c.params, c.plan, c.ids, c.mask, 20)
+  _, cache = m["tokens"](c.params, c.plan, cache, tokens, index)
   start_B = index + jnp.asarray(rng.integers(1, 6, size=BATCH), jnp.int32)
   block = jnp.asarray(rng.integers(2, 64, size=(BATCH, 3)), jnp.int32)
-  clean, _ = m.decode_tokens(c.params, c.plan, cache, block, start_B)
+  clean, _ = m["tokens"](c.params, c.plan, cache, block, start_B)
   junk = jnp.asarray(rng.integers(2, 64, size=(BATCH, 6)), jnp.int32)
-  _, junked = m.decode_tokens(c.params, c.plan, cache, junk, start_B)
-  after_junk, _ = m.decode_tokens(c.params, c.plan, junked, block, start_B)
+  _, junked = m["tokens"](c.params, c.plan, cache, junk, start_B)
+  after_junk, _ = m["tokens"](c.params, c.plan, junked, block, start_B)
   np.testing.assert_array_equal(after_junk, clean)
-  noisy, _ = m.decode_tokens(c.params, c.plan, _poison_after(cache, start_B), block, start_B)
+  noisy, _ = m["tokens"](c.params, c.plan, _poison_after(cache, start_B), block, start_B)
   np.testing.assert_array_equal(noisy, clean)
 
 

@@ -14,7 +14,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from train_helpers import TRACEBACK, compilation_cache, micro_config, micro_flags, run_module
+from train_helpers import TRACEBACK, compilation_cache, micro_config, micro_flags, run_cli_batch
 
 from modjax import evaluate
 from modjax.assemble import assemble_draft
@@ -73,6 +73,26 @@ def banks(tmp_path_factory):
   }
 
 
+@pytest.fixture(scope="module")
+def cli(banks, tmp_path_factory):
+  """This module's command-line runs through one driver that imports modjax once and runs each
+  ``python -m ...`` in a fork of itself as the interpreter would (``train_helpers.run_cli_batch``;
+  one device): {id: result}."""
+  flags = micro_flags(banks["root"] / "data", **SETTINGS)
+  bank = ["--bank", banks["random"]]
+  draft = ["--draft", "dec2", "--draft-tokens", "3"]
+  runs = [
+    ("evaluate_draft", "modjax.evaluate", flags + bank + draft),
+    (
+      "evaluate_beams",
+      "modjax.evaluate",
+      flags + bank + ["--draft", "dec2", "--config.eval.num_beams=4"],
+    ),
+    ("assemble_bad_k", "modjax.assemble", ["draft", *bank, "--draft-tokens", "2,x", *flags[:2]]),
+  ]
+  return run_cli_batch(runs, tmp_path_factory.mktemp("driver"), device_count=1)
+
+
 def _one_error(result, needle):
   assert result.returncode == 2, result.stderr
   lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -88,12 +108,9 @@ def _read(eval_dir, prefix):
   return metrics, [json.loads(line)["prediction"] for line in lines]
 
 
-def test_evaluate_with_a_draft_gives_plain_greedy_predictions_and_acceptance(banks):
-  bank_dir = banks["random"]
-  plain = evaluate.evaluate(banks["cfg"], bank=bank_dir)
-  flags = micro_flags(banks["root"] / "data", **SETTINGS)
-  args = flags + ["--bank", bank_dir, "--draft", "dec2", "--draft-tokens", "3"]
-  result = run_module("modjax.evaluate", args, device_count=1, timeout=300)
+def test_evaluate_with_a_draft_gives_plain_greedy_predictions_and_acceptance(banks, cli):
+  plain = evaluate.evaluate(banks["cfg"], bank=banks["random"])
+  result = cli["evaluate_draft"]  # --bank random --draft dec2 --draft-tokens 3
   assert result.returncode == 0, result.stderr
   eval_dir = banks["root"] / "data" / "eval"
   _, plain_texts = _read(eval_dir, "validation_bank-random_")
@@ -112,10 +129,8 @@ def test_evaluate_with_a_draft_gives_plain_greedy_predictions_and_acceptance(ban
   assert "acceptance rate" in result.stderr and "mean accepted length" in result.stderr
 
 
-def test_evaluate_refuses_a_draft_it_cannot_use(banks):
-  flags = micro_flags(banks["root"] / "data", **SETTINGS) + ["--bank", banks["random"]]
-  beams = ["--draft", "dec2", "--config.eval.num_beams=4"]
-  _one_error(run_module("modjax.evaluate", flags + beams, device_count=1), "beam search")
+def test_evaluate_refuses_a_draft_it_cannot_use(banks, cli):
+  _one_error(cli["evaluate_beams"], "beam search")  # --draft dec2 --config.eval.num_beams=4
   cfg = banks["cfg"]
   cases = [
     (dict(draft="nope"), PlanError, "--draft 'nope' is neither a plan saved in the bank"),
@@ -161,13 +176,10 @@ def test_assemble_draft_saves_the_fastest_measured_draft(banks):
     assemble_draft(bank_dir, cfg)
 
 
-def test_assemble_draft_bad_inputs_are_one_line_errors(banks):
+def test_assemble_draft_bad_inputs_are_one_line_errors(banks, cli):
   bank_dir, cfg = banks["random"], banks["cfg"]
-  flags = micro_flags(banks["root"] / "data", **SETTINGS)[:2]  # --config alone
-  _one_error(
-    run_module("modjax.assemble", ["draft", "--bank", bank_dir, "--draft-tokens", "2,x"] + flags),
-    "--draft-tokens 2,x: give integers",
-  )
+  # python -m modjax.assemble draft --bank <random> --draft-tokens 2,x --config <tiny> (alone)
+  _one_error(cli["assemble_bad_k"], "--draft-tokens 2,x: give integers")
   cases = [
     (dict(draft_tokens=(0, 2)), "give integers >= 1"),
     (dict(draft_tokens=()), "give integers >= 1"),

@@ -256,6 +256,55 @@ def run_cli_cases(cases: list[dict], results_path: str, timeout: float = 120) ->
     json.dump(results, f)
 
 
+def run_cli_batch(
+  cases: Sequence[tuple[str, str, Sequence[str]]],
+  directory,
+  *,
+  device_count: int = 8,
+  timeout: float = 600,
+) -> dict[str, subprocess.CompletedProcess]:
+  """Runs each case ``(id, module, args)``, in order, as ``python -m module args`` through one
+  driver (:func:`run_cli_cases`: modjax imported once, each case in a fork of it); returns {id:
+  CompletedProcess with its exit code, stdout and stderr}. ``directory`` receives the cases'
+  files; a later case may read what an earlier one wrote."""
+  import json
+
+  prepared = [
+    dict(
+      id=case_id,
+      module=module,
+      args=[str(a) for a in args],
+      stdout_path=os.path.join(str(directory), f"{case_id}.out"),
+      stderr_path=os.path.join(str(directory), f"{case_id}.err"),
+    )
+    for case_id, module, args in cases
+  ]
+  cases_path = os.path.join(str(directory), "cases.json")
+  results_path = os.path.join(str(directory), "results.json")
+  with open(cases_path, "w") as f:
+    json.dump(prepared, f)
+  done = subprocess.run(
+    [sys.executable, os.path.abspath(__file__), "cli-cases", cases_path, results_path],
+    cwd=REPO,
+    env=subprocess_env(device_count),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(results_path) as f:
+    results = {r["id"]: r for r in json.load(f)}
+  return {
+    case["id"]: subprocess.CompletedProcess(
+      module_command(case["module"], case["args"]),
+      results[case["id"]]["code"],
+      results[case["id"]]["stdout"],
+      results[case["id"]]["stderr"],
+    )
+    for case in prepared
+  }
+
+
 def _run_module_in_child(module: str, args: list[str], out_path: str, err_path: str):
   import runpy
   import traceback
