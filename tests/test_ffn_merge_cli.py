@@ -19,7 +19,6 @@ from test_ffn_merge import _assert_hf_matches, _batch
 from train_helpers import (
   REPO,
   TRACEBACK,
-  compilation_cache,
   kill,
   micro_config,
   micro_flags,
@@ -37,12 +36,6 @@ from modjax.train import experiment, scoring
 
 SETTINGS = dict(mesh__num_devices=1, eval__max_examples=8, eval__batch_size=4)
 RECOVERY_CONFIG = f"{REPO}/configs/ffn_merge.py"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(jax_compilation_cache_dir):
-  with compilation_cache(jax_compilation_cache_dir):
-    yield
 
 
 def _save(root, name, model, params, plans=None, meta=None) -> str:

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from train_helpers import REPO, compilation_cache, micro_config, micro_flags, run_cli_batch
+from train_helpers import REPO, micro_config, micro_flags, run_cli_batch
 
 from modjax.data import DataError, embedded_corpus_texts, load_vocabulary
 from modjax.data.tf_setup import tf
@@ -31,12 +31,6 @@ TEXTS = [
   "  Two spaces, a tab\tand naïve café déjà-vu (UTF-8) — fine?",
   "",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(jax_compilation_cache_dir):
-  with compilation_cache(jax_compilation_cache_dir):
-    yield
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from train_helpers import TRACEBACK, compilation_cache, micro_config, micro_flags, run_cli_batch
+from train_helpers import TRACEBACK, micro_config, micro_flags, run_cli_batch
 
 from modjax import evaluate
 from modjax.assemble import assemble_draft
@@ -27,12 +27,6 @@ from modjax.train import experiment
 
 SETTINGS = dict(mesh__num_devices=1, eval__max_examples=8, eval__batch_size=4)
 SETTINGS.update(eval__max_new_tokens=12, eval__metrics="rouge")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(jax_compilation_cache_dir):
-  with compilation_cache(jax_compilation_cache_dir):
-    yield
 
 
 def _bank(root, cfg, vocabulary, name: str, identity_layers=()) -> str:
