@@ -132,7 +132,7 @@ def _config(workdir, **values):
   small = {
     "workdir": str(workdir), "train__batch_size": 8, "data__targets_length": 16,
     "data__vocab_size": 200, "mom__router_dim": 16, "checkpoint__every_steps": 1,
-    "optimizer__warmup_steps": 2,
+    "optimizer__warmup_steps": 2, "mesh__num_devices": 1,
   }  # fmt: skip
   for key, value in {**small, **values}.items():
     set_key(cfg, key.replace("__", "."), value)

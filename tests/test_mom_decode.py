@@ -4,6 +4,7 @@ cached decoding (a cache entry per MoM round) equals the full forward step by st
 decoding is its argmax, and beam search of a one-module MoM is GPT-2's."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ from modjax.train import experiment
 def _settings(workdir, **values):
   small = dict(
     workdir=str(workdir), train__batch_size=8, data__targets_length=16, data__vocab_size=200,
-    mom__router_dim=16, eval__max_examples=8, eval__batch_size=3,
+    mom__router_dim=16, eval__max_examples=8, eval__batch_size=3, mesh__num_devices=1,
   )  # fmt: skip
   return _mom_config(**{**small, **values})
 
@@ -94,7 +95,7 @@ def test_mom_bank_refuses_decoded_metrics_and_plans(run):
   base = ["--config", f"{CONFIG}:tiny", f"--config.workdir={run}"]
   cases = [
     (["--config.eval.metrics=rouge"], "rouge/bleu decode an encoder-decoder"),
-    (["--plan", "default"], "runs its routed structure, not a plan"),
+    (["--plan", "default"], "runs its method's own structure, not a plan"),
   ]
   for flags, message in cases:
     result = run_module("modjax.evaluate", base + flags, timeout=300, device_count=1)
@@ -115,28 +116,33 @@ def _prompts(batch=2, length=6, pad=(0, 2), seed=3):
   return jnp.asarray(np.where(mask, ids, 0)), jnp.asarray(mask)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _exact_forward(model, params, ids, mask, positions):
+  """One jitted forward for every test: equal models and shapes compile once."""
+  return model.exact()(params, ids, attention_mask=mask, positions=positions)[0]
+
+
 def _full(model, params, ids, mask):
   """Logits of the full forward without drops on left-padded rows (GPT-2 decoding's positions)."""
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-  logits, _ = jax.jit(lambda p, i, m, q: model.exact()(p, i, attention_mask=m, positions=q))(
-    params, ids, mask, positions
-  )
-  return np.asarray(logits)
+  return np.asarray(_exact_forward(model, params, ids, mask, positions))
 
 
-def _decode_steps(model, params, prompt, mask, new):
+def _decode_steps(model, params, prompt, mask, new, prefilled=False):
   """(logits [B, N, V], cache, index): the prefill's next-token logits, then those of feeding
-  ``new[:, t]`` one cached step at a time for t < N - 1."""
+  ``new[:, t]`` one cached step at a time for t < N - 1. ``prefilled``: the cache is the
+  prefill's (for N new tokens), before any step."""
   plan = model.identity_plan()
   cache, logits, index = jax.jit(model.start_decoding, static_argnums=(1, 4))(
     params, plan, prompt, mask, new.shape[1]
   )
+  start = cache
   step = jax.jit(model.decode_step, static_argnums=1)
   got = [logits]
   for t in range(new.shape[1] - 1):
     logits, cache = step(params, plan, cache, new[:, t], index + t)
     got.append(logits)
-  return np.stack(got, 1), cache, index
+  return np.stack(got, 1), start if prefilled else cache, index
 
 
 @pytest.mark.parametrize("router,weighted_qkv", [("gru", False), ("mlp", True)])
@@ -148,11 +154,10 @@ def test_cached_decoding_steps_equal_the_full_forward(router, weighted_qkv):
   ids = jnp.concatenate([prompt, new], axis=1)
   full_mask = jnp.concatenate([mask, jnp.ones_like(new)], axis=1)
   full = _full(model, params, ids, full_mask)
-  stepped, _, _ = _decode_steps(model, params, prompt, mask, new)
+  stepped, cache, index = _decode_steps(model, params, prompt, mask, new, prefilled=True)
   np.testing.assert_allclose(stepped, full[:, 5:-1], atol=1e-4, rtol=0)
   plan = model.identity_plan()
-  # three tokens per row in one call from the prefilled cache: the same logits
-  cache, _, index = model.start_decoding(params, plan, prompt, mask, 5)
+  # three tokens per row in one call from the prefilled cache (room for 5): the same logits
   block, _ = jax.jit(model.decode_tokens, static_argnums=1)(params, plan, cache, new[:, :3], index)
   np.testing.assert_allclose(block, full[:, 6:9], atol=1e-4, rtol=0)
 
