@@ -27,6 +27,7 @@ from benchmarks import (
 from modjax.train.losses import cross_entropy
 
 
+@pytest.mark.slow
 def test_decode_benchmark_quick_run_agrees_with_hf(tmp_path, capsys):
   out = tmp_path / "decode.json"
   decode_vs_hf.main(["--quick", "--batch-sizes", "2", "--beams", "1,3", "--out", str(out)])
@@ -39,6 +40,7 @@ def test_decode_benchmark_quick_run_agrees_with_hf(tmp_path, capsys):
   assert "| batch | beams |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_quick_run_times_both_frameworks(tmp_path, capsys):
   out = tmp_path / "train_step.json"
   train_step.main(["--quick", "--out", str(out)])
@@ -58,6 +60,7 @@ def test_train_step_benchmark_quick_run_times_both_frameworks(tmp_path, capsys):
   assert "| preset | side" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_assembled_speed_quick_run_reports_roofline_ratios(tmp_path, capsys):
   out = tmp_path / "assembled.json"
   assembled_speed.main(["--quick", "--batch-sizes", "1", "--out", str(out)])
@@ -81,6 +84,7 @@ def test_assembled_speed_quick_run_reports_roofline_ratios(tmp_path, capsys):
   assert "| plan" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_replacing_overhead_quick_run_times_every_setting(tmp_path, capsys):
   out = tmp_path / "replacing.json"
   replacing_overhead.main(["--quick", "--remat", "true", "--out", str(out)])
@@ -138,6 +142,7 @@ def test_replacing_overhead_plain_steps_compute_the_replacing_loss():
   assert baseline == pytest.approx(float(ce), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_speculative_quick_run_gives_plain_greedy_tokens(tmp_path, capsys):
   out = tmp_path / "speculative.json"
   args = ["--quick", "--batch-sizes", "2", "--examples", "4", "--draft-tokens", "3"]
@@ -166,6 +171,7 @@ def test_speculative_quick_run_gives_plain_greedy_tokens(tmp_path, capsys):
   assert "| batch | draft" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_ffn_merge_quick_run_times_every_phase_and_saves_exactly_the_merged_ffns(tmp_path, capsys):
   out = tmp_path / "ffn_merge.json"
   ffn_merge.main(["--quick", "--out", str(out)])
@@ -183,6 +189,7 @@ def test_ffn_merge_quick_run_times_every_phase_and_saves_exactly_the_merged_ffns
   assert "| shape" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_mom_quick_run_keeps_capacity_flops_flat_across_pools(tmp_path, capsys):
   """XLA's FLOPs per token (of the lowered programs in --quick) of capacity dispatch stay flat
   as the pools grow 4 -> 16 at K=1, while dense dispatch grows by the same cost per added
@@ -211,6 +218,7 @@ def test_mom_quick_run_keeps_capacity_flops_flat_across_pools(tmp_path, capsys):
   assert "| part" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_mom_decode_quick_run_keeps_the_exact_step_flat_across_pools(tmp_path, capsys):
   """At one row and K=1 the exact decode step gathers one module per sublayer: XLA's FLOPs and
   bytes per step stay flat as the pools grow 4 -> 8, while the dense step's grow."""

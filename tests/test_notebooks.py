@@ -105,6 +105,7 @@ def _inject(nb, source: str) -> None:
   nb.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(source))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stem", sorted(FIGURES))
 def test_notebook_runs_on_its_tiny_path(stem, tmp_path, monkeypatch):
   monkeypatch.setenv("MODJAX_NOTEBOOK_OUT", str(tmp_path))
