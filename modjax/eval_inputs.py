@@ -1,7 +1,7 @@
 """What ``python -m modjax.evaluate`` (and the sweeps that reuse it) scores: the model with its
-parameters and plan, read from a bank, a training workdir or a Hugging Face checkpoint; the draft
-plan of self-speculative decoding; and the vocabulary the bank was trained with. Reads, never
-writes.
+parameters and plan, read from a bank, a training workdir or a Hugging Face checkpoint (a bank a
+method wrote runs through that method's registered reader), and the draft plan of self-speculative
+decoding. Reads, never writes. (The vocabulary: ``train.experiment.load_eval_vocabulary``.)
 """
 
 from __future__ import annotations

@@ -55,3 +55,19 @@ def test_import_contracts_hold():
   result = subprocess.run([lint], capture_output=True, text=True, cwd=ROOT)
   assert result.returncode == 0, result.stdout[-3000:]
   assert "0 broken" in result.stdout
+
+
+def test_every_model_implements_the_interface_below_the_methods():
+  """T5, GPT-2 and MoM's routed model are Architectures (what training, scoring and decoding
+  call); the cost model prices T5 and GPT-2 (Priced) and refuses MoM's, which has its own."""
+  from modjax.core.model_config import GPT2Config, T5Config
+  from modjax.methods.mom.model import MoMGPT2
+  from modjax.methods.mom.structure import MoMConfig
+  from modjax.models import GPT2, T5
+  from modjax.models.interface import Architecture, Priced
+
+  t5, gpt2 = T5(T5Config()), GPT2(GPT2Config())
+  mom = MoMGPT2(GPT2Config(n_layer=4), MoMConfig(num_attn=2, num_ffn=2, rounds=2))
+  assert all(isinstance(m, Priced) for m in (t5, gpt2))
+  assert isinstance(mom, Architecture) and not isinstance(mom, Priced)
+  assert (t5.kind, gpt2.kind, mom.kind) == ("encdec", "lm", "lm")
