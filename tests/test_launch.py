@@ -106,7 +106,7 @@ def remote(argv: list[str]) -> list[str]:
   return shlex.split(flag(argv, "command"))
 
 
-def tested_jax_pin() -> str:
+def _tested_jax_pin() -> str:
   """jax's version in constraints.txt, the tested set."""
   return re.search(r"^jax==(\S+)$", (REPO / "constraints.txt").read_text(), re.M).group(1)
 
@@ -235,7 +235,7 @@ def test_install_from_wheel_and_jax_pin(fake_bin, tmp_path):
   assert scp_src[:8] == [*scp, str(REPO / "configs"), str(REPO / "launch")]
   assert all(flag(c, "worker") == "all" for c in (mkdir, scp_wheel, scp_src, install))
   command = flag(install, "command")
-  assert f"'jax[tpu]=={tested_jax_pin()}' ./modjax/{wheel.name}" in command
+  assert f"'jax[tpu]=={_tested_jax_pin()}' ./modjax/{wheel.name}" in command
   assert (
     subprocess.run(["bash", "-n", "-c", command]).returncode == 0
   )  # the worker's shell parses it
@@ -246,7 +246,7 @@ def test_install_from_wheel_and_jax_pin(fake_bin, tmp_path):
   )
   assert gpu_install[:4] == ["gcloud", "compute", "ssh", "t"]
   command = flag(gpu_install, "command")
-  assert f"'jax[cuda12]=={tested_jax_pin()}' ./modjax/src" in command
+  assert f"'jax[cuda12]=={_tested_jax_pin()}' ./modjax/src" in command
   assert "fetch -q --depth=1 u main" in command
   assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
 
