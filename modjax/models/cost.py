@@ -291,16 +291,16 @@ def _head_flops(model, tokens: int) -> int:
 
 def _decode_weight_bytes(model, plan: Plan) -> int:
   """Weights one decode_step must read, each used entry once: the decoder entries the plan uses
-  without the cross-attention key/value kernels (their outputs are precomputed) and T5's
-  relative-position table (a step reads a slice of the bias table built from it once per
-  generation, ``T5.self_bias_table``, counted with the masks as a small input), the final norm
-  and the head (a tied head as the [D, V] copy in the compute dtype that decoding keeps).
+  without the cross-attention key/value kernels (their outputs are precomputed) and the
+  stack's fixed entries (T5's relative-position table: a step reads a slice of the bias table
+  built from it once per generation, ``T5.self_bias_table``, counted with the masks as a small
+  input), the final norm and the head (a tied head as the [D, V] copy in the compute dtype that decoding keeps).
   Token/position embedding rows are left out."""
-  s, c = _spec(model, "decoder"), model.config
+  s, c, fixed = _spec(model, "decoder"), model.config, model.fixed_entries()
   elements = sum(
     _attention_size(s, with_kv=False) if path[-1] == "cross_attn" else _entry_size(model, path)
     for path in used_entries(model, plan)["decoder"]
-    if path[-1] != "relpos_bias"
+    if path not in fixed
   )
   head = s.d_model * c.vocab_size
   if model.tied_head:
