@@ -1,44 +1,25 @@
 """Assembled Modular Transformers plans: measured encode and decode latency vs an honest roofline.
 
-One T5 teacher of t5-small's shapes (vocabulary 32128, d_model 512, d_ff 2048, 8 heads of 64,
-6+6 layers, ReLU, tied head) with random weights, and a module bank on top of it
-(``add_modules``: granularities {2, 3, 6} in both stacks). Speed does not depend on what the
-weights hold, so nothing is trained: an assembled plan runs exactly the same graph whatever
-its modules learned. Plans (``tiling_plan``) go from the teacher to every decoder depth (mixed
-tilings of 5, 4 and 3 slots, all-g2, all-g3, all-g6) and to both stacks compressed alike.
-
-Per plan and batch size, in ONE process, interleaved over ``--rounds`` rounds (each round times
-every plan in turn, so a shared machine's drift hits every plan alike). Each time reported is
-the fastest call: the least disturbed by other processes (every call's time is in the JSON).
+A random T5 of t5-small's shapes (vocabulary 32128, tied head) and a module bank on top of it
+(``add_modules``: granularities {2, 3, 6} in both stacks); speed does not depend on what the
+weights hold. Plans (``tiling_plan``) from the teacher to every decoder depth (mixed tilings of
+5, 4 and 3 slots, all-g2, all-g3, all-g6) and both stacks compressed alike. Per plan and batch
+size, interleaved over ``--rounds`` rounds, each time the fastest call (every call's in the JSON):
 
 * ``encode_ms``: ``model.encode`` over batch x ``--input-length`` tokens, jitted;
-* ``decode_ms_per_token``: one step of generate's loop (decode step, argmax, score), timed as
-  ``--chunk`` steps per jitted call from a prefilled cache of ``--new-tokens`` positions
-  (donated, so it is rewritten in place as in the loop), divided by the chunk: calls short
-  enough that some run undisturbed on a busy machine;
-* ``generate_ms``: the whole ``decoding.generate`` call (greedy, ``decoding.prepare``'d head) of
-  exactly ``--new-tokens`` tokens per row: ``eos_id=-1`` is an id no token has, so no row stops
-  early (the lengths are checked).
+* ``decode_ms_per_token``: generate's loop body (decode step, argmax, score) as ``--chunk`` steps
+  per jitted call from a prefilled, donated cache of ``--new-tokens`` positions;
+* ``generate_ms``: the whole ``decoding.generate`` call (greedy, prepared head) of exactly
+  ``--new-tokens`` tokens per row (``eos_id=-1``; the lengths are checked).
 
-The ideal is a roofline per plan from ``modjax.models.cost.plan_cost`` against the machine's ceilings
-measured in the same run (``benchmarks/harness.py``: peak float32 matmul FLOP/s; memory
-bandwidth, the better of read and copy; measured before and after the plans, the better kept):
-time = max(FLOPs / peak FLOP/s, bytes / bandwidth).
-
-* decode step: FLOPs of every slot's projections, attention over the whole allocated self cache
-  (what the code scores every step) and over the encoder output, and the LM head; bytes of the
-  decoder weights the plan uses (cross k/v kernels excluded: precomputed), the tied head as its
-  [D, V] copy, the self-attention KV cache and the cross-attention keys/values;
-* encode: the encoder's FLOPs (attention included) and its weights;
-* sequence: encode + cross k/v FLOPs + new_tokens x decode step.
-
-``ideal_speedup`` = teacher ideal / plan ideal and ``realised_over_ideal`` = measured speed-up /
-ideal speed-up (decode per token; ``encode_`` and ``sequence_`` variants for the others). Since
-the head (and, at batch 1, its weight read) is the same for every plan, it caps what dropping
-decoder layers can give: ``head_cap_speedup`` is the teacher's ideal over a decoder with no
-layers at all (the head alone).
-
-Run from the repository root:
+The ideal per plan: ``modjax.models.cost.plan_cost`` against the ceilings measured in the same
+run, time = max(FLOPs / peak FLOP/s, bytes / bandwidth), for a decode step (every slot's
+projections, attention over the allocated cache and the encoder output, the head; the decoder
+weights the plan reads, the tied head, the KV caches and cross keys/values), the encoder, and the
+sequence (encode + cross k/v + new_tokens steps). ``ideal_speedup`` = teacher ideal / plan ideal,
+``realised_over_ideal`` = measured / ideal speed-up (``encode_`` and ``sequence_`` variants too).
+The head is the same for every plan: ``head_cap_speedup`` is the teacher's ideal over the head
+alone, the most dropping decoder layers can give.
 
     python -m benchmarks.assembled_speed            # t5-small shapes, several minutes on CPU
     python -m benchmarks.assembled_speed --quick    # micro shapes: a smoke test
@@ -48,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -64,38 +44,25 @@ from modjax.models import T5, bank, cost
 NEVER = -1  # an EOS id no token has: every row generates exactly max_new_tokens
 
 
-def _layers(spans):
-  return [(i, i + 1) for i in spans]
-
-
+G2, G3 = [(0, 2), (2, 4), (4, 6)], [(0, 3), (3, 6)]
 # shape -> (preset, overrides, {plan name: {stack: tiling}}); stacks left out keep their layers.
 SHAPES = {
-  "t5-small": (
-    "t5-small",
-    dict(vocab_size=32128, dropout_rate=0.0),
-    {
-      "teacher": {},
-      "dec-5 (m2.0+4 layers)": {"decoder": [(0, 2), *_layers(range(2, 6))]},
-      "dec-4 (2 layers+m2.1+m2.2)": {"decoder": [(0, 1), (1, 2), (2, 4), (4, 6)]},
-      "dec-3 (m3.0+layer 3+m2.2)": {"decoder": [(0, 3), (3, 4), (4, 6)]},
-      "dec all-g2": {"decoder": [(0, 2), (2, 4), (4, 6)]},
-      "dec all-g3": {"decoder": [(0, 3), (3, 6)]},
-      "dec all-g6": {"decoder": [(0, 6)]},
-      "enc+dec all-g2": {"encoder": [(0, 2), (2, 4), (4, 6)], "decoder": [(0, 2), (2, 4), (4, 6)]},
-      "enc+dec all-g3": {"encoder": [(0, 3), (3, 6)], "decoder": [(0, 3), (3, 6)]},
-      "enc+dec all-g6": {"encoder": [(0, 6)], "decoder": [(0, 6)]},
-    },
-  ),
-  "micro": (  # --quick: the test preset with 4+4 layers (granularities 2 and 4)
-    "micro",
-    dict(num_layers=4, num_decoder_layers=4),
-    {
-      "teacher": {},
-      "dec-3 (m2.0+2 layers)": {"decoder": [(0, 2), (2, 3), (3, 4)]},
-      "enc+dec all-g4": {"encoder": [(0, 4)], "decoder": [(0, 4)]},
-    },
-  ),
-}
+  "t5-small": ("t5-small", dict(vocab_size=32128, dropout_rate=0.0), {
+    "teacher": {},
+    "dec-5 (m2.0+4 layers)": {"decoder": [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6)]},
+    "dec-4 (2 layers+m2.1+m2.2)": {"decoder": [(0, 1), (1, 2), (2, 4), (4, 6)]},
+    "dec-3 (m3.0+layer 3+m2.2)": {"decoder": [(0, 3), (3, 4), (4, 6)]},
+    "dec all-g2": {"decoder": G2}, "dec all-g3": {"decoder": G3}, "dec all-g6": {"decoder": [(0, 6)]},
+    "enc+dec all-g2": {"encoder": G2, "decoder": G2},
+    "enc+dec all-g3": {"encoder": G3, "decoder": G3},
+    "enc+dec all-g6": {"encoder": [(0, 6)], "decoder": [(0, 6)]},
+  }),
+  "micro": ("micro", dict(num_layers=4, num_decoder_layers=4), {  # --quick: granularities 2, 4
+    "teacher": {},
+    "dec-3 (m2.0+2 layers)": {"decoder": [(0, 2), (2, 3), (3, 4)]},
+    "enc+dec all-g4": {"encoder": [(0, 4)], "decoder": [(0, 4)]},
+  }),
+}  # fmt: skip
 TABLE = "plan batch enc dec encode_ms decode_ms_per_token speedup ideal_speedup"
 TABLE += " realised_over_ideal encode_speedup encode_ideal_speedup sequence_speedup"
 TABLE += " sequence_ideal_speedup step_mb bound pct_peak_flops pct_peak_bw"
@@ -241,8 +208,7 @@ def batch_rows(model, params, plans, batch: int, args, limits: dict, seconds: di
     row |= {"ideal_step_ms": 1e3 * ideal.step_s, "ideal_encode_ms": 1e3 * ideal.encode_s}
     row |= {"ideal_sequence_ms": 1e3 * ideal.sequence_s, "step_gflop": ideal.step_flops / 1e9}
     row |= {"step_mb": ideal.step_bytes / 1e6, "bound": ideal.step_bound}
-    row["pct_peak_flops"] = 100 * ideal.step_flops / step_s / limits["peak_flops"]
-    row["pct_peak_bw"] = 100 * ideal.step_bytes / step_s / limits["peak_bytes_per_s"]
+    row |= harness.roofline(ideal.step_flops, ideal.step_bytes, step_s, limits)
     row["encode_pct_peak_flops"] = 100 * ideal.encode_flops / s["encode"] / limits["peak_flops"]
     rows.append(row)
   add_speedups(rows)
@@ -303,7 +269,6 @@ def summary_lines(rows: list[dict], heads: list[dict]) -> list[str]:
 
 def main(argv=None):
   args = parse_args(argv)
-  print(f"JAX {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPU cores")
   model, params, meta, plans = build_bank(args.shape, args.seed)
   prepared = jax.block_until_ready(prepare(model, params))
 
@@ -324,26 +289,17 @@ def main(argv=None):
   table = harness.table(rows, TABLE)
   notes = summary_lines(rows, heads)
   print("\n".join(notes))
+  plan_slots = {
+    n: {s: [x.block for x in p.stack(s)] for s in model.stacks} for n, p in plans.items()
+  }
+  out = {"model": dataclasses.asdict(model.config), "weights": "random (modules copied from"}
+  out["weights"] += " their span's first layer): speed does not depend on training"
+  out["granularities"] = {s: list(bank_granularities(meta, s)) for s in model.stacks}
+  out |= {"plans": plan_slots, "limits": limits, "lm_head": heads}
+  compressed = [r["realised_over_ideal"] for r in rows if r["plan"] != "teacher"]
+  out["min_realised_over_ideal"] = min(compressed)
   harness.report(
-    args,
-    "assembled_speed",
-    "input_length new_tokens rounds",
-    model=dataclasses.asdict(model.config),
-    weights="random (T5 init; modules copied from their span's first layer): speed does "
-    "not depend on training",
-    granularities={s: list(bank_granularities(meta, s)) for s in model.stacks},
-    plans={
-      name: {s: [slot.block for slot in plan.stack(s)] for s in model.stacks}
-      for name, plan in plans.items()
-    },
-    limits=limits,
-    limits_before=limits["before"],
-    limits_after=limits["after"],
-    lm_head=heads,
-    min_realised_over_ideal=min(r["realised_over_ideal"] for r in rows if r["plan"] != "teacher"),
-    results=rows,
-    notes=notes,
-    table=table,
+    args, "input_length new_tokens rounds", **out, results=rows, notes=notes, table=table
   )
 
 

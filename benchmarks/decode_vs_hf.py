@@ -1,37 +1,32 @@
 """Decoding throughput: modjax (jitted while_loop) vs transformers (PyTorch) ``generate``, on CPU.
 
-One T5 with t5-small's shapes (vocab 32128, d_model 512, d_ff 2048, 8 heads of 64, 6+6 layers,
-ReLU) is initialised by transformers under ``torch.manual_seed``, written with
-``save_pretrained`` and imported by ``modjax.store.hf``: both sides run the same weights on the
-same random encoder inputs (no padding). Both generate exactly ``--new-tokens`` tokens: HF with
-``eos_token_id=None``, modjax with ``eos_id=-1`` (an id no token has), so neither stops early,
-for greedy and beam search alike; the tokens each side really generated are reported, as is
-whether their outputs agree.
+Per shape (``--shapes``: ``t5-small``, vocabulary 32128; ``ddtp``, the 6+6-layer d_model 256
+DDTP-summ teacher with its 4k vocabulary; ``micro`` for ``--quick``), one T5 is initialised by
+transformers under ``torch.manual_seed``, written with ``save_pretrained`` and imported by
+``modjax.store.hf``: both sides run the same weights on the same random inputs (no padding) and
+generate exactly ``--new-tokens`` tokens (HF ``eos_token_id=None``, modjax ``eos_id=-1``), greedy
+and beam search alike; the tokens generated and whether the outputs agree are reported.
 
-Throughput is generated tokens per second, batch * new tokens / seconds, the median of
-``--repeats`` interleaved rounds (modjax, HF, modjax, HF, ... with a pause after each call, as
-``benchmarks/harness.py`` times) after one warm-up call each; modjax's compile time is its first
-call minus that median. modjax lays the weights out for decoding once (``decoding.prepare``: the
-tied head transposed), as HF's are laid out at load; that time is reported as
-``modjax_prepare_s``. The machine's limits (peak float32 matmul FLOP/s, memory bandwidth) are
-measured in the same run, before and after the cases (the better counts); modjax's achieved
-FLOP/s and bandwidth are quoted against them, from XLA's cost analysis of its compiled prefill
-and decode step and from the bytes a step must read (decoder weights once, the KV caches).
-
-Run from the repository root:
+Tokens/s is batch x new tokens / the median of ``--repeats`` interleaved rounds (a pause after
+each call); modjax's compile time is its first call minus that median; its weights are laid out
+once (``decoding.prepare``, reported apart), as HF's are at load. The work: FLOPs of the call with
+a growing cache and the bytes a step must read (decoder weights, KV caches), from
+``modjax.models.cost``; XLA's cost analysis of the compiled prefill and step beside them.
+``fraction_of_roofline`` = the roofline's time for that work over modjax's, against the ceilings
+measured in the same run.
 
     python -m benchmarks.decode_vs_hf                       # full run, several minutes on CPU
-    python -m benchmarks.decode_vs_hf --quick               # tiny model: a smoke test
-    python -m benchmarks.decode_vs_hf --batch-sizes 1,8 --new-tokens 64 --repeats 5 \\
-        --out benchmarks/results/decode_vs_hf.json
+    python -m benchmarks.decode_vs_hf --quick               # micro model: a smoke test
 
 Both frameworks use ``--threads`` threads (default: every core). When another process keeps a core
-busy, all-core threading oversubscribes: with 2 cores and one busy, PyTorch with 2 threads ran
-about 5x slower than with 1 in our runs (XLA suffered less), so also run ``--threads 1`` there.
+busy, all-core threading oversubscribes (PyTorch with 2 threads ran ~5x slower than with 1 with
+one of 2 cores busy), so also run ``--threads 1`` there.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import tempfile
 
@@ -43,39 +38,27 @@ import transformers
 
 from benchmarks import harness
 from modjax.core import timing
+from modjax.core.presets import get_preset
 from modjax.decoding import generate, prepare
-from modjax.models import architecture_for
+from modjax.models import architecture_for, cost
 from modjax.nn.layers import add_beam_slots
 from modjax.store.hf import import_checkpoint
 
-T5_SMALL = dict(
-  vocab_size=32128,
-  d_model=512,
-  d_kv=64,
-  d_ff=2048,
-  num_heads=8,
-  num_layers=6,
-  num_decoder_layers=6,
-  feed_forward_proj="relu",
-)
-TINY = dict(
-  vocab_size=512,
-  d_model=64,
-  d_kv=16,
-  d_ff=128,
-  num_heads=4,
-  num_layers=2,
-  num_decoder_layers=2,
-  feed_forward_proj="relu",
-)
+# shape -> (preset, overrides): the DDTP teacher is configs/ddtp_summ.py's (6 layers, 4k vocabulary)
+SHAPES = {
+  "micro": ("micro", {}),
+  "t5-small": ("t5-small", dict(vocab_size=32128)),
+  "ddtp": ("small-cpu-6", dict(vocab_size=4000)),
+}
 NEVER = -1  # an EOS id no token has: modjax always generates max_new_tokens
 
 
-def build(shape: dict, seed: int, directory: str):
+def build(shape: str, seed: int, directory: str):
   """(HF model, modjax model, modjax params on device) holding the same random weights."""
+  preset, overrides = SHAPES[shape]
+  config = harness.hf_t5_config(dataclasses.replace(get_preset(preset), **overrides))
   transformers.logging.set_verbosity_error()
   torch.manual_seed(seed)
-  config = transformers.T5Config(**shape, dropout_rate=0.0, decoder_start_token_id=0)
   hf = transformers.T5ForConditionalGeneration(config).float().eval()
   hf.save_pretrained(directory)
   config, params = import_checkpoint(directory)
@@ -94,50 +77,26 @@ def xla_costs(model, params, batch: int, beams: int, input_length: int, new: int
 
   def step(p, cache, tok, index, ancestry):
     if beams > 1:
-      cache = dict(
-        cache,
-        self=tuple(add_beam_slots(layer, beams) for layer in cache["self"]),
-        ancestry=ancestry,
-      )
+      slots = tuple(add_beam_slots(layer, beams) for layer in cache["self"])
+      cache = dict(cache, self=slots, ancestry=ancestry)
     return model.decode_step(p, plan, cache, tok, index)
 
   cache, _, _ = jax.eval_shape(start, params, ids, ids)
-  tok = jax.ShapeDtypeStruct((batch * beams,), jnp.int32)
-  index = jax.ShapeDtypeStruct((), jnp.int32)
-  ancestry = jax.ShapeDtypeStruct((batch, beams, new), jnp.int32)
-  out = {}
-  for name, fn, args in (
-    ("prefill", start, (params, ids, ids)),
-    ("step", step, (params, cache, tok, index, ancestry)),
-  ):
-    out[name] = harness.xla_cost(jax.jit(fn), *args)
-  return out
+  shapes = [((batch * beams,), jnp.int32), ((), jnp.int32), ((batch, beams, new), jnp.int32)]
+  step_args = [jax.ShapeDtypeStruct(*shape) for shape in shapes]
+  prefill = harness.xla_cost(jax.jit(start), params, ids, ids)
+  return {"prefill": prefill, "step": harness.xla_cost(jax.jit(step), params, cache, *step_args)}
 
 
-def step_bytes(config, batch: int, beams: int, input_length: int, new: int) -> dict:
-  """Bytes one decode step must read: decoder weights once (the tied embedding as LM head) and
-  the KV caches (a fixed length ``new`` per beam; cross k/v once per input row)."""
-  c = config
-  d, hk, layers = c.d_model, c.num_heads * c.d_kv, c.num_decoder_layers
-  ffn = (3 if c.is_gated else 2) * d * c.d_ff
-  per_layer = 2 * d * hk + 2 * d * hk + ffn + 3 * d  # self q,k,v,o minus k,v of cross; q,o of cross
-  weights = 4 * (layers * per_layer + c.vocab_size * d)
-  self_kv = 4 * 2 * layers * batch * beams * new * hk
-  cross_kv = 4 * 2 * layers * batch * input_length * hk
-  return {"weights": weights, "kv_cache": self_kv + cross_kv}
-
-
-def useful_flops(config, batch: int, beams: int, input_length: int, new: int) -> float:
-  """Matmul and attention FLOPs of one generate call with a growing cache (no padding waste):
-  the encoder and cross k/v once per input row, the decoder once per beam and token."""
-  c = config
-  d, hk, s = c.d_model, c.num_heads * c.d_kv, input_length
-  ffn = (3 if c.is_gated else 2) * d * c.d_ff
-  encoder = c.num_layers * s * (2 * (4 * d * hk + ffn) + 4 * hk * s)
-  cross_kv = c.num_decoder_layers * s * 2 * 2 * d * hk
-  per_token = c.num_decoder_layers * 2 * (6 * d * hk + ffn) + 2 * d * c.vocab_size
-  attention = c.num_decoder_layers * sum(4 * hk * (t + 1) + 4 * hk * s for t in range(new))
-  return float(batch * (encoder + cross_kv) + batch * beams * (new * per_token + attention))
+def model_work(model, batch: int, beams: int, input_length: int, new: int) -> dict:
+  """FLOPs of one generate call with a growing cache (the encoder and cross k/v once per input
+  row, each decode step scoring only the positions written) and the bytes one step reads."""
+  c = cost.plan_cost(
+    model, model.identity_plan(), batch=batch, input_length=input_length, target_length=new,
+    beams=beams,
+  )  # fmt: skip
+  flops = c.prefill_flops + sum(c.decode_step_flops(t + 1) for t in range(new))
+  return {"flops": flops, "step_bytes": c.decode_step_bytes(), "kv_bytes": c.kv_cache_bytes()}
 
 
 def run_case(hf, model, params, prepared, batch: int, beams: int, args) -> dict:
@@ -170,12 +129,8 @@ def run_case(hf, model, params, prepared, batch: int, beams: int, args) -> dict:
 
   mj_tokens, hf_tokens = np.asarray(mj_out.tokens), hf_out.numpy()[:, 1:]
   same = [np.array_equal(a, b) for a, b in zip(mj_tokens, hf_tokens, strict=True)]
-  c = model.config
   costs = xla_costs(model, params, batch, beams, input_length, new)
-  xla_flops = costs["prefill"]["flops"] + (new - 1) * costs["step"]["flops"]
-  moved = step_bytes(c, batch, beams, input_length, new)
-  per_step = moved["weights"] + moved["kv_cache"]
-  useful = useful_flops(c, batch, beams, input_length, new)
+  work = model_work(model, batch, beams, input_length, new)
   row = {"batch": batch, "beams": beams}
   row["new_tokens_modjax"] = int(np.min(np.asarray(mj_out.lengths)))
   row |= {"new_tokens_hf": int(hf_tokens.shape[1]), "rows_equal": f"{sum(same)}/{batch}"}
@@ -186,41 +141,40 @@ def run_case(hf, model, params, prepared, batch: int, beams: int, args) -> dict:
   row["xla_gflop_prefill"] = costs["prefill"]["flops"] / 1e9
   row["xla_gflop_step"] = costs["step"]["flops"] / 1e9
   row["xla_mb_step"] = costs["step"]["bytes"] / 1e6
-  row |= {"useful_gflop": useful / 1e9, "mb_step": per_step / 1e6}
-  row |= {"mb_step_weights": moved["weights"] / 1e6, "mb_step_kv": moved["kv_cache"] / 1e6}
-  row |= {"modjax_gflop_s": xla_flops / mj_s / 1e9, "hf_useful_gflop_s": useful / hf_s / 1e9}
-  return row | {"modjax_gb_s": per_step * new / mj_s / 1e9}
+  row |= {"gflop": work["flops"] / 1e9, "mb_step": work["step_bytes"] / 1e6}
+  row["mb_step_kv"] = work["kv_bytes"] / 1e6
+  return row | {"modjax_gflop_s": work["flops"] / mj_s / 1e9}
 
 
 def add_percentages(row: dict, limits: dict) -> dict:
-  """modjax's achieved FLOP/s and bandwidth as percentages of this run's ceilings."""
-  row["modjax_pct_peak_flops"] = 100 * row["modjax_gflop_s"] * 1e9 / limits["peak_flops"]
-  row["modjax_pct_peak_bw"] = 100 * row["modjax_gb_s"] * 1e9 / limits["peak_bytes_per_s"]
-  return row
+  """modjax's call against this run's ceilings (``harness.roofline``)."""
+  work = (row["gflop"] * 1e9, row["mb_step"] * 1e6 * row["new_tokens_modjax"], row["modjax_s"])
+  return row | {f"modjax_{k}": v for k, v in harness.roofline(*work, limits).items()}
 
 
-TABLE = "batch beams new_tokens_modjax new_tokens_hf rows_equal modjax_tok_s hf_tok_s ratio"
-TABLE += " modjax_compile_s modjax_ms_per_step xla_gflop_step modjax_gflop_s modjax_pct_peak_flops"
-TABLE += " mb_step modjax_gb_s modjax_pct_peak_bw"
+TABLE = "shape batch beams new_tokens_modjax new_tokens_hf rows_equal modjax_tok_s hf_tok_s ratio"
+TABLE += " modjax_compile_s modjax_ms_per_step gflop modjax_pct_peak_flops mb_step"
+TABLE += " modjax_pct_peak_bw modjax_fraction_of_roofline"
 
 
 def parse_args(argv=None):
   p = harness.parser(__doc__, "decode_vs_hf")
-  p.add_argument("--batch-sizes", type=harness.ints, help="comma-separated (1,8; quick 1,2)")
+  p.option("--shapes", "micro", "t5-small,ddtp", str, f"comma-separated, of {sorted(SHAPES)}")
+  p.option("--batch-sizes", [1, 2], [1, 8], harness.ints)
   p.add_argument("--beams", type=harness.ints, default=[1, 4], help="beam counts (1 = greedy)")
-  p.add_argument("--new-tokens", type=int, default=None, help="default 64; quick 8")
-  p.add_argument("--input-length", type=int, default=None, help="default 64; quick 16")
-  p.add_argument("--repeats", type=int, default=None, help="timed rounds per case (5; quick 1)")
+  p.option("--new-tokens", 8, 64)
+  p.option("--input-length", 16, 64)
+  p.option("--repeats", 1, 5, help="timed rounds per case")
   p.add_argument(
-    "--threads",
-    type=int,
-    default=os.cpu_count(),
+    "--threads", type=int, default=os.cpu_count(),
     help="CPU threads of both frameworks (default: all cores): torch.set_num_threads, and for\n"
     "fewer than all cores XLA's intra_op_parallelism_threads (set before JAX starts)",
-  )
+  )  # fmt: skip
   args = p.parse_args(argv)
-  harness.defaults(args, batch_sizes=([1, 2], [1, 8]), new_tokens=(8, 64), repeats=(1, 5))
-  return harness.defaults(args, input_length=(16, 64))
+  args.shapes = args.shapes.split(",")
+  if unknown := sorted(set(args.shapes) - set(SHAPES)):
+    p.error(f"--shapes: unknown {unknown}; choose from {sorted(SHAPES)}")
+  return args
 
 
 def limit_xla_threads(threads: int):
@@ -239,23 +193,21 @@ def main(argv=None):
   limit_xla_threads(args.threads)
   torch.set_num_threads(args.threads)
   xla_threads = min(args.threads, os.cpu_count() or 1)
-  print(
-    f"threads: torch {torch.get_num_threads()}, XLA {xla_threads} (of {os.cpu_count()} "
-    f"cores). JAX {jax.__version__} on {jax.default_backend()}, torch {torch.__version__}, "
-    f"transformers {transformers.__version__}"
-  )
-  shape = TINY if args.quick else T5_SMALL
-  with tempfile.TemporaryDirectory() as directory:
-    hf, model, params = build(shape, args.seed, directory)
-  # The weights laid out for decoding once (the tied head transposed), as HF's are at load time.
-  prepared, prepare_s = timing.timed(lambda: prepare(model, params))
+  print(f"threads: torch {torch.get_num_threads()}, XLA {xla_threads} of {os.cpu_count()} cores")
+  prepare_s = {}
 
   def run():
     results = []
-    for batch in args.batch_sizes:
-      for beams in args.beams:
-        harness.say(f"batch {batch}, beams {beams} ...")
-        results.append(run_case(hf, model, params, prepared, batch, beams, args))
+    for shape in args.shapes:
+      with tempfile.TemporaryDirectory() as directory:
+        hf, model, params = build(shape, args.seed, directory)
+      # The weights laid out for decoding once (the tied head transposed), as HF's are at load.
+      prepared, prepare_s[shape] = timing.timed(functools.partial(prepare, model, params))
+      for batch in args.batch_sizes:
+        for beams in args.beams:
+          harness.say(f"{shape}: batch {batch}, beams {beams} ...")
+          row = run_case(hf, model, params, prepared, batch, beams, args)
+          results.append({"shape": shape} | row)
     return results
 
   results, limits = harness.around(args.quick, run)
@@ -263,26 +215,14 @@ def main(argv=None):
   table = harness.table(results, TABLE)
   print(
     "ratio = modjax tok/s / HF tok/s; %peak against this run's measured limits; "
-    "mb_step = decoder weights + KV caches read per step; peak bandwidth = the better of "
-    "read and copy."
+    "mb_step = decoder weights + KV caches read per step; fraction_of_roofline = the "
+    "roofline's time for the call's FLOPs and bytes over modjax's."
   )
+  out = {"models": {shape: SHAPES[shape] for shape in args.shapes}, "limits": limits}
+  out |= {"torch_threads": torch.get_num_threads(), "xla_threads": xla_threads}
+  out |= {"xla_flags": os.environ.get("XLA_FLAGS", ""), "modjax_prepare_s": prepare_s}
   harness.report(
-    args,
-    "decode_vs_hf",
-    "input_length new_tokens repeats",
-    model=shape,
-    torch_threads=torch.get_num_threads(),
-    xla_threads=xla_threads,
-    xla_flags=os.environ.get("XLA_FLAGS", ""),
-    limits=limits,
-    modjax_prepare_s=prepare_s,
-    versions={
-      "jax": jax.__version__,
-      "torch": torch.__version__,
-      "transformers": transformers.__version__,
-    },
-    results=results,
-    table=table,
+    args, "shapes input_length new_tokens repeats", **out, results=results, table=table
   )
 
 

@@ -1,23 +1,14 @@
 """What FFN merging costs and saves at published shapes: the feature pass, the correlations, the
 assignments, and the merged model's size in memory and on disk against the original.
 
-Random weights (the costs do not depend on the values) of t5-small (6+6 layers, d_ff 2048) and
-GPT-2 124M (12 layers, d_ff 3072), random tokens, windows of k = a third of the layers (t5-small
-k=2 in both stacks, GPT-2 k=4):
-
-* ``features``: ``collect_stats`` over ``--tokens`` real tokens per stack in batches of
-  ``--batch`` x 128, with the cross sums of every (reference, other) pair that some candidate
-  window needs (what ``python -m modjax.merge --start auto`` collects). Timed after a compiling
-  pass; FLOPs and bytes per batch from XLA's cost analysis of the jitted accumulation step;
-  ``%peak`` against the matmul peak and ``%bw`` against the memory bandwidth measured in this run
-  (``benchmarks/harness.py``: before and after the shapes, the better of each).
-* ``correlations``: every pair's [F, F] Pearson matrix from the streamed sums (NumPy).
-* ``assignments``: ``linear_sum_assignment`` (SciPy, maximise) on the first
-  ``--max-assignments`` of them (every pair is one [F, F] problem of the same size).
-* ``merge``: the aligned average of the window at start 0, one new bank entry per stack.
-* sizes: bytes of the arrays the identity plan reads vs what the merged plan reads (in memory),
-  and the Orbax directories of both written with ``modjax.store.export.export_bank_subset``
-  (on disk: each shared FFN is stored once).
+Random weights and tokens (costs do not depend on values) of t5-small (k=2 in both stacks) and
+GPT-2 124M (k=4): ``features``: ``collect_stats`` over ``--tokens`` tokens per stack in batches of
+``--batch`` x 128 with every pair's cross sums that a candidate window needs (``merge --start
+auto``), timed after a compiling pass, with XLA's FLOPs and bytes of the accumulation step against
+the same run's ceilings; ``correlations``: every pair's [F, F] Pearson matrix (NumPy);
+``assignments``: SciPy's ``linear_sum_assignment`` on the first ``--max-assignments`` pairs;
+``merge``: the aligned average of the window at start 0; sizes: bytes each plan reads in memory
+and the Orbax directories written by ``export_bank_subset`` (a shared FFN stored once).
 
     python -m benchmarks.ffn_merge                 # t5-small and gpt2, ~10k tokens each
     python -m benchmarks.ffn_merge --quick         # micro shapes: a smoke test
@@ -31,7 +22,6 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import harness
 from modjax.core import timing
@@ -60,20 +50,10 @@ def build(name: str):
 
 def random_batches(model, batch: int, count: int, seed: int = 0) -> list[dict]:
   """Full-length batches of random tokens (every position a real token)."""
-  rng = np.random.default_rng(seed)
   vocab = model.config.vocab_size
-
-  def tokens():
-    return rng.integers(2, vocab, (batch, LENGTH), dtype=np.int32)
-
-  out = []
-  for _ in range(count):
-    targets = tokens()
-    b = {"decoder_input_tokens": np.roll(targets, 1, axis=1), "decoder_target_tokens": targets}
-    if isinstance(model, T5):
-      b["encoder_input_tokens"] = tokens()
-    out.append(b)
-  return out
+  if isinstance(model, T5):
+    return [harness.seq2seq_batch(vocab, batch, LENGTH, LENGTH, seed + i) for i in range(count)]
+  return [harness.lm_batch(vocab, batch, LENGTH, seed + i) for i in range(count)]
 
 
 def stack_pairs(model, plan, k: int) -> dict:
@@ -124,9 +104,7 @@ def sizes(model, params, plan, merged_params, merged_plan) -> dict:
 
 def _disk_bytes(directory: str) -> int:
   return sum(
-    os.path.getsize(os.path.join(dirpath, f))
-    for dirpath, _, files in os.walk(directory)
-    for f in files
+    os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(directory) for f in files
   )
 
 
@@ -170,23 +148,21 @@ def run_shape(name: str, args) -> tuple[list[dict], dict]:
 
 
 def add_percentages(row: dict, limits: dict) -> dict:
-  """The feature pass's FLOP/s and bytes/s as percentages of this run's ceilings."""
-  if "gflops" in row:
-    row["%peak"] = 100 * row["gflops"] * 1e9 / row["seconds"] / limits["peak_flops"]
-    row["%bw"] = 100 * row["gbytes"] * 1e9 / row["seconds"] / limits["peak_bytes_per_s"]
-  return row
+  """The feature pass's FLOP/s and bytes/s against this run's ceilings."""
+  if "gflops" not in row:
+    return row
+  shares = harness.roofline(row["gflops"] * 1e9, row["gbytes"] * 1e9, row["seconds"], limits)
+  return row | {"%peak": shares["pct_peak_flops"], "%bw": shares["pct_peak_bw"]}
 
 
 def main(argv=None) -> None:
   parser = harness.parser(__doc__, "ffn_merge")
-  parser.add_argument("--shapes", type=lambda t: t.split(","), help="comma-separated SHAPES")
-  parser.add_argument("--tokens", type=int, default=10_240, help="real tokens per stack")
-  parser.add_argument("--batch", type=int, default=16, help="rows of 128 tokens per batch")
+  shapes = ["micro-t5", "micro-gpt2"], ["t5-small", "gpt2"]
+  parser.option("--shapes", *shapes, lambda t: t.split(","), "comma-separated SHAPES")
+  parser.option("--tokens", 512, 10_240, help="real tokens per stack")
+  parser.option("--batch", 2, 16, help="rows of 128 tokens per batch")
   parser.add_argument("--max-assignments", type=int, default=4, help="assignments timed per shape")
   args = parser.parse_args(argv)
-  harness.defaults(args, shapes=(["micro-t5", "micro-gpt2"], ["t5-small", "gpt2"]))
-  if args.quick:
-    args.tokens, args.batch = min(args.tokens, 512), min(args.batch, 2)
 
   def run():
     rows, records = [], {}
@@ -204,9 +180,7 @@ def main(argv=None) -> None:
     for n, r in records.items()
   ]
   harness.table(size_rows)
-  harness.report(
-    args, "ffn_merge", "tokens batch", limits=limits, rows=rows, shapes=records, length=LENGTH
-  )
+  harness.report(args, "tokens batch", limits=limits, rows=rows, shapes=records, length=LENGTH)
 
 
 if __name__ == "__main__":

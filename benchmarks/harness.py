@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -42,17 +43,40 @@ from modjax.train.step import TrainState, init_state, jit_train_step, make_train
 interleaved, repeat, median = timing.interleaved, timing.repeat, timing.median
 RESULTS = os.path.join("benchmarks", "results")
 _START = [time.perf_counter()]
+_LOAD = [os.getloadavg()]  # 1/5/15-minute load averages when the parser was made
 
 
 # ---- command line ---------------------------------------------------------------------------
-def parser(doc: str, name: str) -> argparse.ArgumentParser:
-  """An argument parser with the common flags; ``--out`` defaults to ``results/<name>.json``."""
-  _START[0] = time.perf_counter()
-  p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=os.path.join(RESULTS, f"{name}.json"))
-  p.add_argument("--quick", action="store_true", help="small shapes, few calls: a smoke test")
-  return p
+class Parser(argparse.ArgumentParser):
+  """The common flags (``--seed``, ``--out`` defaulting to ``results/<name>.json``, ``--quick``)
+  and :meth:`option`: a flag whose default depends on ``--quick``, filled in by ``parse_args``."""
+
+  def __init__(self, doc: str, name: str):
+    super().__init__(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    _START[0] = time.perf_counter()
+    self.quick_full: dict[str, tuple] = {}
+    self.set_defaults(benchmark=name)
+    _LOAD[0] = os.getloadavg()
+    self.add_argument("--seed", type=int, default=0)
+    self.add_argument("--out", default=os.path.join(RESULTS, f"{name}.json"))
+    self.add_argument("--quick", action="store_true", help="small shapes, few calls: a smoke test")
+
+  def option(self, flag: str, quick, full, type=int, help: str = "", **kw) -> None:
+    """``flag`` defaulting to ``full``, or to ``quick`` under ``--quick`` (both in its help)."""
+    text = f"{help} (default {_show(full)}; --quick {_show(quick)})".lstrip()
+    action = self.add_argument(flag, type=type, default=None, help=text, **kw)
+    self.quick_full[action.dest] = (quick, full)
+
+  def parse_args(self, args=None, namespace=None):
+    return defaults(super().parse_args(args, namespace), **self.quick_full)
+
+
+def parser(doc: str, name: str) -> Parser:
+  return Parser(doc, name)
+
+
+def _show(value) -> str:
+  return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 def ints(text: str) -> list[int]:
@@ -117,6 +141,7 @@ def measure_limits(quick: bool = False) -> dict:
 def around(quick: bool, fn):
   """(``fn()``, limits): the ceilings measured before and after ``fn``, the better of each
   kept, with both measurements (``before``, ``after``)."""
+  print(", ".join(f"{k} {v}" for k, v in machine().items() if "load" not in k), flush=True)
   before = measure_limits(quick)
   settle()
   out = fn()
@@ -169,6 +194,15 @@ def milliseconds(seconds: Sequence[float], name: str = "step_ms") -> dict:
   """``{name: median, name_min: fastest, name_all: every call}`` in milliseconds."""
   ms = [1e3 * s for s in seconds]
   return {name: median(ms), f"{name}_min": min(ms), f"{name}_all": ms}
+
+
+def roofline(flops: float, nbytes: float, seconds: float, limits: dict) -> dict:
+  """Work done in ``seconds`` against this run's ceilings: ``pct_peak_flops``, ``pct_peak_bw``
+  and ``fraction_of_roofline`` (the roofline's time, max(FLOPs / peak, bytes / bandwidth), over
+  the measured time: 1.0 is the machine's limit)."""
+  flops_s, bytes_s = flops / limits["peak_flops"], nbytes / limits["peak_bytes_per_s"]
+  out = {"pct_peak_flops": 100 * flops_s / seconds, "pct_peak_bw": 100 * bytes_s / seconds}
+  return out | {"fraction_of_roofline": max(flops_s, bytes_s) / seconds}
 
 
 # ---- XLA's cost analysis --------------------------------------------------------------------
@@ -232,14 +266,24 @@ def train_step(model, loss_fn, params, optimizer_cfg, num_steps: int, frozen=Non
   return step, init
 
 
+def hf_t5_config(config):
+  """transformers' ``T5Config`` with the architecture (and dropout) of a modjax ``T5Config``."""
+  import transformers
+
+  names = [f.name for f in dataclasses.fields(config) if f.name not in ("param_dtype", "dtype")]
+  fields = {name: getattr(config, name) for name in names}
+  return transformers.T5Config(**fields)
+
+
 def count_params(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 # ---- output ---------------------------------------------------------------------------------
 def machine() -> dict:
-  """What the numbers were measured on."""
+  """What the numbers were measured on, and the load beside them (other work slows a run)."""
   device = jax.devices()[0]
+  versions = {n: sys.modules[n].__version__ for n in ("torch", "transformers") if n in sys.modules}
   return {
     "platform": platform.platform(),
     "processor": platform.processor() or platform.machine(),
@@ -247,6 +291,9 @@ def machine() -> dict:
     "jax_backend": jax.default_backend(),
     "jax_device": getattr(device, "device_kind", str(device)),
     "jax_version": jax.__version__,
+    **{f"{name}_version": version for name, version in versions.items()},
+    "load_avg_start": _LOAD[0],
+    "load_avg_end": os.getloadavg(),
   }
 
 
@@ -281,10 +328,10 @@ def write_json(path: str, data: dict) -> str:
   return path
 
 
-def report(args, name: str, args_keys: str = "", **fields) -> str:
+def report(args, args_keys: str = "", **fields) -> str:
   """Writes ``args.out``: the benchmark's name, ``--quick``, the flags named in ``args_keys``
   (space-separated), the machine and ``fields``; prints and returns the path."""
-  data = {"benchmark": name, "quick": getattr(args, "quick", False)}
+  data = {"benchmark": args.benchmark, "quick": args.quick}
   data |= {key: getattr(args, key) for key in args_keys.split()}
   path = write_json(args.out, {**data, "machine": machine(), **fields})
   print(f"wrote {path}")

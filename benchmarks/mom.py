@@ -1,52 +1,25 @@
-"""Mixture-of-Modules against vanilla GPT-2 of the same parameters, on this machine: train-step
-and decode tokens/s, and XLA's FLOPs per token as the pools grow at a fixed K.
+"""Mixture-of-Modules against vanilla GPT-2 of the same parameters: train-step tokens/s, and XLA's
+FLOPs per token as the pools grow at a fixed K (decoding: ``benchmarks/mom_decode.py``).
 
-Models (random weights, random tokens; the costs do not depend on the values): the MoM decoder
-of ``configs/mom_gpt2.py:<size>`` (``ddtp`` by default: 1 bottom layer, one MoM block of 4
-attention + 4 FFN modules, K=1, H=4 rounds, SKIP, GRU router, capacity factor 2; ``--quick``
-uses ``tiny``, d 128, with 4 + 4 modules and H=1) and the vanilla GPT-2 of the same parameters
-(the config's preset with ``n_layer = MoMConfig.vanilla_depth``: 6 layers of ``gpt2-small-cpu``
-for ``ddtp``; the MoM model has its routers on top). Same vocabulary, batch and length (the
-config's ``data`` and ``train`` sections; ``ddtp``: 16 x 128 tokens, ``tiny``: 16 x 32). The
-MoM pools start from the vanilla model's layers (``mom_bank``, phase two of training).
+Random weights and tokens. The MoM decoder of ``configs/mom_gpt2.py:<size>`` (``ddtp``: 1 bottom
+layer, one MoM block of 4 attention + 4 FFN modules, K=1, H=4, GRU router, capacity factor 2;
+``--quick``: ``tiny``, H=1) against the vanilla GPT-2 of the same parameters (``vanilla_depth``
+layers; MoM adds its routers), same vocabulary, batch and length (the config's), the MoM pools
+mapped from the vanilla model's layers (``mom_bank``, as phase two starts).
 
-* ``train``: the step ``modjax.train`` runs (``make_train_step`` + ``jit_train_step`` on one
-  device, the state donated) with the config's optimizer (AdamW 0.9/0.95, eps 1e-5, weight
-  decay 0.1, cosine, clip 1.0) and loss (``task_loss`` for vanilla, ``mom_loss`` for MoM), for
-  the vanilla model and for MoM with ``dispatch=capacity`` and ``dispatch=dense``, compiled
-  ahead (``compile_s``). The first call is untimed; then ``--rounds`` rounds each time
-  ``--steps / --rounds`` consecutive steps of every side in turn; the median step counts.
-  ``tokens_per_s`` = batch x length / median step; ``vs_vanilla`` = that over vanilla's.
-* ``decode``: ``modjax.decoding.generate`` cached greedy on random prompts of
-  ``--prompt-length`` tokens, exactly ``--new-tokens`` new tokens per row (``eos_id=-1``: no
-  row stops early), with ``decoding.prepare``'d constants; one call includes the prefill
-  (``compile_s`` = first call - median call).
-  ``tokens_per_s`` = rows x new tokens / median call. MoM decodes through ``MoMGPT2.exact()``
-  (no drops: a step must not depend on the other rows): a step of B rows gathers its B*K chosen
-  modules while B*K < N, else runs every module (``dispatch`` says which; both against each
-  other and per pool size: ``benchmarks/mom_decode.py``).
-* FLOPs: ``flops`` of XLA's cost analysis of the compiled program
-  (``jitted.lower(...).compile().cost_analysis()``) over the batch's tokens, for the forward
-  (logits and aux, no loss) and for the whole train step (forward, backward, optimizer). XLA
-  counts elementwise work too and no gathers. ``gflop_per_token`` of a timed train step is its
-  compiled program's; ``pct_peak`` = that step's XLA FLOPs / median step / the peak float32
-  matmul FLOP/s measured in the same run (``benchmarks/harness.py``, before and after the
-  timing; the better counts). The sweep (``flops_per_token`` in the JSON) compiles, without
-  running, the MoM model at N_A = N_F = N for each ``--pools`` size at the config's K and H,
-  for both dispatches, beside the forward of the vanilla model of the same parameters
-  (``vanilla_depth`` layers). ``--cost lowered`` (``--quick``'s default: compiling a dozen
-  programs takes minutes) analyses the lowered programs instead, before XLA's optimisations
-  (about 10% fewer train-step FLOPs than compiled at the tiny size; the same trends).
-  Capacity dispatch gives each module ``capacity_factor x T x K / N`` rows (T tokens), so its
-  FLOPs stay flat in N (and are ``capacity_factor`` x what K alone needs: buffers are padded);
-  dense runs every module on every token, so its FLOPs grow with N. A train step's optimizer
-  update costs per parameter, not per token, so capacity's train-step FLOPs per token creep up
-  with N by about (optimizer FLOPs per parameter x added parameters / T).
+* ``train``: the step ``modjax.train`` runs, with the config's optimizer and loss (``task_loss``;
+  ``mom_loss``), for vanilla and for MoM with ``dispatch=capacity`` and ``dense``, compiled ahead
+  (``compile_s``), then ``--rounds`` interleaved rounds of ``--steps / --rounds`` steps per side:
+  the median step, ``tokens_per_s``, ``vs_vanilla``, and ``pct_peak`` (the compiled step's XLA
+  FLOPs over the median step, against the same run's peak float32 matmul FLOP/s).
+* FLOPs per token (``flops_per_token``): the forward and the whole train step compiled (not run;
+  ``--cost lowered``, ``--quick``'s default, analyses the lowered programs: ~10% fewer FLOPs,
+  the same trends) at N_A = N_F = N for each of ``--pools``, both dispatches, beside the vanilla
+  forward of the same parameters. Capacity gives each module ``capacity_factor x T x K / N`` rows,
+  so its FLOPs stay flat in N; dense runs every module on every token, so they grow with N.
 
     python -m benchmarks.mom                      # ddtp size, ~10 minutes on 2 CPU cores
-    python -m benchmarks.mom --quick              # tiny shapes: a smoke test (a few minutes
-                                                  # on a busy 2-core machine, mostly compiles)
-    python -m benchmarks.mom --pools 4,8 --decode-batches 1 --out /tmp/mom.json
+    python -m benchmarks.mom --quick              # tiny shapes: a smoke test
 """
 
 from __future__ import annotations
@@ -55,14 +28,10 @@ import dataclasses
 import os
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import harness
-from modjax import decoding
 from modjax.core import timing
 from modjax.methods.mom import MoMGPT2
-from modjax.methods.mom.dispatch import exact_kind
 from modjax.methods.mom.loss import mom_loss
 from modjax.methods.mom.pools import mom_bank
 from modjax.methods.mom.run import structure_from_config
@@ -71,7 +40,7 @@ from modjax.train import experiment, losses
 from modjax.train.defaults import sibling_config
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-NEVER = -1  # an eos id no token has: every row decodes exactly --new-tokens tokens
+COSTS = ("compiled", "lowered")
 TABLE = ["part", "model", "dispatch", "batch", "params_m", "compile_s", "step_ms"]
 TABLE += ["tokens_per_s", "vs_vanilla", "gflop_per_token", "pct_peak"]
 SWEEP_TABLE = ["pool", "dispatch", "params_m", "fwd_mflop_per_token", "step_mflop_per_token"]
@@ -168,40 +137,6 @@ def train_side(model, params, setup: Setup, batch: dict, seed: int, dispatch: st
   return harness.Side(f"train {row['model']} {dispatch}", call, row, holder=holder)
 
 
-def decode_side(model, params, rows: int, args, seed: int) -> harness.Side:
-  vocab = model.config.vocab_size
-  prompt = np.random.default_rng(seed).integers(2, vocab, (rows, args.prompt_length), np.int32)
-  prompt = jnp.asarray(prompt)
-  prepared = decoding.prepare(model, params)
-  plan = model.identity_plan()
-
-  def call():
-    out = decoding.generate(
-      model, params, plan, prompt, max_new_tokens=args.new_tokens, eos_id=NEVER, pad_id=0,
-      prepared=prepared,
-    )  # fmt: skip
-    return out.lengths
-
-  lengths, first_s = timing.timed(call)  # compiles
-  lengths = np.asarray(lengths)
-  assert (lengths == args.new_tokens).all(), f"decoded lengths {lengths}, not {args.new_tokens}"
-  is_mom = isinstance(model, MoMGPT2)
-  row = {"part": "decode", "model": "mom" if is_mom else "vanilla"}
-  row |= {"dispatch": exact_dispatch(model, rows) if is_mom else "-", "batch": rows}
-  row |= {"prompt": args.prompt_length, "new_tokens": args.new_tokens}
-  row |= {"tokens": rows * args.new_tokens, "params_m": harness.count_params(params) / 1e6}
-  return harness.Side(f"decode {row['model']} {rows}", call, row, first_s=first_s)
-
-
-def exact_dispatch(model: MoMGPT2, rows: int) -> str:
-  """What a decode step of ``rows`` rows runs: ``exact (gather)`` or ``exact (dense)``."""
-  mom = model.exact().mom
-  if mom.dispatch != "exact":
-    return mom.dispatch
-  kinds = {exact_kind(rows * mom.top_k, n) for n in (mom.num_attn, mom.num_ffn)}
-  return f"exact ({'/'.join(sorted(kinds))})"
-
-
 def finish_rows(sides: list[harness.Side], peak_flops: float) -> list[dict]:
   """Each side's row with its timings, throughput, ratio to vanilla and share of the peak."""
   rows = []
@@ -229,16 +164,7 @@ def run_timing(setup: Setup, args) -> list[harness.Side]:
     sides.append(train_side(model, mom_params, setup, batch, args.seed, dispatch))
   harness.say(f"train steps compiled; timing {args.steps} per side")
   harness.time_sides(sides, args.rounds, calls=max(1, args.steps // args.rounds))
-  decoders = [vanilla_of(mom), mom]  # with the weights of the vanilla and capacity steps
-  params = [side.holder["state"].params for side in sides[:2]]
-  decode_sides = [
-    decode_side(m, p, rows, args, args.seed)
-    for rows in args.decode_batches
-    for m, p in zip(decoders, params, strict=True)
-  ]
-  harness.say(f"decoding compiled; timing {args.decode_steps} calls per side")
-  harness.time_sides(decode_sides, args.rounds, calls=max(1, args.decode_steps // args.rounds))
-  return sides + decode_sides
+  return sides
 
 
 def sweep(setup: Setup, pools: list[int], seed: int, known: dict, cost: str):
@@ -282,22 +208,13 @@ def spread_of(per_pool: dict, key: str) -> float:
 
 def parse_args(argv=None):
   p = harness.parser(__doc__, "mom")
-  p.add_argument("--size", default=None, help="configs/mom_gpt2.py size (default ddtp)")
+  p.option("--size", "tiny", "ddtp", str, "configs/mom_gpt2.py size")
   p.add_argument("--batch", type=int, default=None, help="training rows (default: the config's)")
-  p.add_argument("--steps", type=int, default=None, help="timed train steps per side (12)")
-  p.add_argument("--rounds", type=int, default=None, help="rounds over the sides (3)")
+  p.option("--steps", 2, 12, help="timed train steps per side")
+  p.option("--rounds", 1, 3, help="rounds over the sides")
   p.add_argument("--pools", type=harness.ints, default=[4, 8, 16], help="pool sizes N_A = N_F")
-  p.add_argument("--decode-batches", type=harness.ints, help="decode rows, comma-separated (1,16)")
-  p.add_argument("--decode-steps", type=int, default=None, help="timed decode calls (6)")
-  p.add_argument("--prompt-length", type=int, default=None, help="prompt tokens (32)")
-  p.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (64)")
-  p.add_argument("--cost", choices=("compiled", "lowered"), default=None,
-                 help="the sweep's cost analysis: of compiled programs (default) or of the\n"
-                      "lowered ones (no XLA compile; --quick's default)")  # fmt: skip
-  args = p.parse_args(argv)
-  harness.defaults(args, size=("tiny", "ddtp"), steps=(2, 12), cost=("lowered", "compiled"))
-  harness.defaults(args, rounds=(1, 3), decode_steps=(2, 6), prompt_length=(8, 32))
-  return harness.defaults(args, new_tokens=(8, 64), decode_batches=([2], [1, 16]))
+  p.option("--cost", "lowered", "compiled", str, "the sweep's cost analysis", choices=COSTS)
+  return p.parse_args(argv)
 
 
 def known_train_flops(setup: Setup, rows: list[dict]) -> dict:
@@ -309,14 +226,10 @@ def known_train_flops(setup: Setup, rows: list[dict]) -> dict:
 
 def main(argv=None):
   args = parse_args(argv)
-  load_start = os.getloadavg()
   quick_mom = dict(num_attn=args.pools[0], num_ffn=args.pools[0], rounds=1) if args.quick else {}
   setup = load_setup(args.size, args.batch, **quick_mom)
   c = setup.config
-  print(
-    f"JAX {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPU cores; "
-    f"{args.size}: {setup.mom}; vanilla {c.n_layer} layers, d {c.n_embd}", flush=True
-  )  # fmt: skip
+  print(f"{args.size}: {setup.mom}; vanilla {c.n_layer} layers, d {c.n_embd}", flush=True)
   sides, limits = harness.around(args.quick, lambda: run_timing(setup, args))
   rows = finish_rows(sides, limits["peak_flops"])
   known = known_train_flops(setup, rows)
@@ -328,29 +241,10 @@ def main(argv=None):
     d: {k: spread_of(per[d], k) for k in ("forward", "train_step")} for d in ("capacity", "dense")
   }
   print(f"\nFLOPs per token, largest / smallest over pools {args.pools}: {spread}")
-  harness.report(
-    args,
-    "mom",
-    "size steps rounds pools",
-    mom=setup.mom.to_dict(),
-    vanilla={
-      "n_layer": c.n_layer,
-      "n_embd": c.n_embd,
-      "n_head": c.n_head,
-      "vocab_size": c.vocab_size,
-    },
-    batch=setup.batch,
-    length=setup.length,
-    load_avg_start=load_start,
-    load_avg_end=os.getloadavg(),
-    limits=limits,
-    train=[r for r in rows if r["part"] == "train"],
-    decode=[r for r in rows if r["part"] == "decode"],
-    **flops,
-    flops_spread=spread,
-    sweep=sweep_rows,
-    tables={"timing": table, "flops": sweep_table},
-  )
+  out = {"mom": setup.mom.to_dict(), "batch": setup.batch, "length": setup.length}
+  out["vanilla"] = {k: getattr(c, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size")}
+  out |= {"limits": limits, "train": rows, **flops, "flops_spread": spread, "sweep": sweep_rows}
+  harness.report(args, "size steps rounds pools", **out, tables=[table, sweep_table])
 
 
 if __name__ == "__main__":

@@ -1,27 +1,17 @@
 """Mixture-of-Modules decoding: a decode step whose cost follows K, not the pool size.
 
-For pools of N = N_A = N_F modules (``--pools``; K, H and the rest from
-``configs/mom_gpt2.py:<size>``, ``ddtp`` by default: K=1, H=4, one MoM block, d 256) and B
-decode rows (``--batches``), three sides with the same weights (the MoM pools mapped from the
-vanilla model's layers, as phase two starts):
+For pools of N = N_A = N_F modules (``--pools``; the rest from ``configs/mom_gpt2.py:<size>``) and
+B decode rows (``--batches``), three sides with the same weights: ``exact`` (what
+``modjax.decoding`` runs: a step's B*K (row, slot) pairs gather their modules' weights while
+B*K < N, else every module runs), ``dense`` (every module every step, the routing weights mask)
+and ``vanilla`` (GPT-2 of the same parameters). Per side: XLA's FLOPs and bytes of one compiled
+decode step, and cached greedy ``generate`` of exactly ``--new-tokens`` tokens per row after a
+``--prompt-length`` prompt (median of ``--calls``, prefill included): ``tokens_per_s``,
+``ms_per_step``, ``vs_vanilla`` and ``pct_bw`` (XLA's bytes per step over its time against the
+same run's bandwidth; XLA counts every operand as traffic, gathered copies that stay in cache
+included, so over 100% overstates the traffic).
 
-* ``exact``: what ``modjax.decoding`` runs (``MoMGPT2.exact()``): a step's B*K (row, slot) pairs
-  gather just their modules' weights while B*K < N, else every module runs;
-* ``dense``: every module of the pool runs every step and the routing weights mask (the
-  reference, what MoM decoding did before ``exact``);
-* ``vanilla``: GPT-2 of the same parameters (``vanilla_depth`` layers, so it deepens with N).
-
-Per side: XLA's cost analysis of one compiled decode step (``decode_step`` after a prefilled
-prompt): ``mflop_per_step`` and ``mb_per_step`` (bytes accessed); and cached greedy
-``modjax.decoding.generate`` of ``--new-tokens`` tokens per row after a ``--prompt-length`` prompt
-(median of ``--calls`` calls, prefill included): ``tokens_per_s`` and ``ms_per_step`` (median
-call / new tokens). ``pct_bw`` = bytes per step / ms per step / the peak memory bandwidth
-measured in the same run (``benchmarks/harness.py``): a step at these sizes reads its weights
-once per step, so bandwidth, not FLOP/s, is the ceiling. XLA's byte count takes every operand
-and result of every op as memory traffic, gathered weight copies included, some of which stay in
-cache: where it exceeds 100% the count overstates the traffic, not the machine its limit.
-
-    python -m benchmarks.mom_decode                  # ddtp, pools 4,8,16, rows 1,4 (~10 min)
+    python -m benchmarks.mom_decode                  # ddtp, pools 4,8,16, rows 1,4,16
     python -m benchmarks.mom_decode --quick          # tiny shapes: a smoke test
 """
 
@@ -31,8 +21,15 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from benchmarks import harness, mom
+from modjax import decoding
+from modjax.core import timing
+from modjax.methods.mom import MoMGPT2
+from modjax.methods.mom.dispatch import exact_kind
+
+NEVER = -1  # an eos id no token has: every row decodes exactly --new-tokens tokens
 
 TABLE = "pool batch side dispatch params_m mflop_per_step mb_per_step ms_per_step tokens_per_s"
 TABLE += " vs_vanilla pct_bw"
@@ -49,6 +46,41 @@ def step_cost(model, params, rows: int, args) -> dict:
   return {"mflop_per_step": cost["flops"] / 1e6, "mb_per_step": cost["bytes"] / 1e6}
 
 
+def decode_side(model, params, rows: int, args, seed: int) -> harness.Side:
+  """Cached greedy decoding of exactly ``--new-tokens`` tokens per row (compiled, then timed)."""
+  vocab = model.config.vocab_size
+  prompt = np.random.default_rng(seed).integers(2, vocab, (rows, args.prompt_length), np.int32)
+  prompt = jnp.asarray(prompt)
+  prepared = decoding.prepare(model, params)
+  plan = model.identity_plan()
+
+  def call():
+    out = decoding.generate(
+      model, params, plan, prompt, max_new_tokens=args.new_tokens, eos_id=NEVER, pad_id=0,
+      prepared=prepared,
+    )  # fmt: skip
+    return out.lengths
+
+  lengths, first_s = timing.timed(call)  # compiles
+  lengths = np.asarray(lengths)
+  assert (lengths == args.new_tokens).all(), f"decoded lengths {lengths}, not {args.new_tokens}"
+  is_mom = isinstance(model, MoMGPT2)
+  row = {"part": "decode", "model": "mom" if is_mom else "vanilla"}
+  row |= {"dispatch": exact_dispatch(model, rows) if is_mom else "-", "batch": rows}
+  row |= {"prompt": args.prompt_length, "new_tokens": args.new_tokens}
+  row |= {"tokens": rows * args.new_tokens, "params_m": harness.count_params(params) / 1e6}
+  return harness.Side(f"decode {row['model']} {rows}", call, row, first_s=first_s)
+
+
+def exact_dispatch(model: MoMGPT2, rows: int) -> str:
+  """What a decode step of ``rows`` rows runs: ``exact (gather)`` or ``exact (dense)``."""
+  mom = model.exact().mom
+  if mom.dispatch != "exact":
+    return mom.dispatch
+  kinds = {exact_kind(rows * mom.top_k, n) for n in (mom.num_attn, mom.num_ffn)}
+  return f"exact ({'/'.join(sorted(kinds))})"
+
+
 def pool_sides(setup, pool: int, rows: int, args) -> list:
   """The vanilla, dense and exact sides of one pool size and row count."""
   pooled = dataclasses.replace(
@@ -62,7 +94,7 @@ def pool_sides(setup, pool: int, rows: int, args) -> list:
   ]
   sides = []
   for name, model, params in models:
-    side = mom.decode_side(model, params, rows, args, args.seed)
+    side = decode_side(model, params, rows, args, args.seed)
     side.row |= {"pool": pool, "side": name, **step_cost(model, params, rows, args)}
     sides.append(side)
   return sides
@@ -85,22 +117,19 @@ def finish(sides: list, args, peak_bytes_per_s: float) -> list[dict]:
 
 def parse_args(argv=None):
   p = harness.parser(__doc__, "mom_decode")
-  p.add_argument("--size", default=None, help="configs/mom_gpt2.py size (default ddtp)")
-  p.add_argument("--pools", type=harness.ints, help="pool sizes N_A = N_F (4,8,16; quick 4,8)")
-  p.add_argument("--batches", type=harness.ints, help="decode rows, comma-separated (1,4)")
-  p.add_argument("--prompt-length", type=int, default=None, help="prompt tokens (32)")
-  p.add_argument("--new-tokens", type=int, default=None, help="new tokens per row (64)")
-  p.add_argument("--calls", type=int, default=None, help="timed generate calls per side (6)")
-  args = p.parse_args(argv)
-  harness.defaults(args, size=("tiny", "ddtp"), prompt_length=(8, 32), new_tokens=(8, 64))
-  harness.defaults(args, calls=(2, 6), pools=([4, 8], [4, 8, 16]), batches=([1], [1, 4]))
-  return args
+  p.option("--size", "tiny", "ddtp", str, "configs/mom_gpt2.py size")
+  p.option("--pools", [4, 8], [4, 8, 16], harness.ints, "pool sizes N_A = N_F")
+  p.option("--batches", [1], [1, 4, 16], harness.ints, "decode rows")
+  p.option("--prompt-length", 8, 32, help="prompt tokens")
+  p.option("--new-tokens", 8, 64, help="new tokens per row")
+  p.option("--calls", 2, 6, help="timed generate calls per side")
+  return p.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
   setup = mom.load_setup(args.size, None)
-  print(f"JAX {jax.__version__} on {jax.default_backend()}; {args.size}: {setup.mom}", flush=True)
+  print(f"{args.size}: {setup.mom}", flush=True)
 
   def run():
     sides = []
@@ -115,15 +144,8 @@ def main(argv=None):
   sides, limits = harness.around(args.quick, run)
   rows = finish(sides, args, limits["peak_bytes_per_s"])
   table = harness.table(rows, TABLE)
-  harness.report(
-    args,
-    "mom_decode",
-    "size pools batches prompt_length new_tokens calls",
-    mom=setup.mom.to_dict(),
-    limits=limits,
-    results=rows,
-    table=table,
-  )
+  keys = "size pools batches prompt_length new_tokens calls"
+  harness.report(args, keys, mom=setup.mom.to_dict(), limits=limits, results=rows, table=table)
 
 
 if __name__ == "__main__":

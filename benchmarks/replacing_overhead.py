@@ -1,37 +1,25 @@
 """What multi-grained module replacing costs per train step, against plain distillation steps.
 
-Jitted train steps (``make_train_step`` + ``jit_train_step`` on one device, the default
-Adafactor, dropout 0.1 on the student side) on one random t5-small-shaped teacher, one batch:
+Jitted train steps (as ``modjax.train`` jits them, one device, default Adafactor, dropout 0.1 on
+the student side) on one random t5-small-shaped teacher and one batch:
 
-* ``replacing``: Modular Transformers' step (``modular_loss``): the frozen teacher's forward
-  (logits, hidden states, attention maps), then the replacing forward (``lax.switch`` over the
-  drawn granularity per stack, ``lax.cond`` per slot: module or teacher span) and its backward;
-  only modules update; CE + logits KD + hidden MSE + attention KL over the replaced spans.
-* ``baseline``: a plain distillation step of a student of the teacher's size: the same teacher
-  forward, then a full-depth student (a trainable copy of every teacher block; embeddings,
-  relative-position tables and final norms shared and frozen, as in the bank) without any cond,
-  with the same loss terms at every layer (layer i against the teacher's layer i).
-  ``overhead_ratio`` = replacing / baseline step time (target: at most 1.15).
-* ``assembled g``: the replacing step's work without its machinery: the all-g plan (every slot
-  of both stacks a module of granularity g) as a plain stack, same trainable modules, teacher
-  forward and loss terms at each span's end. ``machinery_ratio`` = the replacing step at p=1
-  with g drawn in both stacks / this step: what the switch, the conds and the residuals of
-  untaken branches cost.
+* ``replacing``: Modular Transformers' step (``modular_loss``): the frozen teacher's forward,
+  then the replacing forward (``lax.switch`` over each stack's drawn granularity, ``lax.cond``
+  per slot) and its backward; CE + logits KD + hidden MSE + attention KL over replaced spans.
+* ``baseline``: a plain distillation step of a full-depth student (a trainable copy of every
+  teacher block, shared frozen embeddings and norms as in the bank) with the same loss terms at
+  every layer and no cond. ``overhead_ratio`` = replacing / baseline (target <= 1.15).
+* ``assembled g``: the all-g plan as a plain stack with the same trainable modules and loss
+  terms at each span's end. ``machinery_ratio`` = replacing at p=1 with g drawn in both stacks /
+  this step: what the switch, the conds and the untaken branches cost.
 
-One compiled replacing step per ``remat`` setting (``jax.checkpoint`` on each cond branch, the
-default) serves the whole curriculum: p and g are drawn in-graph from the step number. The
-benchmark's curriculum ramps p from 0 to 1 over 1000 steps with uniform granularities, so the
-step number picks the setting: ``p=0`` (step 0: every slot runs the teacher's span),
-``p=0.75`` (step 750: the default curriculum, p 0.5 -> 1, half-way and past its
-coarse-to-fine stages), ``p=1`` (step 1000), and ``p=1, g=G`` (keys whose draw is G in both
-stacks, found by repeating the step's own draw and checked against what the step reports).
-
-Each case runs ``--draws`` base keys (0 .. draws-1 unless g is fixed; the same for both remat
-settings and for the plain steps, whose keys only change dropout), interleaved over
-``--rounds`` rounds (``benchmarks/harness.py``); its time is the mean over keys of each key's
-fastest round (the least disturbed by other processes), after an untimed round (the first call
-of each cond branch is slow: XLA:CPU readies its kernels lazily). Medians and every time are in
-the JSON, as are the drawn g and replaced slots. ``--profile`` also times each side's loss
+One compiled replacing step per ``remat`` setting serves the whole curriculum (p and g drawn
+in-graph from the step number; p ramps 0 -> 1 over 1000 steps, uniform granularities), so the
+step number picks the setting: ``p=0`` (step 0), ``p=0.75`` (step 750), ``p=1`` (step 1000) and
+``p=1, g=G`` (base keys whose draw is G in both stacks, checked against what the step reports).
+Each case runs ``--draws`` base keys interleaved over ``--rounds`` rounds after an untimed round
+(XLA:CPU readies a cond branch's kernels lazily); its time is the mean over keys of each key's
+fastest round (medians and every time in the JSON). ``--profile`` also times each side's loss
 forward and ``value_and_grad``.
 
     python -m benchmarks.replacing_overhead            # t5-small, 8 x (128 + 32): long on CPU
@@ -41,7 +29,6 @@ forward and ``value_and_grad``.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -276,16 +263,14 @@ def result_rows(records: dict) -> list[dict]:
   for (name, remat, setting), rec in records.items():
     metrics = rec["metrics"]
     assert all(np.isfinite(m["loss"]) for m in metrics), (name, remat, setting)
-    row = {
-      "side": name,
-      "remat": "-" if remat is None else remat,
-      "setting": setting,
-      "step_ms": 1e3 * best[name, remat, setting],
-      "overhead_ratio": best[name, remat, setting] / best[base],
-      "step_ms_median": 1e3 * median[name, remat, setting],
-      "overhead_ratio_median": median[name, remat, setting] / median[base],
-      "step_ms_all": [[1e3 * x for x in s] for s in rec["seconds"]],
+    case = (name, remat, setting)
+    row = {"side": name, "remat": "-" if remat is None else remat, "setting": setting}
+    row |= {"step_ms": 1e3 * best[case], "overhead_ratio": best[case] / best[base]}
+    row |= {
+      "step_ms_median": 1e3 * median[case],
+      "overhead_ratio_median": median[case] / median[base],
     }
+    row["step_ms_all"] = [[1e3 * x for x in s] for s in rec["seconds"]]
     if name == "replacing":
       row |= replacing_details(metrics, rec["seconds"], setting)
       assembled = ("assembled g" + setting.partition("g=")[2], None, setting)
@@ -354,7 +339,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  print(f"JAX {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPU cores")
   *_, b, inputs, targets = SHAPES[args.shape]
   model, sides, info, meta, curriculum = build_sides(args.shape, args.seed, args.remat)
   batch = harness.seq2seq_batch(model.config.vocab_size, b, inputs, targets, args.seed)
@@ -375,24 +359,13 @@ def main(argv=None):
   if args.profile:
     profile_rows = profile(cases, batch, repeats=max(args.rounds, 2) + 1)
     harness.table(profile_rows)
-  harness.report(
-    args,
-    "replacing_overhead",
-    "draws rounds",
-    model=dataclasses.asdict(model.config),
-    batch=b,
-    inputs=inputs,
-    targets=targets,
-    curriculum=f"p 0 -> 1 over {CURRICULUM_STEPS} steps, granularities uniform",
-    settings=SETTINGS,
-    **info,
-    overhead_ratio=worst["overhead_ratio"],
-    overhead_ratio_setting={"remat": worst["remat"], "setting": worst["setting"]},
-    machinery_ratio=machinery,
-    results=rows,
-    profile=profile_rows,
-    table=table,
-  )
+  out = {"model": dataclasses.asdict(model.config), "batch": b, "inputs": inputs}
+  out |= {"targets": targets, "settings": SETTINGS, **info}
+  out["curriculum"] = f"p 0 -> 1 over {CURRICULUM_STEPS} steps, granularities uniform"
+  out["overhead_ratio"] = worst["overhead_ratio"]
+  out["overhead_ratio_setting"] = {"remat": worst["remat"], "setting": worst["setting"]}
+  out |= {"machinery_ratio": machinery, "results": rows, "profile": profile_rows}
+  harness.report(args, "draws rounds", **out, table=table)
 
 
 if __name__ == "__main__":

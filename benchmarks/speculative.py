@@ -1,50 +1,30 @@
 """Self-speculative decoding from a trained bank: plain greedy vs a small plan of the same bank
-drafting k tokens per round (``modjax.decoding.speculative``), on real validation inputs, in ONE
-run.
+drafting k tokens per round (``modjax.decoding.speculative``), on real validation inputs.
 
-Per batch size (``--batch-sizes``, default 1 and 8) and case (draft plan x k): tokens/s of
-speculative greedy decoding, ``speedup_vs_greedy`` (plain greedy's median pass over the
-speculative one's, timed interleaved: greedy, draft, greedy, draft, ... so both see the same
-machine load), the draft's acceptance rate and mean accepted length per round, and the outputs
-checked token for token against plain greedy's (``mismatching_rows`` must be 0). Tokens/s counts
-the tokens generated (EOS included); both sides generate the same ones.
+Per batch size and case (draft plan x k), plain and speculative greedy (both without scores)
+timed interleaved in the same rounds (the median of ``--repeats`` >= 5): ``speedup_vs_greedy``,
+tokens/s (tokens generated, EOS included), the draft's acceptance and mean accepted length per
+round, and ``mismatching_rows`` against plain greedy (must be 0). Where a round's time goes:
+``draft_ms`` (the draft's k one-token steps), ``verify_ms`` (the full plan's (k+1)-token step
+and argmax) and ``greedy_step_ms`` (one plain greedy token), each ``--loop`` times in one jitted
+``lax.scan`` on a prefilled, donated cache, step and verifications interleaved, with XLA's
+FLOPs and bytes of one call (``greedy[].xla``). ``verify_over_step``: the k + 1 = 5-token
+verification over a greedy step, whatever ``--draft-tokens`` says; ``model_speedup`` =
+(1 + accepted per round) x greedy_step_ms / (draft_ms + verify_ms): what the round's parts
+allow. A greedy step's bytes and FLOPs (``modjax.models.cost``) over its time are quoted
+against the same run's ceilings (``fraction_of_roofline``).
 
-Both sides decode without scores (``generate(..., scores=False)``: nothing here reads them, and
-neither side then spends a log-softmax per token). Where the time goes, per case: ``draft_ms``
-(the draft's k tokens of a round: k one-token steps, a jitted ``lax.scan`` as in the loop; a
-round after one that accepted every draft starts with a two-token step instead) and
-``verify_ms`` (the full plan's (k+1)-token step with its argmax), beside ``greedy_step_ms`` (one
-token of plain greedy: step and argmax), each run ``--loop`` times in one jitted ``lax.scan``
-on a prefilled cache (donated, so rewritten in place; loop-invariant work hoisted, as in the
-decoding loops); the step and the verifications are timed in interleaved rounds, and XLA's cost
-analysis of one call of each (FLOPs, bytes accessed) is in ``greedy[].xla``.
-``verify_over_step`` (per batch size, and at the top level for batch 1) is the k + 1 = 5-token
-verification's time over a greedy step's, measured whatever ``--draft-tokens`` says. Then
-``model_speedup`` = (1 + mean accepted length) x greedy_step_ms / (draft_ms + verify_ms): the
-speed-up the round's parts allow, against which ``speedup_vs_greedy`` shows what the rest
-(prefill, bookkeeping, rows waiting in a batch) costs; the best case's is also at the top level
-per batch size. ``ms_per_round`` and ``ms_per_greedy_step`` divide whole passes by the loop's
-iterations (prefill included).
-The machine's ceilings (``benchmarks/harness.py``) are measured in the same run; a greedy
-step's bytes (``modjax.models.cost``: decoder weights, head, caches) over its time is quoted against
-the measured bandwidth.
-
-Drafts: every decoder at one granularity of the bank (``all-gG``: ``m{G}.*`` modules) and one
-mixed tiling (the shallowest with the most distinct span lengths), each over the full plan's
-encoder (the encoder runs once, under the full plan). The full plan is the bank's default.
-
-Run from the repository root:
+Drafts: every decoder at one granularity (``all-gG``) and one mixed tiling (the shallowest with
+the most distinct span lengths), each over the full plan's encoder (run once).
 
     python -m benchmarks.speculative        # the bank the README's first command leaves behind
     python -m benchmarks.speculative --bank ../runs/summ6_bank \\
-        --data ../shared/data/ddtp-summ/validation.jsonl.gz \\
-        --vocab ../runs/ddtp_summ6/vocab/spm.model --input-length 96 --new-tokens 24
+        --data ../shared/data/ddtp-summ/validation.jsonl.gz --input-length 96 --new-tokens 24
     python -m benchmarks.speculative --quick  # micro random bank, random inputs: a smoke test
 
-``--data`` is a JSON-lines file (optionally gzipped) with an ``inputs`` field, prefixed with
-``--prefix`` (default ``summarize: ``); without it, the embedded lead task's validation
-articles. The vocabulary is ``--vocab``, else the bank's ``vocab/spm.model``, else the one of
-the teacher beside it (``<bank>/../teacher``: the pipeline's layout).
+``--data``: JSON lines (optionally gzipped) with an ``inputs`` field, prefixed with
+``--prefix``; without it, the embedded lead task's validation articles. The vocabulary is
+``--vocab``, else the bank's, else the teacher's beside it (``<bank>/../teacher``).
 """
 
 from __future__ import annotations
@@ -62,6 +42,7 @@ import numpy as np
 from benchmarks import harness
 from modjax.core.plan import Plan
 from modjax.core.presets import get_preset
+from modjax.data import vocab
 from modjax.decoding import argmax, draft_block, generate, prepare
 from modjax.methods.modular import add_modules, bank_granularities, tiling_plan
 from modjax.methods.modular.tilings import enumerate_tilings
@@ -116,21 +97,17 @@ def read_texts(path: str | None, count: int) -> list[str]:
 
 
 def find_vocab(args) -> str:
-  candidates = [args.vocab] if args.vocab else [
-    os.path.join(args.bank, "vocab", "spm.model"),
-    os.path.join(os.path.dirname(os.path.normpath(args.bank)), "teacher", "vocab", "spm.model"),
-  ]  # fmt: skip
-  for path in candidates:
-    if os.path.exists(path):
-      return path
-  raise SystemExit(f"no vocabulary among {candidates}; pass --vocab PATH/spm.model")
+  teacher = os.path.join(os.path.dirname(os.path.normpath(args.bank)), "teacher", "vocab")
+  found = args.vocab or vocab.find_vocabulary(os.path.join(args.bank, "vocab"))
+  found = found or vocab.find_vocabulary(teacher)
+  if not found:
+    raise SystemExit(f"no vocabulary under {args.bank}/vocab or {teacher}; pass --vocab PATH")
+  return found
 
 
 def encode_inputs(args, count: int) -> np.ndarray:
   """[count, input_length] encoder ids (``prefix`` + text, cut to leave room for EOS, then EOS,
   right-padded with 0), as the training pipeline feeds T5."""
-  from modjax.data import vocab
-
   vocabulary = vocab.load_vocabulary(find_vocab(args), extra_ids=0)
   ids = np.zeros((count, args.input_length), np.int32)
   for row, text in enumerate(read_texts(args.data, count)):
@@ -371,35 +348,29 @@ def run_batch(model, params, drafts, full, ids, batch: int, args, prepared) -> t
 
 
 def add_percentages(summary: dict, limits: dict) -> dict:
-  """A greedy step's bytes and FLOPs over its time, as percentages of this run's ceilings."""
-  per_s = 1e3 / summary["greedy_step_ms"]
-  summary["step_pct_peak_bw"] = 100 * summary["step_mb"] * 1e6 * per_s / limits["peak_bytes_per_s"]
-  summary["step_pct_peak_flops"] = 100 * summary["step_gflop"] * 1e9 * per_s / limits["peak_flops"]
-  return summary
+  """A greedy step's bytes and FLOPs over its time against this run's ceilings."""
+  flops, nbytes = summary["step_gflop"] * 1e9, summary["step_mb"] * 1e6
+  shares = harness.roofline(flops, nbytes, summary["greedy_step_ms"] / 1e3, limits)
+  return summary | {f"step_{k}": v for k, v in shares.items()}
 
 
 # ---- the run --------------------------------------------------------------------------------
 def parse_args(argv=None):
   p = harness.parser(__doc__, "speculative")
-  p.add_argument(
-    "--bank", default=DEFAULT_BANK, help=f"a trained module bank (default {DEFAULT_BANK})"
-  )
+  p.add_argument("--bank", default=DEFAULT_BANK, help=f"a trained bank (default {DEFAULT_BANK})")
   p.add_argument("--data", default=None, help="JSON lines with 'inputs' (default: embedded_lead)")
   p.add_argument("--vocab", default=None, help="SentencePiece model (default: found by the bank)")
   p.add_argument("--prefix", default="summarize: ", help="prepended to every input text")
-  p.add_argument("--batch-sizes", type=harness.ints, help="comma-separated (1,8; quick 1,2)")
-  p.add_argument("--examples", type=harness.ints, help="per batch size (16,64; quick 2,4)")
-  p.add_argument("--draft-tokens", type=harness.ints, help="k values (2,3,4,6; quick 2,3)")
   p.add_argument("--drafts", default=None, help="comma-separated names (default: every draft)")
-  p.add_argument("--input-length", type=int, default=None, help="default 64; quick 16")
-  p.add_argument("--new-tokens", type=int, default=None, help="at most; default 24; quick 8")
-  p.add_argument("--repeats", type=int, default=None, help="timed pass pairs per case (5; quick 1)")
-  p.add_argument("--step-repeats", type=int, default=None, help="timed part calls (10; quick 2)")
-  p.add_argument("--loop", type=int, default=None, help="part runs per timed call (8; quick 2)")
+  p.option("--batch-sizes", [1, 2], [1, 8], harness.ints)
+  p.option("--examples", [2, 4], [16, 64], harness.ints, "per batch size")
+  p.option("--draft-tokens", [2, 3], [2, 3, 4, 6], harness.ints, "k values")
+  p.option("--input-length", 16, 64)
+  p.option("--new-tokens", 8, 24, help="at most")
+  p.option("--repeats", 1, 5, help="timed pass pairs per case")
+  p.option("--step-repeats", 2, 10, help="timed part calls")
+  p.option("--loop", 2, 8, help="part runs per timed call")
   args = p.parse_args(argv)
-  harness.defaults(args, batch_sizes=([1, 2], [1, 8]), examples=([2, 4], [16, 64]))
-  harness.defaults(args, draft_tokens=([2, 3], [2, 3, 4, 6]), input_length=(16, 64))
-  harness.defaults(args, new_tokens=(8, 24), repeats=(1, 5), step_repeats=(2, 10), loop=(2, 8))
   if len(args.examples) != len(args.batch_sizes):
     p.error("--examples needs one count per batch size")
   examples = args.examples
@@ -419,7 +390,7 @@ def summary_lines(rows: list[dict], greedy: list[dict]) -> list[str]:
     best = max(mine, key=lambda r: r["speedup_vs_greedy"])
     lines.append(
       f"batch {g['batch']}: plain greedy {g['tokens_per_s']:.0f} tokens/s "
-      f"({g['greedy_step_ms']:.2f} ms/step, {g['step_pct_peak_bw']:.0f}% of peak bandwidth; "
+      f"({g['greedy_step_ms']:.2f} ms/step, {g['step_fraction_of_roofline']:.2f} of the roofline; "
       f"a {VERIFY_K + 1}-token verification {g['verify_over_step']:.2f} steps); "
       f"best: {best['draft']} k={best['k']} at {best['speedup_vs_greedy']:.2f}x (acceptance "
       f"{best['acceptance']:.2f}, {best['accepted_per_round']:.2f} drafts accepted per round; "
@@ -432,7 +403,6 @@ def summary_lines(rows: list[dict], greedy: list[dict]) -> list[str]:
 
 def main(argv=None):
   args = parse_args(argv)
-  print(f"JAX {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPU cores")
   model, params, drafts, full, ids, source = load(args)
   prepared = jax.block_until_ready(prepare(model, params))
   print(f"{source}: full plan {full.describe()}; drafts {[d.describe() for d in drafts.values()]}")
@@ -451,23 +421,13 @@ def main(argv=None):
   table = harness.table(rows, TABLE)
   notes = summary_lines(rows, greedy)
   print("\n".join(notes))
-  harness.report(
-    args,
-    "speculative",
-    "data input_length new_tokens examples draft_tokens repeats step_repeats loop",
-    source=source,
-    bank=None if args.quick else args.bank,
-    model=dataclasses.asdict(model.config),
-    full_plan=full.describe(),
-    drafts={name: d.describe() for name, d in drafts.items()},
-    limits=limits,
-    verify_over_step={g["batch"]: g["verify_over_step"] for g in greedy},
-    speedup_vs_greedy={g["batch"]: g["speedup_vs_greedy"] for g in greedy},
-    greedy=greedy,
-    results=rows,
-    notes=notes,
-    table=table,
-  )
+  out = {"source": source, "bank": None if args.quick else args.bank, "limits": limits}
+  out |= {"model": dataclasses.asdict(model.config), "full_plan": full.describe()}
+  out["drafts"] = {name: d.describe() for name, d in drafts.items()}
+  for key in ("verify_over_step", "speedup_vs_greedy"):
+    out[key] = {g["batch"]: g[key] for g in greedy}
+  keys = "data input_length new_tokens examples draft_tokens repeats step_repeats loop"
+  harness.report(args, keys, **out, greedy=greedy, results=rows, notes=notes, table=table)
 
 
 if __name__ == "__main__":

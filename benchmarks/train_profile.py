@@ -1,26 +1,15 @@
 """Where a train step's time goes: forward / backward / optimizer, and per XLA op.
 
-Two views of modjax's t5-small step (the shapes of ``benchmarks/train_step.py``: batch 8 x
-inputs 256 / targets 64, dropout 0.1):
-
-* **phases**: the loss (forward), its gradient (forward + backward) and the optimizer update
-  (Adafactor and AdamW, each with the step's global-norm clipping) jitted as separate functions
-  and timed alone (median of ``--repeats`` after a warm-up; backward = gradient - forward), next
-  to the whole step;
-* **ops**: the whole jitted step (the default Adafactor unless ``--optimizer adamw``) traced
-  with ``jax.profiler`` for ``--trace-steps`` steps. XLA:CPU records every executed op (thunk)
-  with its HLO name; each op is matched to its instruction in the compiled HLO, whose metadata
-  names the JAX operation it came from, and grouped: pass (forward, backward — JAX's
-  ``transpose(jvp(...))`` — or the rest: optimizer, metrics, parameters copied into another
-  layout for a matmul), component (attention, FFN, LM head and loss, dropout bits, norms and
-  residuals, embeddings) and op kind (matmul, elementwise/fusion, ...). Op
-  times are wall times of each op summed; ops running concurrently on the two cores overlap,
-  so the sum can exceed the step.
-
-Run from the repository root:
+modjax's t5-small step at ``benchmarks/train_step.py``'s shapes, two views: **phases**, the loss
+(forward), its gradient and each optimizer update (Adafactor, AdamW, with clipping) jitted apart
+and timed alone (backward = gradient - forward), beside the whole step; **ops**, the whole step
+traced with ``jax.profiler`` for ``--trace-steps`` steps, each executed XLA op matched to its
+compiled HLO instruction, whose metadata names the JAX operation it came from, and grouped by
+pass (forward, backward = ``transpose(jvp(...))``, the rest), component (attention, FFN, head and
+loss, dropout bits, norms, embeddings) and kind (matmul or not). Op times are summed wall times:
+ops running concurrently overlap, so the sum can exceed the step.
 
     python -m benchmarks.train_profile                   # a few minutes on CPU
-    python -m benchmarks.train_profile --top 40 --out /tmp/train_profile.json
     python -m benchmarks.train_profile --quick           # micro, 1 repeat, 1 traced step
 """
 
@@ -215,17 +204,8 @@ def main(argv=None):
   shape = dict(
     zip(("batch", "inputs", "targets"), train_step.SHAPES[args.preset][2:5], strict=True)
   )
-  harness.report(
-    args,
-    "train_profile",
-    "preset",
-    shape=shape,
-    optimizer=args.optimizer,
-    phases_ms=phases,
-    step_ms=step_ms,
-    **summary,
-    seconds=time.perf_counter() - start,
-  )
+  out = {"shape": shape, "optimizer": args.optimizer, "phases_ms": phases, "step_ms": step_ms}
+  harness.report(args, "preset", **out, **summary, seconds=time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -1,50 +1,26 @@
 """Training-step throughput: modjax's jitted train step vs transformers' PyTorch T5, on CPU.
 
-For each shape, three steps run on the same shapes in the same process:
+Per shape, three steps on the same shapes in one process: ``modjax/adafactor`` (what
+``modjax.train`` runs by default: optax Adafactor, global-norm clipping at 1.0, the rsqrt
+schedule, the state donated, one device), ``modjax/adamw`` (``optimizer.name = "adamw"``, weight
+decay 0) and ``hf/adamw`` (``T5ForConditionalGeneration`` from the same config in ``train()``
+mode, ``torch.optim.AdamW`` with PyTorch's defaults, the loop a user writes: forward with
+``labels``, ``backward``, ``clip_grad_norm_(1.0)``, ``step``, ``zero_grad``). Shapes, dropout on
+both sides alike: ``micro`` (``--quick``: batch 4 x 32 / 16, dropout 0.1), ``tiny`` (configs/
+tiny.py's model, 256-row vocabulary, 32 x 64 / 24, dropout 0), ``t5-small`` (vocabulary 32128,
+8 x 256 / 64, dropout 0.1).
 
-* ``modjax/adafactor``: the step ``modjax.train`` runs by default (``make_train_step`` +
-  ``jit_train_step``: optax Adafactor with parameter-scaled steps, global-norm clipping at 1.0,
-  the rsqrt schedule, the seq2seq cross-entropy, the state donated), compiled for one device;
-* ``modjax/adamw``: the same step with ``optimizer.name = "adamw"`` (``optax.adamw``, clipping
-  at 1.0, weight decay 0), the optimizer the PyTorch side uses;
-* ``hf/adamw``: ``transformers.T5ForConditionalGeneration`` built from the same config (random
-  init, ``train()`` so dropout is on), ``torch.optim.AdamW`` with PyTorch's defaults for the
-  implementation (weight decay 0, as modjax's), as a user would write the loop: forward with
-  ``labels``, ``loss.backward()``, ``clip_grad_norm_(1.0)``, ``optimizer.step()``,
-  ``zero_grad()``.
-
-Shapes (dropout applies on both sides, with the same rate):
-
-* ``micro`` (``--quick``): the 2+2-layer test preset, batch 4 x inputs 32 / targets 16,
-  dropout 0.1;
-* ``tiny``: configs/tiny.py's model (vocabulary 256 rows), batch 32 x inputs 64 / targets 24,
-  dropout 0 (the preset's);
-* ``t5-small``: vocabulary 32128, batch 8 x inputs 256 / targets 64, dropout 0.1.
-
-Timing (``benchmarks/harness.py``): each side's first call is untimed (modjax's compile time
-= first call - median); then ``--rounds`` interleaved rounds each time ``--steps / --rounds``
-consecutive steps of every side in turn, with a pause after each side (one framework's spinning
-threads slow the other). Reported per side: the median step over all rounds (and the minimum),
-tokens/s counting encoder and decoder tokens (batch x (inputs + targets)) and target tokens/s.
-Both frameworks use every core (``torch.set_num_threads``; XLA's default). ``ratio_vs_hf`` (per
-shape) is modjax's AdamW step against HF's AdamW step in tokens/s; ``ratio_vs_hf_adafactor``
-uses modjax's default Adafactor step instead.
-
-FLOPs: ``gflop_model`` counts the matmuls of the model, forward x 3 (the backward pass does
-two matmuls per forward one): every projection, the attention scores and their weighted sum,
-the FFN and the LM head, from the shapes (:func:`model_flops`). Achieved FLOP/s are that count
-over each side's median step (the same work for both frameworks), and ``pct_peak`` quotes them
-against the machine's peak float32 matmul FLOP/s, measured in the same run (before and after
-the steps, the better counts). XLA's cost analysis of each compiled modjax step is reported too
-(``gflop_xla``, ``pct_peak_xla``): it also counts elementwise work (norms, softmax, the dropout
-hash's integer ops), so it moves when that work does; ``gflop_6nt`` is 6 x parameters x the
-tokens that pass through them (no attention scores).
-
-Run from the repository root:
+Each side's first call is untimed (compile time = first call - median); then ``--rounds``
+interleaved rounds of ``--steps / --rounds`` steps per side, a pause after each side (one
+framework's spinning threads slow the other); both use every core. Per side: the median step,
+tokens/s (batch x (inputs + targets)) and target tokens/s; ``ratio_vs_hf`` is modjax's AdamW (and
+``ratio_vs_hf_adafactor`` its Adafactor) step over HF's in tokens/s. ``gflop_model``: the model's
+matmul FLOPs x 3 (``modjax.models.cost``), the same work on every side; ``pct_peak`` against the
+peak float32 matmul FLOP/s measured in the same run. XLA's count (``gflop_xla``: elementwise work
+too) and 6 x parameters x tokens (``gflop_6nt``) are reported beside it.
 
     python -m benchmarks.train_step                    # tiny and t5-small, ~10 minutes on CPU
     python -m benchmarks.train_step --quick            # micro, 3 steps per side: a smoke test
-    python -m benchmarks.train_step --presets t5-small --steps 12 --out /tmp/train_step.json
 """
 
 from __future__ import annotations
@@ -59,7 +35,7 @@ import transformers
 
 from benchmarks import harness
 from modjax.core.presets import get_preset
-from modjax.models import architecture_for
+from modjax.models import architecture_for, cost
 from modjax.train import losses
 from modjax.train.defaults import base_config
 
@@ -107,24 +83,13 @@ def shape_flops(params, batch: int, inputs: int, targets: int) -> float:
 
 
 def model_flops(config, batch: int, inputs: int, targets: int) -> float:
-  """Matmul FLOPs of one T5 train step: 3 x the forward's (projections, attention scores and
-  context, FFN, LM head; norms, softmax and the optimizer not counted)."""
-  d, hk = config.d_model, config.num_heads * config.d_kv
-  ffn = (3 if config.is_gated else 2) * d * config.d_ff
-  s, t = batch * inputs, batch * targets  # encoder and decoder tokens
-
-  def scores(queries: int, keys: int) -> int:  # q.k and p.v, summed over heads
-    return 2 * 2 * batch * queries * keys * hk
-
-  encoder = config.num_layers * (2 * s * (4 * d * hk + ffn) + scores(inputs, inputs))
-  decoder = config.num_decoder_layers * (
-    2 * t * (6 * d * hk + ffn)
-    + 2 * s * 2 * d * hk
-    + scores(targets, targets)
-    + scores(targets, inputs)
+  """Matmul FLOPs of one T5 train step: 3 x the teacher-forced forward's (``modjax.models.cost``:
+  projections, attention scores and context, FFN, LM head; norms, softmax, optimizer left out)."""
+  model = architecture_for(config)
+  work = cost.plan_cost(
+    model, model.identity_plan(), batch=batch, input_length=inputs, target_length=targets
   )
-  head = 2 * t * d * config.vocab_size
-  return 3.0 * (encoder + decoder + head)
+  return 3.0 * work.forward_flops
 
 
 def modjax_side(config, optimizer_name: str, batch: dict, num_steps: int, seed: int):
@@ -151,16 +116,10 @@ def modjax_side(config, optimizer_name: str, batch: dict, num_steps: int, seed: 
   return harness.Side(f"modjax/{optimizer_name}", call, row, holder=holder)
 
 
-def hf_config(config) -> transformers.T5Config:
-  """transformers' T5Config with the same architecture and dropout as a modjax T5Config."""
-  fields = [f.name for f in dataclasses.fields(config) if f.name not in ("param_dtype", "dtype")]
-  return transformers.T5Config(**{name: getattr(config, name) for name in fields})
-
-
 def hf_side(config, batch: dict, seed: int) -> harness.Side:
   transformers.logging.set_verbosity_error()
   torch.manual_seed(seed)
-  model = transformers.T5ForConditionalGeneration(hf_config(config)).float().train()
+  model = transformers.T5ForConditionalGeneration(harness.hf_t5_config(config)).float().train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=HF_LEARNING_RATE, weight_decay=0.0)
   enc, dec, labels = (
     torch.tensor(np.asarray(batch[k]), dtype=torch.long)
@@ -232,12 +191,11 @@ def shape_summary(shape: str, sides: list[harness.Side], peak_flops: float) -> d
 
 def parse_args(argv=None):
   p = harness.parser(__doc__, "train_step")
-  p.add_argument("--presets", default=None, help="comma-separated shapes (default tiny,t5-small)")
-  p.add_argument("--steps", type=int, default=None, help="timed steps per side (default 12)")
-  p.add_argument("--rounds", type=int, default=None, help="rounds over the sides (default 3)")
+  p.option("--presets", "micro", "tiny,t5-small", str, "comma-separated shapes")
+  p.option("--steps", 3, 12, help="timed steps per side")
+  p.option("--rounds", 1, 3, help="rounds over the sides")
   p.add_argument("--no-hf", dest="hf", action="store_false", help="modjax's steps only")
   args = p.parse_args(argv)
-  harness.defaults(args, presets=("micro", "tiny,t5-small"), steps=(3, 12), rounds=(1, 3))
   args.presets = args.presets.split(",")
   unknown = [name for name in args.presets if name not in SHAPES]
   if unknown:
@@ -247,13 +205,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  load_start = os.getloadavg()
   torch.set_num_threads(os.cpu_count() or 1)
-  print(
-    f"JAX {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-    f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-    f"{transformers.__version__}, {os.cpu_count()} CPU cores"
-  )
 
   def run():
     timed = []
@@ -273,19 +225,8 @@ def main(argv=None):
   optimizers = {
     f"modjax/{n}": f"optax.{n} (modjax.train.optim, defaults)" for n in MODJAX_OPTIMIZERS
   }
-  harness.report(
-    args,
-    "train_step",
-    "steps rounds",
-    optimizers={**optimizers, "hf/adamw": HF_OPTIMIZER},
-    # 1/5/15-minute load averages: other work on the machine slows both sides, PyTorch more.
-    load_avg_start=load_start,
-    load_avg_end=os.getloadavg(),
-    versions={"torch": torch.__version__, "transformers": transformers.__version__},
-    limits=limits,
-    results=shapes,
-    table=table,
-  )
+  out = {"optimizers": {**optimizers, "hf/adamw": HF_OPTIMIZER}, "limits": limits}
+  harness.report(args, "steps rounds", **out, results=shapes, table=table)
 
 
 if __name__ == "__main__":

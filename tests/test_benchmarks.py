@@ -199,9 +199,8 @@ def test_mom_quick_run_keeps_capacity_flops_flat_across_pools(tmp_path, capsys):
   report = json.loads(out.read_text())
   train = {(r["model"], r["dispatch"]): r for r in report["train"]}
   assert sorted(train) == [("mom", "capacity"), ("mom", "dense"), ("vanilla", "-")]
-  for r in report["train"] + report["decode"]:
+  for r in report["train"]:
     assert len(r["step_ms_all"]) == report["steps"] and r["tokens_per_s"] > 0, r
-  assert [(r["model"], r["batch"]) for r in report["decode"]] == [("vanilla", 2), ("mom", 2)]
   assert all(0 < r["pct_peak"] < 100 for r in report["train"])
   model = mom.mom_model(mom.load_setup(report["size"], None, **report["mom"]))
   routers = jax.eval_shape(model.init, jax.random.key(0))["decoder"]["routers"]

@@ -38,18 +38,26 @@ def test_repeat_and_timed_wait_for_the_result():
 
 def test_harness_flags_fill_quick_or_full_defaults_and_reject_bad_lists(capsys):
   p = harness.parser("doc", "example")
-  p.add_argument("--sizes", type=harness.ints)
-  p.add_argument("--steps", type=int)
-  quick = harness.defaults(p.parse_args(["--quick", "--steps", "7"]), sizes=([1], [1, 8]))
+  p.option("--sizes", [1], [1, 8], harness.ints, "rows")
+  p.option("--steps", 1, 12)
+  quick = p.parse_args(["--quick", "--steps", "7"])
   assert quick.sizes == [1] and quick.steps == 7 and quick.out.endswith("example.json")
-  full = harness.defaults(p.parse_args(["--sizes", "2,4"]), sizes=([1], [1, 8]), steps=(1, 12))
+  assert quick.benchmark == "example"
+  full = p.parse_args(["--sizes", "2,4"])
   assert full.sizes == [2, 4] and full.steps == 12
+  assert "rows (default 1,8; --quick 1)" in p.format_help()
   for bad in ("1,x", "0,2", ""):
     with pytest.raises(argparse.ArgumentTypeError, match="positive integers"):
       harness.ints(bad)
   with pytest.raises(SystemExit) as exit_info:
     p.parse_args(["--sizes", "1,-3"])
   assert exit_info.value.code == 2 and "positive integers" in capsys.readouterr().err
+
+
+def test_harness_roofline_is_the_bound_over_the_time():
+  limits = {"peak_flops": 100.0, "peak_bytes_per_s": 10.0}
+  shares = harness.roofline(flops=50.0, nbytes=20.0, seconds=4.0, limits=limits)
+  assert shares == {"pct_peak_flops": 12.5, "pct_peak_bw": 50.0, "fraction_of_roofline": 0.5}
 
 
 def test_harness_table_and_report(tmp_path, capsys):
@@ -61,8 +69,8 @@ def test_harness_table_and_report(tmp_path, capsys):
     "|    a |     1.50 | 3 |",
     "|   bb | 1.23e+05 |   |",
   ]
-  args = argparse.Namespace(out=str(tmp_path / "r" / "x.json"), quick=True, steps=3)
-  harness.report(args, "x", "steps", results=rows)
+  args = argparse.Namespace(out=str(tmp_path / "r" / "x.json"), quick=True, steps=3, benchmark="x")
+  harness.report(args, "steps", results=rows)
   data = json.loads((tmp_path / "r" / "x.json").read_text())
   assert data["benchmark"] == "x" and data["quick"] and data["steps"] == 3
   assert data["results"] == rows and data["machine"]["cpu_count"] >= 1
