@@ -140,16 +140,9 @@ def get_task(
   _check_task_args(name, files)
   if shuffle_buffer_size is None:
     shuffle_buffer_size = seqio.SHUFFLE_BUFFER_SIZE
-  spec = {
-    "name": name,
-    "vocabulary": _vocabulary_fingerprint(vocabulary),
-    "files": _files_fingerprint(files),
-    "inputs_prefix": inputs_prefix,
-    "fields": [inputs_field, targets_field] if name == "jsonl" else None,
-    "tfds_data_dir": tfds_data_dir,
-    "shuffle_buffer_size": shuffle_buffer_size if name in TFDS_TASKS else None,
-  }
-  digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+  fields = [inputs_field, targets_field]
+  digest = _task_digest(name, vocabulary, files, inputs_prefix, fields, tfds_data_dir,
+                        shuffle_buffer_size)  # fmt: skip
   registry_name = f"modjax.{name}.{digest}"
   if registry_name in seqio.TaskRegistry.names():
     return seqio.TaskRegistry.get(registry_name)
@@ -174,6 +167,20 @@ def get_task(
     output_features=output_features,
     shuffle_buffer_size=buffer_size,
   )
+
+
+def _task_digest(name, vocabulary, files, inputs_prefix, fields, tfds_data_dir, buffer) -> str:
+  """A short hash of everything that makes a registered task what it is."""
+  spec = {
+    "name": name,
+    "vocabulary": _vocabulary_fingerprint(vocabulary),
+    "files": _files_fingerprint(files),
+    "inputs_prefix": inputs_prefix,
+    "fields": fields if name == "jsonl" else None,
+    "tfds_data_dir": tfds_data_dir,
+    "shuffle_buffer_size": buffer if name in TFDS_TASKS else None,
+  }
+  return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _check_task_args(name: str, files) -> None:

@@ -51,28 +51,13 @@ def generate(
   with that plan of the same bank drafting ``draft_tokens`` per round
   (:func:`speculative_generate`; same tokens, ``stats`` filled in).
   """
-  check_max_new_tokens(max_new_tokens)
-  if num_beams < 1:
-    raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-  if sampling is not None:
-    _check_sampling(sampling, rng, num_beams, draft_plan)
+  _check_call(max_new_tokens, num_beams, sampling, rng, draft_plan)
   if draft_plan is not None:
-    if num_beams != 1:
-      raise ValueError("draft_plan= is for greedy decoding; beam search stays plain (num_beams=1)")
+    kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, prepared=prepared)
     return speculative_generate(
-      model,
-      params,
-      plan,
-      input_ids,
-      input_mask,
-      draft_plan=draft_plan,
-      draft_tokens=draft_tokens,
-      max_new_tokens=max_new_tokens,
-      eos_id=eos_id,
-      pad_id=pad_id,
-      prepared=prepared,
-      scores=scores,
-    )
+      model, params, plan, input_ids, input_mask, draft_plan=draft_plan,
+      draft_tokens=draft_tokens, scores=scores, **kw,
+    )  # fmt: skip
   input_mask, eos_id, pad_id = resolve_ids(model, input_ids, input_mask, eos_id, pad_id)
   fn = (
     functools.partial(greedy, sampling=sampling, rng=rng, scores=scores)
@@ -83,6 +68,16 @@ def generate(
   if prepared is not None:
     check_prepared(model, params, prepared)
   return fn(model, params, plan, input_ids, input_mask, max_new_tokens, eos_id, pad_id, prepared)
+
+
+def _check_call(max_new_tokens: int, num_beams: int, sampling, rng, draft_plan) -> None:
+  check_max_new_tokens(max_new_tokens)
+  if num_beams < 1:
+    raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+  if sampling is not None:
+    _check_sampling(sampling, rng, num_beams, draft_plan)
+  if draft_plan is not None and num_beams != 1:
+    raise ValueError("draft_plan= is for greedy decoding; beam search stays plain (num_beams=1)")
 
 
 def _check_sampling(sampling, rng, num_beams: int, draft_plan) -> None:

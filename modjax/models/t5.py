@@ -258,20 +258,10 @@ class T5:
       collect=collect,
       stack_fns=stack_fns,
     )
-    length = decoder_input_ids.shape[1]
-    positions = jnp.arange(length)
-    self_bias = m["dec_relpos"].apply(
-      {"params": params["decoder"]["relpos_bias"]}, positions, positions
-    )
-    self_bias = self_bias + causal_bias(length)
-    if decoder_segment_ids is not None:
-      self_bias = self_bias + segment_bias(decoder_segment_ids, decoder_segment_ids)
-    elif decoder_mask is not None:
-      self_bias = self_bias + key_padding_bias(decoder_mask)
-    if encoder_segment_ids is not None and decoder_segment_ids is not None:
-      cross_bias = segment_bias(decoder_segment_ids, encoder_segment_ids)
-    else:
-      cross_bias = self._attention_mask(encoder_input_ids, encoder_mask, None, None)
+    self_bias, cross_bias = self._decoder_biases(
+      params, decoder_input_ids, decoder_mask, decoder_segment_ids, encoder_input_ids,
+      encoder_mask, encoder_segment_ids,
+    )  # fmt: skip
     rngs = _split(dec_rng, 3)
     x = _dropout(self._embed(params, decoder_input_ids), c.dropout_rate, deterministic, rngs[0])
     x, dec_inter = (stack_fns or {}).get("decoder", run_stack)(
@@ -290,6 +280,23 @@ class T5:
     x = _dropout(x, c.dropout_rate, deterministic, rngs[2])
     logits = self._logits(params, x)
     return logits, ({"encoder": enc_inter, "decoder": dec_inter} if collect else None)
+
+  def _decoder_biases(self, params, dec_ids_BL, dec_mask_BL, dec_seg_BL, enc_ids_BS, enc_mask_BS,
+                      enc_seg_BS):  # fmt: skip
+    """(self-attention bias [B|1, H, L, L], cross-attention bias [B, 1|L, 1, S]) of a
+    teacher-forced decoder pass: relative positions, causality and padding or packing."""
+    length = dec_ids_BL.shape[1]
+    positions = jnp.arange(length)
+    relpos = {"params": params["decoder"]["relpos_bias"]}
+    self_bias = self._modules()["dec_relpos"].apply(relpos, positions, positions)
+    self_bias = self_bias + causal_bias(length)
+    if dec_seg_BL is not None:
+      self_bias = self_bias + segment_bias(dec_seg_BL, dec_seg_BL)
+    elif dec_mask_BL is not None:
+      self_bias = self_bias + key_padding_bias(dec_mask_BL)
+    if enc_seg_BS is not None and dec_seg_BL is not None:
+      return self_bias, segment_bias(dec_seg_BL, enc_seg_BS)
+    return self_bias, self._attention_mask(enc_ids_BS, enc_mask_BS, None, None)
 
   def _attention_mask(self, ids_BS, mask_BS, q_segments, k_segments):
     if k_segments is not None:

@@ -65,67 +65,43 @@ def _heads_out_back(w):  # bank HKD -> HF [D, H*K]
   return np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T)
 
 
+def _same(hf_name: str, path: tuple[str, ...]) -> _Entry:
+  """An entry stored the same way on both sides."""
+  return _Entry(hf_name, path, _identity, _identity)
+
+
 def _t5_entries(c: T5Config) -> list[_Entry]:
-  h, k = c.num_heads, c.d_kv
-  entries = [_Entry("shared.weight", ("token_embedding", "embedding"), _identity, _identity)]
-  ffn = ["wi_0", "wi_1", "wo"] if c.is_gated else ["wi", "wo"]
+  entries = [_same("shared.weight", ("token_embedding", "embedding"))]
   for stack, n in (("encoder", c.num_layers), ("decoder", c.num_decoder_layers)):
-    entries.append(
-      _Entry(
-        f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-        (stack, "relpos_bias", "embedding"),
-        _identity,
-        _identity,
-      )
-    )
-    entries.append(
-      _Entry(
-        f"{stack}.final_layer_norm.weight", (stack, "final_norm", "scale"), _identity, _identity
-      )
-    )
-    attns = [("SelfAttention", "self_attn")] + (
-      [("EncDecAttention", "cross_attn")] if stack == "decoder" else []
-    )
+    relpos = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    entries.append(_same(relpos, (stack, "relpos_bias", "embedding")))
+    entries.append(_same(f"{stack}.final_layer_norm.weight", (stack, "final_norm", "scale")))
     for i in range(n):
-      pre, blk = f"{stack}.block.{i}.layer", (stack, "blocks", str(i))
-      for sub, (hf_attn, name) in enumerate(attns):
-        for hf_p, p in (("q", "query"), ("k", "key"), ("v", "value")):
-          entries.append(
-            _Entry(
-              f"{pre}.{sub}.{hf_attn}.{hf_p}.weight",
-              blk + (name, p, "kernel"),
-              _heads_in(h, k),
-              _heads_in_back,
-            )
-          )
-        entries.append(
-          _Entry(
-            f"{pre}.{sub}.{hf_attn}.o.weight",
-            blk + (name, "out", "kernel"),
-            _heads_out(h, k),
-            _heads_out_back,
-          )
-        )
-        entries.append(
-          _Entry(
-            f"{pre}.{sub}.layer_norm.weight", blk + (f"{name}_norm", "scale"), _identity, _identity
-          )
-        )
-      sub = len(attns)
-      for w in ffn:
-        entries.append(
-          _Entry(
-            f"{pre}.{sub}.DenseReluDense.{w}.weight",
-            blk + ("ffn", w, "kernel"),
-            _transpose,
-            _transpose,
-          )
-        )
-      entries.append(
-        _Entry(f"{pre}.{sub}.layer_norm.weight", blk + ("ffn_norm", "scale"), _identity, _identity)
-      )
+      entries += _t5_block_entries(c, stack, i)
   if not c.tie_word_embeddings:
     entries.append(_Entry("lm_head.weight", ("lm_head", "kernel"), _transpose, _transpose))
+  return entries
+
+
+def _t5_block_entries(c: T5Config, stack: str, i: int) -> list[_Entry]:
+  """One T5 block's entries: its attention sublayers (self; cross in the decoder), then FFN."""
+  attns = [("SelfAttention", "self_attn")]
+  attns += [("EncDecAttention", "cross_attn")] if stack == "decoder" else []
+  pre, blk = f"{stack}.block.{i}.layer", (stack, "blocks", str(i))
+  heads_in, heads_out = _heads_in(c.num_heads, c.d_kv), _heads_out(c.num_heads, c.d_kv)
+  entries = []
+  for sub, (hf_attn, name) in enumerate(attns):
+    for hf_p, p in (("q", "query"), ("k", "key"), ("v", "value")):
+      path = blk + (name, p, "kernel")
+      entries.append(_Entry(f"{pre}.{sub}.{hf_attn}.{hf_p}.weight", path, heads_in, _heads_in_back))
+    path = blk + (name, "out", "kernel")
+    entries.append(_Entry(f"{pre}.{sub}.{hf_attn}.o.weight", path, heads_out, _heads_out_back))
+    entries.append(_same(f"{pre}.{sub}.layer_norm.weight", blk + (f"{name}_norm", "scale")))
+  sub = len(attns)
+  for w in ["wi_0", "wi_1", "wo"] if c.is_gated else ["wi", "wo"]:
+    path = blk + ("ffn", w, "kernel")
+    entries.append(_Entry(f"{pre}.{sub}.DenseReluDense.{w}.weight", path, _transpose, _transpose))
+  entries.append(_same(f"{pre}.{sub}.layer_norm.weight", blk + ("ffn_norm", "scale")))
   return entries
 
 

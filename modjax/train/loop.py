@@ -84,12 +84,7 @@ def train(
   frozen = jax.device_put(frozen, frozen_shardings)
   _write_run_bank(root, model, state.params, frozen, plans, meta, cfg.method)
 
-  ckpt = checkpoint.Checkpointer(
-    str(root / "checkpoints"),
-    max_to_keep=cfg.checkpoint.keep,
-    save_interval_steps=cfg.checkpoint.every_steps,
-    async_save=cfg.checkpoint.async_save,
-  )
+  ckpt = _checkpointer(cfg, root)
   try:
     state, data_position = _restore(ckpt, state, state_shardings)
     to_global = functools.partial(_global_batch, batch_sharding=sharding.batch_sharding(mesh))
@@ -112,6 +107,16 @@ def train(
     ckpt.wait()
     ckpt.close()
   return TrainResult(state, losses, model, frozen, int(state.step))
+
+
+def _checkpointer(cfg, root) -> checkpoint.Checkpointer:
+  c = cfg.checkpoint
+  return checkpoint.Checkpointer(
+    str(root / "checkpoints"),
+    max_to_keep=c.keep,
+    save_interval_steps=c.every_steps,
+    async_save=c.async_save,
+  )
 
 
 def _model_and_task(cfg, model, init_params):

@@ -140,8 +140,8 @@ def predict(
   """Decoded texts for ``examples`` (dicts with ``inputs_ids``) under ``plan``, in order. Inputs
   are padded to ``inputs_length`` and batches to ``batch_size`` so decoding compiles once.
   ``draft_plan``: greedy decoding by self-speculation (``modjax.decoding.speculative``), which
-  gives the same texts; its acceptance statistics are in the result's ``speculative``."""
-  decoding.validate_plan(model, params, plan)
+  gives the same texts; its acceptance statistics are in the result's ``speculative``. The plan
+  is checked by ``generate`` (before the first batch is traced)."""
   prepared = decoding.prepare(model, params)
   texts = Predictions()
   totals = np.zeros(3, np.int64)  # rounds, drafted, accepted
