@@ -300,6 +300,20 @@ def test_span_losses_compare_each_replaced_module_with_the_teacher_at_its_depth(
     assert float(hidden) > 0 and float(attn) > 0
 
 
+def test_hidden_distance_forms():
+  """raw: the MSE; normalized: the MSE of unit-RMS states (blind to a state's scale); cosine:
+  one minus the cosine (blind to scale, 2 for opposite states); padded tokens count nothing."""
+  t = jnp.asarray([[[1.0, 2.0, 2.0, 0.0], [3.0, 0.0, 0.0, 4.0]]])  # B=1, L=2, D=4
+  mask = jnp.asarray([[1.0, 0.0]])  # the second token is padding
+  np.testing.assert_allclose(hidden_mse(t + 1.0, t, mask), 1.0, rtol=1e-6)
+  for form in ("normalized", "cosine"):
+    np.testing.assert_allclose(hidden_mse(3.0 * t, t, mask, form), 0.0, atol=1e-6)
+  np.testing.assert_allclose(hidden_mse(-t, t, mask, "cosine"), 2.0, rtol=1e-6)
+  np.testing.assert_allclose(hidden_mse(-t, t, mask, "normalized"), 4.0, rtol=1e-5)
+  with pytest.raises(mt.ModularError, match="hidden_form 'l1' is unknown"):
+    mt.LossWeights(hidden_form="l1")
+
+
 def test_attention_kl_ignores_padded_keys_and_queries():
   t = jnp.asarray([[[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]]])  # B=1, H=1, L=2, T=3
   s = jnp.asarray([[[[0.25, 0.75, 0.0], [0.0, 1.0, 0.0]]]])
@@ -320,9 +334,11 @@ def test_curriculum_ramps_p_and_goes_coarse_to_fine_then_uniform():
   cumulative = mt.Curriculum(num_steps=9, order="cumulative", staged_fraction=1.0)
   np.testing.assert_allclose(cumulative.stage_table(3)[:3, 2], [1, 0.5, 1 / 3], rtol=1e-6)
   assert mt.Curriculum(num_steps=9, order="uniform").stage_table(2).tolist() == [[0.5, 0.5]] * 3
+  fine_first = mt.Curriculum(num_steps=9, order="fine_to_coarse").stage_table(3)
+  assert fine_first[:3].tolist() == np.eye(3).tolist()  # stage k: the k-th finest only
   for bad, message in (
     (dict(p_start=1.5), "p_start must lie in [0, 1]"),
-    (dict(order="fine_to_coarse"), "order 'fine_to_coarse' is unknown"),
+    (dict(order="finest_first"), "order 'finest_first' is unknown"),
     (dict(num_steps=0), "num_steps must be a positive integer"),
   ):
     with pytest.raises(mt.ModularError) as e:

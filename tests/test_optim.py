@@ -33,7 +33,7 @@ def _reference(cfg, schedule):
     "adafactor": lambda: optax.adafactor(
       learning_rate=schedule,
       decay_rate=cfg.adafactor_decay_rate,
-      clipping_threshold=None,
+      clipping_threshold=cfg.adafactor_clipping or None,
       multiply_by_parameter_scale=cfg.adafactor_parameter_scale,
       weight_decay_rate=cfg.weight_decay or None,
     ),
@@ -58,6 +58,8 @@ def _config(**overrides):
     {},  # the default: Adafactor, parameter scale, clipping at 1.0
     {"grad_clip": 0.0, "weight_decay": 0.01},
     {"adafactor_parameter_scale": False, "schedule": "constant"},
+    {"adafactor_clipping": 1.0},  # optax's update clipping (an early update is clipped)
+    {"adafactor_clipping": 0.5, "adafactor_parameter_scale": False, "schedule": "constant"},
     {"name": "adamw"},
   ],
 )

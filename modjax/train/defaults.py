@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-8
   c.optimizer.adafactor_decay_rate = 0.8
   c.optimizer.adafactor_parameter_scale = True
+  c.optimizer.adafactor_clipping = 0.0  # > 0: each update's RMS clipped at this (optax's 1.0)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes

@@ -80,6 +80,7 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
       learning_rate=schedule,
       decay_rate=cfg.adafactor_decay_rate,
       multiply_by_parameter_scale=cfg.adafactor_parameter_scale,
+      clipping_threshold=cfg.get("adafactor_clipping", 0.0) or None,
       weight_decay_rate=cfg.weight_decay or None,
     )
   elif cfg.name == "adamw":
@@ -112,14 +113,15 @@ def optax_adafactor(
   weight_decay_rate: float | None = None,
   eps: float = 1e-30,
   min_dim_size_to_factor: int = 128,
+  clipping_threshold: float | None = None,
 ) -> optax.GradientTransformation:
-  """The public ``optax.adafactor`` as modjax configures it: no update clipping (optax's default
-  clips each update's RMS at 1.0; modjax clips the gradients' global norm instead) and no
-  momentum."""
+  """The public ``optax.adafactor`` as modjax configures it: no momentum, and by default no
+  update clipping (optax's default clips each update's RMS at 1.0; modjax clips the gradients'
+  global norm instead): ``clipping_threshold`` turns it on."""
   return optax.adafactor(
     learning_rate=learning_rate,
     decay_rate=decay_rate,
-    clipping_threshold=None,
+    clipping_threshold=clipping_threshold,
     momentum=None,
     multiply_by_parameter_scale=multiply_by_parameter_scale,
     weight_decay_rate=weight_decay_rate,
@@ -135,11 +137,13 @@ def adafactor(
   weight_decay_rate: float | None = None,
   eps: float = 1e-30,
   min_dim_size_to_factor: int = 128,
+  clipping_threshold: float | None = None,
 ) -> optax.GradientTransformation:
   """:func:`optax_adafactor`'s updates with every leaf's update computed in one function.
 
-  The state is optax's (initialised by optax): (FactoredState, ScaleByScheduleState or
-  EmptyState for a constant rate, EmptyState per remaining link of optax's chain).
+  The state is optax's (initialised by optax): (FactoredState, EmptyState of the update
+  clipping when it is on, ScaleByScheduleState or EmptyState for a constant rate, EmptyState
+  per remaining link of optax's chain).
   """
   reference = optax_adafactor(
     learning_rate,
@@ -148,12 +152,18 @@ def adafactor(
     weight_decay_rate,
     eps,
     min_dim_size_to_factor,
+    clipping_threshold,
   )
+  clip_states = 0 if clipping_threshold is None else 1
 
   def update_fn(grads, state, params):
     if params is None:
       raise ValueError("adafactor needs the parameters (multiply_by_parameter_scale)")
-    factored, lr_state, *rest = state
+    factored, clip_state, (lr_state, *rest) = (
+      state[0],
+      state[1 : 1 + clip_states],
+      state[1 + clip_states :],
+    )
     decay = _decay_rate_pow(factored.count, decay_rate)
     if callable(learning_rate):
       lr, lr_state = (
@@ -166,6 +176,10 @@ def adafactor(
     def leaf(g, v_row, v_col, v, p):
       dims = _factored_dims(g.shape, min_dim_size_to_factor)
       update, new_row, new_col, new_v = _adafactor_leaf(g, v_row, v_col, v, decay, eps, dims)
+      if clipping_threshold is not None:  # optax.clip_by_block_rms: the update's RMS at most this
+        update = update / jnp.maximum(
+          1.0, jnp.sqrt(jnp.mean(jnp.square(update))) / clipping_threshold
+        )
       update = update * lr
       if multiply_by_parameter_scale:  # max(rms(p), 1e-3), as optax.safe_root_mean_squares
         update = update * jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(p))), 1e-3)
@@ -178,7 +192,7 @@ def adafactor(
     factored = factored._replace(
       count=optax.safe_increment(factored.count), v_row=parts[1], v_col=parts[2], v=parts[3]
     )
-    return parts[0], (factored, lr_state, *rest)
+    return parts[0], (factored, *clip_state, lr_state, *rest)
 
   return optax.GradientTransformation(reference.init, update_fn)
 

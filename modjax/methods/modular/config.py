@@ -11,6 +11,8 @@ Every value marked (R) is a reconstruction: the paper published no code. Default
   ``ramp_fraction`` of the run; the first ``staged_fraction`` (0.5) of the run goes through the
   granularities coarse to fine (``order``), then all are equally likely;
 * loss weights (R): ``ce`` 1, ``kd`` 1 (temperature 1), ``hidden`` 1, ``attn`` 1;
+  ``hidden_form`` (R) ``raw``: the hidden term is the MSE of the raw states (``normalized``:
+  of unit-RMS states; ``cosine``: one minus their cosine);
 * ``remat``: each replacing branch under ``jax.checkpoint`` (saves memory and, on CPU, time).
 """
 
@@ -40,6 +42,7 @@ def add_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   m.temperature = 1.0
   m.hidden = 1.0
   m.attn = 1.0
+  m.hidden_form = "raw"
   m.remat = True
   return c
 
@@ -89,4 +92,7 @@ def curriculum(cfg) -> Curriculum:
 
 def loss_weights(cfg) -> LossWeights:
   m = cfg.modular
-  return LossWeights(ce=m.ce, kd=m.kd, temperature=m.temperature, hidden=m.hidden, attn=m.attn)
+  return LossWeights(
+    ce=m.ce, kd=m.kd, temperature=m.temperature, hidden=m.hidden, attn=m.attn,
+    hidden_form=m.hidden_form,
+  )  # fmt: skip

@@ -1,7 +1,7 @@
 """The Modular Transformers training loss, as a step-contract ``loss_fn``.
 
 Loss = ce * task cross-entropy + kd * logits KD (KL(teacher || student) at temperature T, times
-T^2) + (hidden * hidden-state MSE + attn * attention KL) averaged over the replaced spans. The
+T^2) + (hidden * hidden-state distance (MSE by default) + attn * attention KL) averaged over the replaced spans. The
 teacher (the frozen original layers) runs inside the same step, deterministically, and gives
 the logits and the per-layer hidden states and attention maps the module outputs are compared
 with. Every term is returned as an aux scalar (per-token means) beside ``p`` and the drawn
@@ -17,7 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from modjax.methods.modular.modules import ModularError, bank_granularities, num_layers
-from modjax.methods.modular.replacing import Curriculum, draw_choices, replacing_forward
+from modjax.methods.modular.replacing import (
+  HIDDEN_FORMS,
+  Curriculum,
+  draw_choices,
+  replacing_forward,
+)
 from modjax.models import bank
 from modjax.models.stack import DEFAULT_COLLECT
 from modjax.train.losses import cross_entropy
@@ -33,9 +38,16 @@ class LossWeights:
   temperature: float = 1.0
   hidden: float = 1.0
   attn: float = 1.0
+  hidden_form: str = (
+    "raw"  # the hidden-state distance (replacing.hidden_mse): raw, normalized, cosine
+  )
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
+    if self.hidden_form not in HIDDEN_FORMS:
+      raise ModularError(
+        f"hidden_form {self.hidden_form!r} is unknown; choose one of {HIDDEN_FORMS}"
+      )
+    for field in dataclasses.fields(self)[:-1]:
       value = getattr(self, field.name)
       if not isinstance(value, (int, float)) or value < 0:
         raise ModularError(f"loss weight {field.name} must be a number >= 0, got {value!r}")
@@ -95,6 +107,7 @@ def modular_loss(
       teacher=teacher,
       deterministic=deterministic,
       dropout_rng=None if deterministic else dropout_rng,
+      hidden_form=weights.hidden_form,
       remat=remat,
     )
     targets, loss_weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]

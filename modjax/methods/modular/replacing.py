@@ -37,7 +37,7 @@ from modjax.methods.modular.modules import ModularError, module_name
 from modjax.models.stack import run_stack, slot_params
 from modjax.nn.layers import Block
 
-ORDERS = ("coarse_to_fine", "cumulative", "uniform")
+ORDERS = ("coarse_to_fine", "fine_to_coarse", "cumulative", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +47,9 @@ class Curriculum:
   * ``p``: the replacement probability ramps linearly from ``p_start`` to ``p_end`` over the
     first ``ramp_fraction`` of ``num_steps`` (BERT-of-Theseus style), then stays at ``p_end``.
   * granularities: the first ``staged_fraction`` of training is split into K equal stages, one
-    per granularity from coarsest to finest. ``order="coarse_to_fine"`` draws only the k-th
-    coarsest in stage k; ``"cumulative"`` draws uniformly among the k coarsest; ``"uniform"``
-    ignores the stages. After the stages every granularity is equally likely.
+    per granularity. ``order="coarse_to_fine"`` draws only the k-th coarsest in stage k;
+    ``"fine_to_coarse"`` the k-th finest; ``"cumulative"`` draws uniformly among the k
+    coarsest; ``"uniform"`` ignores the stages. After the stages every granularity is equally likely.
   """
 
   num_steps: int
@@ -85,6 +85,8 @@ class Curriculum:
       row = np.zeros(k)
       if self.order == "coarse_to_fine":
         row[k - 1 - stage] = 1.0
+      elif self.order == "fine_to_coarse":
+        row[stage] = 1.0
       elif self.order == "cumulative":
         row[coarsest] = 1.0 / len(coarsest)
       else:
@@ -151,10 +153,23 @@ def _masked_mean(value_BL, mask_BL):
   return jnp.sum(value_BL * mask_BL) / jnp.maximum(jnp.sum(mask_BL), 1.0)
 
 
-def hidden_mse(student_BLD, teacher_BLD, mask_BL):
-  """Mean over real tokens of the mean squared difference over features."""
-  diff = student_BLD.astype(jnp.float32) - teacher_BLD.astype(jnp.float32)
-  return _masked_mean(jnp.mean(jnp.square(diff), axis=-1), mask_BL)
+HIDDEN_FORMS = ("raw", "normalized", "cosine")
+
+
+def hidden_mse(student_BLD, teacher_BLD, mask_BL, form: str = "raw"):
+  """Mean over real tokens of the hidden-state distance: ``raw``, the mean squared difference
+  over features; ``normalized``, the same after scaling each state to unit RMS over features
+  (T5's parameter-free norm: a layer's scale drifts without changing what it says);
+  ``cosine``, one minus the cosine similarity."""
+  s, t = student_BLD.astype(jnp.float32), teacher_BLD.astype(jnp.float32)
+  if form == "cosine":
+    dot, norms = jnp.sum(s * t, axis=-1), jnp.linalg.norm(s, axis=-1) * jnp.linalg.norm(t, axis=-1)
+    return _masked_mean(1.0 - dot / jnp.maximum(norms, 1e-6), mask_BL)
+  if form == "normalized":
+    s, t = (x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + 1e-6) for x in (s, t))
+  elif form != "raw":
+    raise ModularError(f"unknown hidden-loss form {form!r}; choose one of {HIDDEN_FORMS}")
+  return _masked_mean(jnp.mean(jnp.square(s - t), axis=-1), mask_BL)
 
 
 def attention_kl(student_BHLT, teacher_BHLT, mask_BL):
@@ -166,11 +181,11 @@ def attention_kl(student_BHLT, teacher_BHLT, mask_BL):
   return _masked_mean(jnp.mean(jnp.sum(terms, axis=-1), axis=1), mask_BL)
 
 
-def span_losses(out, targets, last: int, mask_BL):
-  """(hidden MSE, attention KL) of a span's outputs ``(x, self_probs, cross_probs)`` against
-  the teacher's intermediates at the span's last layer ``last``."""
+def span_losses(out, targets, last: int, mask_BL, hidden_form: str = "raw"):
+  """(hidden distance, attention KL) of a span's outputs ``(x, self_probs, cross_probs)``
+  against the teacher's intermediates at the span's last layer ``last``."""
   x, self_probs, cross_probs = out
-  hidden = hidden_mse(x, targets["hidden"][last], mask_BL)
+  hidden = hidden_mse(x, targets["hidden"][last], mask_BL, hidden_form)
   attn = attention_kl(self_probs, targets["self_attn"][last], mask_BL)
   if cross_probs is not None:
     attn = attn + attention_kl(cross_probs, targets["cross_attn"][last], mask_BL)
@@ -178,12 +193,19 @@ def span_losses(out, targets, last: int, mask_BL):
 
 
 def stack_runner(
-  granularities, choice: StackChoice, targets=None, mask_BL=None, *, remat: bool = True
+  granularities,
+  choice: StackChoice,
+  targets=None,
+  mask_BL=None,
+  *,
+  remat: bool = True,
+  hidden_form: str = "raw",
 ):
   """A ``run_stack`` replacement (see ``T5.encode``'s ``stack_fns``) that replaces spans of the
   teacher's slots by modules as ``choice`` says. Returns (x_BLD, stats) where stats holds the
   sums over replaced spans of ``hidden`` and ``attn`` against ``targets`` (the teacher's
-  per-layer intermediates; zeros without them) and ``replaced``, the number of replaced spans."""
+  per-layer intermediates; zeros without them; ``hidden_form``: see :func:`hidden_mse`) and
+  ``replaced``, the number of replaced spans."""
 
   def run(
     stack_params,
@@ -203,7 +225,7 @@ def stack_runner(
       if len(slots) % g:
         raise ModularError(f"granularity {g} does not divide the plan's {len(slots)} slots")
     apply = _slot_applier(Block(spec), self_bias, enc_BTD, cross_bias, deterministic, dropout_rng)
-    stack = _Stack(apply, stack_params, tuple(slots), choice, targets, mask_BL, remat)
+    stack = _Stack(apply, stack_params, tuple(slots), choice, targets, mask_BL, remat, hidden_form)
     branches = [functools.partial(_granularity_branch, stack, g) for g in granularities]
     return jax.lax.switch(choice.index, branches, x_BLD)
 
@@ -241,6 +263,7 @@ class _Stack:
   targets: Mapping | None
   mask_BL: object
   remat: bool
+  hidden_form: str = "raw"
 
   def teacher_span(self, first: int, last: int, x):
     out = None
@@ -269,7 +292,7 @@ def _granularity_branch(stack: _Stack, g: int, x):
     flag = replaced.astype(jnp.float32)
     stats["replaced"] = stats["replaced"] + flag
     if stack.targets is not None:
-      hidden, attn = span_losses(out, stack.targets, last - 1, stack.mask_BL)
+      hidden, attn = span_losses(out, stack.targets, last - 1, stack.mask_BL, stack.hidden_form)
       stats["hidden"] = stats["hidden"] + flag * hidden
       stats["attn"] = stats["attn"] + flag * attn
     x = out[0]
@@ -292,6 +315,7 @@ def replacing_forward(
   deterministic: bool = True,
   dropout_rng=None,
   remat: bool = True,
+  hidden_form: str = "raw",
 ):
   """Teacher-forced logits of the bank ``params`` (teacher and modules) with spans of ``plan``
   (the teacher's) replaced per ``choices``, and ``{stack: stats}`` (see :func:`stack_runner`).
@@ -306,8 +330,9 @@ def replacing_forward(
     if stack in choices:
       targets = None if teacher is None else teacher[stack]
       fns[stack] = stack_runner(
-        granularities[stack], choices[stack], targets, masks[stack], remat=remat
-      )
+        granularities[stack], choices[stack], targets, masks[stack], remat=remat,
+        hidden_form=hidden_form,
+      )  # fmt: skip
     else:
       fns[stack] = _plain_stack
   logits, stats = model.apply_batch(
