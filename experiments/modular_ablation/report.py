@@ -1,0 +1,88 @@
+"""The recipe ablation's table: one row per factor (and seed), validation ROUGE-L of the bank's
+2x and 3x decoder rungs, each row with its budget (steps, examples seen, training FLOPs,
+expected updates of each granularity's modules) from the run's ``compute.json``.
+
+    python experiments/modular_ablation/report.py runs/ablation [--out DIR]
+
+Reads ``<runs>/<factor>/eval/*.metrics.json`` (``python -m modjax.evaluate``'s records; for a
+plan scored more than once, the newest) and writes ``results.json`` and ``results.md`` to
+``--out`` (default: this folder's ``results/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUNGS = {"all-g2": "2x (3 decoder slots)", "all-g3": "3x (2 decoder slots)"}
+
+
+def scores(run: str) -> dict[str, dict]:
+  """{plan name: its newest metrics record} of one run's evaluations."""
+  found = {}
+  for path in sorted(glob.glob(os.path.join(run, "eval", "*.metrics.json")), key=os.path.getmtime):
+    with open(path) as f:
+      record = json.load(f)
+    if "rougeL" in record:
+      found[record["plan_name"]] = record
+  return found
+
+
+def row(run: str) -> dict | None:
+  records = scores(run)
+  compute_path = os.path.join(run, "compute.json")
+  if not records or not os.path.exists(compute_path):
+    return None  # still training, or not yet scored
+  with open(compute_path) as f:
+    compute = json.load(f)
+  out = {"factor": os.path.basename(os.path.normpath(run)), "steps": compute["steps"]}
+  out |= {"examples_seen": compute["examples_seen"], "training_flops": compute["training_flops"]}
+  out["module_updates"] = compute["module_updates"]
+  for plan in RUNGS:
+    if plan in records:
+      out[f"{plan}_rougeL"] = records[plan]["rougeL"]
+      out["examples"] = records[plan]["examples"]
+  return out
+
+
+def markdown(rows: list[dict]) -> str:
+  head = "| factor | steps | examples seen | training PFLOPs | decoder module updates (g: steps) |"
+  head += "".join(f" ROUGE-L {label} |" for label in RUNGS.values())
+  lines = [head, "|" + "---|" * (5 + len(RUNGS))]
+  for r in rows:
+    updates = r["module_updates"].get("decoder", {})
+    cells = [r["factor"], str(r["steps"]), str(r["examples_seen"])]
+    cells += [
+      f"{r['training_flops'] / 1e15:.3f}",
+      ", ".join(f"{g}: {n:.0f}" for g, n in updates.items()),
+    ]
+    cells += [f"{r[f'{p}_rougeL']:.2f}" if f"{p}_rougeL" in r else "-" for p in RUNGS]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("runs", help="The folder run.sh trained the banks in.")
+  p.add_argument("--out", default=os.path.join(HERE, "results"))
+  args = p.parse_args(argv)
+  runs = sorted(d for d in glob.glob(os.path.join(args.runs, "*")) if os.path.isdir(d))
+  rows = [r for r in map(row, runs) if r is not None]
+  if not rows:
+    raise SystemExit(
+      f"error: no scored bank under {args.runs}; run experiments/modular_ablation/run.sh"
+    )
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump({"runs": os.path.abspath(args.runs), "rows": rows}, f, indent=1)
+  table = markdown(rows)
+  with open(os.path.join(args.out, "results.md"), "w") as f:
+    f.write(table + "\n")
+  print(table)
+
+
+if __name__ == "__main__":
+  main()
