@@ -14,8 +14,9 @@ verification over a greedy step, whatever ``--draft-tokens`` says; ``model_speed
 allow. A greedy step's bytes and FLOPs (``modjax.models.cost``) over its time are quoted
 against the same run's ceilings (``fraction_of_roofline``).
 
-Drafts: every decoder at one granularity (``all-gG``) and one mixed tiling (the shallowest with
-the most distinct span lengths), each over the full plan's encoder (run once).
+Drafts: what ``python -m modjax.assemble draft`` tries (``drafting.draft_candidates``: the
+speed-first ladder's decoder rungs below the full plan, named ``dec<n>`` by their decoder slots),
+each over the full plan's encoder (run once), timed as it times them (``drafting.measure``).
 
     python -m benchmarks.speculative        # the bank the README's first command leaves behind
     python -m benchmarks.speculative --bank ../runs/summ6_bank \\
@@ -43,16 +44,15 @@ from benchmarks import harness
 from modjax.core.plan import Plan
 from modjax.core.presets import get_preset
 from modjax.data import vocab
-from modjax.decoding import argmax, draft_block, generate, prepare
-from modjax.methods.modular import add_modules, bank_granularities, tiling_plan
-from modjax.methods.modular.tilings import enumerate_tilings
+from modjax.decoding import argmax, draft_block, prepare
+from modjax.methods.modular import add_modules, drafting
 from modjax.models import T5, bank, cost
 from modjax.store import bank_io
 
 DEFAULT_BANK = os.path.join("runs", "quickstart", "bank")
 VERIFY_K = 4  # verify_over_step: the (k+1)-token step at k + 1 = 5, timed in every run
 TABLE = "batch draft k acceptance accepted_per_round tokens_per_s speedup_vs_greedy"
-TABLE += " mismatching_rows draft_ms verify_ms greedy_step_ms model_speedup ms_per_round"
+TABLE += " mismatching_rows draft_ms verify_ms greedy_step_ms model_speedup"
 
 
 # ---- the bank, its drafts, the inputs -----------------------------------------------------------
@@ -66,19 +66,13 @@ def quick_bank(seed: int):
 
 
 def draft_plans(model, meta, full: Plan) -> dict[str, Plan]:
-  """``all-gG`` for each granularity of the decoder's modules, and ``mixed``: of the tilings
-  with more than one span length, the shallowest, then the one with most distinct lengths."""
-  layers = model.config.num_decoder_layers
-  gs = bank_granularities(meta, "decoder")
+  """``assemble draft``'s candidates (the speed-first ladder's decoder rungs below the full
+  plan), named by their decoder slots (``dec<n>``, suffixed when two rungs share a depth)."""
   out = {}
-  for g in gs:
-    spans = [(i, i + g) for i in range(0, layers, g)]
-    out[f"all-g{g}"] = tiling_plan(model, {"decoder": spans}, meta=meta)
-  mixed = [t for t in enumerate_tilings(layers, gs) if len({b - a for a, b in t}) > 1]
-  if mixed:
-    tiling = min(mixed, key=lambda t: (len(t), -len({b - a for a, b in t})))
-    out["mixed"] = tiling_plan(model, {"decoder": list(tiling)}, meta=meta)
-  return {name: Plan(encoder=full.encoder, decoder=p.decoder) for name, p in out.items()}
+  for plan in drafting.draft_candidates(model, meta, full):
+    name = f"dec{len(plan.decoder)}"
+    out[name if name not in out else f"{name}-{sum(n.startswith(name) for n in out)}"] = plan
+  return out
 
 
 def read_texts(path: str | None, count: int) -> list[str]:
@@ -148,47 +142,6 @@ def load(args):
 
 
 # ---- timing ---------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Pass:
-  tokens: np.ndarray  # [rows, new]
-  lengths: np.ndarray
-  stats: tuple[int, int, int]  # rounds, drafted, accepted
-  iterations: int  # while-loop iterations, summed over calls
-
-
-def decode_pass(model, params, full, ids, batch, new, prepared, draft=None, k=2):
-  """A pass to time: every row of ``ids`` decoded in calls of ``batch`` rows, each waited for
-  (no scores on either side: nothing here reads them)."""
-  chunks = [jnp.asarray(ids[i : i + batch]) for i in range(0, len(ids), batch)]
-  kw = dict(draft_plan=draft, draft_tokens=k) if draft is not None else {}
-  kw["scores"] = False
-
-  def run():
-    return [
-      jax.block_until_ready(
-        generate(model, params, full, c, c > 0, max_new_tokens=new, prepared=prepared, **kw)
-      )
-      for c in chunks
-    ]
-
-  return run
-
-
-def pass_outputs(results) -> Pass:
-  """The tokens, lengths, draft statistics and loop iterations of one pass's results."""
-  tokens = np.concatenate([np.asarray(r.tokens) for r in results])
-  lengths = np.concatenate([np.asarray(r.lengths) for r in results])
-  if results[0].stats is None:
-    iterations = sum(int(np.max(np.asarray(r.lengths))) for r in results)
-    return Pass(tokens, lengths, (0, 0, 0), iterations)
-  stats = [r.stats for r in results]
-  totals = tuple(
-    int(sum(np.sum(getattr(s, f)) for s in stats)) for f in ("rounds", "drafted", "accepted")
-  )
-  iterations = sum(int(np.max(np.asarray(s.rounds))) for s in stats)
-  return Pass(tokens, lengths, totals, iterations)
-
-
 class Parts:
   """Jitted pieces of a round on prefilled caches, timed alone (module docstring)."""
 
@@ -290,51 +243,42 @@ def step_and_verify(parts: Parts, ks, repeats: int, loop: int) -> dict:
 
 
 # ---- one batch size -------------------------------------------------------------------------
-def mismatching_rows(a: np.ndarray, b: np.ndarray) -> int:
-  return int(np.sum(np.any(a != b, axis=1)))
-
-
 def run_batch(model, params, drafts, full, ids, batch: int, args, prepared) -> tuple:
-  """(greedy summary, one row per draft x k) at one batch size (module docstring); the
-  percentages of the ceilings come later (:func:`add_percentages`)."""
-  new = args.new_tokens
-  passes = functools.partial(decode_pass, model, params, full, ids, batch, new, prepared)
-  plain = passes()
-  greedy = pass_outputs(plain())  # compiles
-  tokens = int(np.sum(greedy.lengths))
+  """(greedy summary, one row per draft x k) at one batch size (module docstring): the passes
+  are ``assemble draft``'s measurement (``drafting.measure``), the round's parts this file's."""
+  new, names = args.new_tokens, {plan: name for name, plan in drafts.items()}
+  examples = [{"inputs_ids": row} for row in ids]
+  decoder = drafting.SampleDecoder(
+    model, params, full, list(drafts.values()), examples, batch=batch,
+    inputs_length=ids.shape[1], new=new,
+  )  # fmt: skip
+  measured = drafting.measure(
+    decoder, list(drafts.values()), args.draft_tokens, runs=args.repeats, warmup=0
+  )
   verify_ks = sorted({*args.draft_tokens, VERIFY_K})
   parts = Parts(model, params, full, drafts, ids[:batch], new, prepared, max(verify_ks))
   timed = step_and_verify(parts, verify_ks, args.step_repeats, args.loop)
   step_ms, verify = timed["ms"]["step"], {k: timed["ms"][k] for k in verify_ks}
-  rows, greedy_seconds = [], []
-  for name, draft in drafts.items():
-    for k in args.draft_tokens:
-      harness.say(f"  batch {batch}: {name} k={k} ...")
-      speculative = passes(draft, k)
-      first = pass_outputs(speculative())  # compiles
-      seconds = harness.interleaved({"greedy": plain, "spec": speculative}, args.repeats)
-      greedy_seconds += seconds["greedy"]
-      spec_s, plain_s = harness.median(seconds["spec"]), harness.median(seconds["greedy"])
-      rounds, drafted, accepted = first.stats
-      per_round = accepted / max(rounds, 1)
-      draft_ms = parts.draft_ms(name, k, args.step_repeats, args.loop)
-      row = {"batch": batch, "draft": name, "draft_plan": draft.describe(), "k": k}
-      row |= {"acceptance": accepted / max(drafted, 1), "accepted_per_round": per_round}
-      row |= {"rounds": rounds, "tokens": tokens, "tokens_per_s": tokens / spec_s}
-      row["greedy_tokens_per_s_interleaved"] = tokens / plain_s
-      row["speedup_vs_greedy"] = plain_s / spec_s
-      row["mismatching_rows"] = mismatching_rows(first.tokens, greedy.tokens)
-      row |= {"draft_ms": draft_ms, "verify_ms": verify[k], "greedy_step_ms": step_ms}
-      row["draft_share"] = draft_ms / (draft_ms + verify[k])
-      row["verify_over_greedy_step"] = verify[k] / step_ms
-      row["model_speedup"] = (1 + per_round) * step_ms / (draft_ms + verify[k])
-      row["ms_per_round"] = 1e3 * spec_s / max(first.iterations, 1)
-      rows.append(row | {"seconds_all": seconds["spec"], "greedy_seconds_all": seconds["greedy"]})
+  rows = []
+  for r in measured["candidates"]:
+    name, k = names[Plan.from_dict(r["draft_plan"])], r["draft_tokens"]
+    harness.say(f"  batch {batch}: {name} k={k}: parts ...")
+    draft_ms = parts.draft_ms(name, k, args.step_repeats, args.loop)
+    row = {"batch": batch, "draft": name, "draft_plan": r["draft"], "k": k}
+    row |= {
+      key: r[key] for key in ("rounds", "tokens_per_s", "speedup_vs_greedy", "mismatching_rows")
+    }
+    row |= {"acceptance": r["acceptance_rate"], "accepted_per_round": r["mean_accepted_length"]}
+    row |= {"tokens": measured["generated_tokens"], "seconds_all": r["seconds_all"]}
+    row |= {"greedy_seconds_all": r["greedy_seconds_all"], "draft_ms": draft_ms}
+    row |= {"verify_ms": verify[k], "greedy_step_ms": step_ms}
+    row["draft_share"] = draft_ms / (draft_ms + verify[k])
+    row["verify_over_greedy_step"] = verify[k] / step_ms
+    row["model_speedup"] = (1 + row["accepted_per_round"]) * step_ms / (draft_ms + verify[k])
+    rows.append(row)
   c = cost.plan_cost(model, full, batch=batch, input_length=ids.shape[1], target_length=new)
-  greedy_s = harness.median(greedy_seconds)
-  summary = {"batch": batch, "examples": len(ids), "tokens": tokens}
-  summary["tokens_per_s"] = tokens / greedy_s
-  summary["ms_per_greedy_step"] = 1e3 * greedy_s / max(greedy.iterations, 1)
+  summary = {"batch": batch, "examples": len(ids), "tokens": measured["generated_tokens"]}
+  summary["tokens_per_s"] = measured["greedy_tokens_per_s"]
   summary |= {"greedy_step_ms": step_ms, "step_mb": c.decode_step_bytes() / 1e6}
   summary |= {"step_gflop": c.decode_step_flops() / 1e9, "verify_ms": verify}
   summary["verify_over_step"] = verify[VERIFY_K] / step_ms  # k + 1 = 5 tokens against one
@@ -342,8 +286,10 @@ def run_batch(model, params, drafts, full, ids, batch: int, args, prepared) -> t
     f"verify_k{k}": timed["xla"][k] for k in verify_ks
   }
   best = max(rows, key=lambda r: r["speedup_vs_greedy"])
-  summary["speedup_vs_greedy"] = best["speedup_vs_greedy"]
-  summary["best_case"] = {"draft": best["draft"], "k": best["k"]}
+  summary |= {
+    "speedup_vs_greedy": best["speedup_vs_greedy"],
+    "best_case": {"draft": best["draft"], "k": best["k"]},
+  }
   return summary, rows
 
 

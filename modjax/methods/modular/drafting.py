@@ -18,7 +18,8 @@ greedy decoding's), ``warmup`` more times, then ``runs`` times interleaved with 
 decoding of the same sample (plain, draft, plain, draft, ...: both see the same machine load;
 :mod:`modjax.core.timing`).
 Tokens/s is the tokens generated (EOS included, padding rows excluded) over the median seconds
-of a pass; plain greedy's is over the median of all its passes. Acceptance rate and mean
+of a pass; plain greedy's is over the median of all its passes. A candidate's speed-up is plain
+greedy's median pass over its own, both from the rounds they shared. Acceptance rate and mean
 accepted length are the candidate's own statistics (``SpeculativeStats``).
 
 **Choice.** The candidate with the most tokens/s among those whose outputs equal plain
@@ -151,7 +152,7 @@ def measure(decoder: SampleDecoder, drafts, ks, *, runs: int, warmup: int) -> di
     timing.repeat(drafting, 0, warmup)
     passes = timing.interleaved({"plain": decoder.decode_all, "draft": drafting}, runs)
     greedy_seconds += passes["plain"]
-    seconds = timing.median(passes["draft"])
+    seconds, plain_seconds = timing.median(passes["draft"]), timing.median(passes["plain"])
     rounds, drafted, accepted = first.stats
     rows.append(
       {
@@ -165,6 +166,10 @@ def measure(decoder: SampleDecoder, drafts, ks, *, runs: int, warmup: int) -> di
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "mismatching_rows": mismatching_rows(first.tokens, plain.tokens),
+        # against the plain passes interleaved with this case's (same rounds, same load)
+        "speedup_vs_greedy": plain_seconds / seconds,
+        "seconds_all": passes["draft"],
+        "greedy_seconds_all": passes["plain"],
       }
     )
     row = rows[-1]
@@ -173,8 +178,6 @@ def measure(decoder: SampleDecoder, drafts, ks, *, runs: int, warmup: int) -> di
       f"{draft.describe()}"
     )
   greedy = tokens / timing.median(greedy_seconds)
-  for row in rows:
-    row["speedup_vs_greedy"] = row["tokens_per_s"] / greedy
   return {"generated_tokens": tokens, "greedy_tokens_per_s": greedy, "candidates": rows}
 
 
