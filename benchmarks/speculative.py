@@ -91,11 +91,10 @@ def read_texts(path: str | None, count: int) -> list[str]:
 
 
 def find_vocab(args) -> str:
-  teacher = os.path.join(os.path.dirname(os.path.normpath(args.bank)), "teacher", "vocab")
-  found = args.vocab or vocab.find_vocabulary(os.path.join(args.bank, "vocab"))
-  found = found or vocab.find_vocabulary(teacher)
+  teacher = os.path.join(os.path.dirname(os.path.normpath(args.bank)), "teacher")
+  found = args.vocab or vocab.find_vocabulary(args.bank) or vocab.find_vocabulary(teacher)
   if not found:
-    raise SystemExit(f"no vocabulary under {args.bank}/vocab or {teacher}; pass --vocab PATH")
+    raise SystemExit(f"no vocabulary in {args.bank} or {teacher}; pass --vocab PATH")
   return found
 
 

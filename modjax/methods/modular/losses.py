@@ -1,8 +1,8 @@
 """The Modular Transformers training loss, as a step-contract ``loss_fn``.
 
 Loss = ce * task cross-entropy + kd * logits KD (KL(teacher || student) at temperature T, times
-T^2) + (hidden * hidden-state distance (MSE by default) + attn * attention KL) averaged over the replaced spans. The
-teacher (the frozen original layers) runs inside the same step, deterministically, and gives
+T^2) + (hidden * hidden-state distance (MSE by default) + attn * attention KL) averaged over the
+replaced spans. The teacher (the frozen original layers) runs inside the same step, deterministically, and gives
 the logits and the per-layer hidden states and attention maps the module outputs are compared
 with. Every term is returned as an aux scalar (per-token means) beside ``p`` and the drawn
 granularity of each stack.
@@ -38,17 +38,18 @@ class LossWeights:
   temperature: float = 1.0
   hidden: float = 1.0
   attn: float = 1.0
-  hidden_form: str = (
-    "raw"  # the hidden-state distance (replacing.hidden_mse): raw, normalized, cosine
-  )
+  # the hidden-state distance (replacing.hidden_mse): raw, normalized or cosine
+  hidden_form: str = "raw"
 
   def __post_init__(self):
     if self.hidden_form not in HIDDEN_FORMS:
       raise ModularError(
         f"hidden_form {self.hidden_form!r} is unknown; choose one of {HIDDEN_FORMS}"
       )
-    for field in dataclasses.fields(self)[:-1]:
+    for field in dataclasses.fields(self):
       value = getattr(self, field.name)
+      if field.name == "hidden_form":
+        continue
       if not isinstance(value, (int, float)) or value < 0:
         raise ModularError(f"loss weight {field.name} must be a number >= 0, got {value!r}")
     if self.temperature <= 0:

@@ -49,7 +49,8 @@ class Curriculum:
   * granularities: the first ``staged_fraction`` of training is split into K equal stages, one
     per granularity. ``order="coarse_to_fine"`` draws only the k-th coarsest in stage k;
     ``"fine_to_coarse"`` the k-th finest; ``"cumulative"`` draws uniformly among the k
-    coarsest; ``"uniform"`` ignores the stages. After the stages every granularity is equally likely.
+    coarsest; ``"uniform"`` ignores the stages. After the stages every granularity is equally
+    likely.
   """
 
   num_steps: int
