@@ -1,0 +1,81 @@
+"""The experiment report scripts on records shaped as ``modjax.evaluate`` and the methods write
+them: the recipe ablation's table reads each bank's newest evaluation per plan and its budget."""
+
+import importlib.util
+import json
+import os
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _write(path, record):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(record, f)
+
+
+def test_ablation_report_takes_the_newest_score_per_rung_and_the_budget(tmp_path, capsys):
+  report = _module(os.path.join(ROOT, "experiments", "modular_ablation", "report.py"))
+  compute = {"steps": 300, "examples_seen": 9600, "training_flops": 2.5e14}
+  compute["module_updates"] = {"decoder": {"g2": 75.0, "g3": 75.0, "g6": 62.5}}
+  for factor, scores in (("default", (20.0, 18.0)), ("kd-off", (19.0, 17.5))):
+    run = tmp_path / factor
+    _write(run / "compute.json", compute)
+    for plan, rouge in zip(("all-g2", "all-g3"), scores, strict=True):
+      record = {"plan_name": plan, "rougeL": rouge - 5, "examples": 500}
+      _write(run / "eval" / f"{plan}_old.metrics.json", record)
+      time.sleep(0.01)  # the newer record of the same plan wins
+      _write(run / "eval" / f"{plan}_new.metrics.json", record | {"rougeL": rouge})
+  _write(tmp_path / "training" / "eval" / "x.metrics.json", {"plan_name": "all-g2", "rougeL": 1})
+  out = tmp_path / "out"
+  report.main([str(tmp_path), "--out", str(out)])
+  rows = json.loads((out / "results.json").read_text())["rows"]  # "training": no compute.json
+  assert [(r["factor"], r["all-g2_rougeL"], r["all-g3_rougeL"]) for r in rows] == [
+    ("default", 20.0, 18.0),
+    ("kd-off", 19.0, 17.5),
+  ]
+  table = (out / "results.md").read_text().splitlines()
+  assert len(table) == 4 and all(line.count("|") == 8 for line in table)
+  assert "| default | 300 | 9600 | 0.250 | g2: 75, g3: 75, g6: 62 | 20.00 | 18.00 |" in table
+  with pytest.raises(SystemExit, match="no scored bank"):
+    report.main([str(tmp_path / "training"), "--out", str(out)])
+  capsys.readouterr()
+
+
+def test_converged_comparison_budgets_and_seed_spread():
+  from modjax.core.plan import Plan, Slot
+
+  compare = _module(os.path.join(ROOT, "experiments", "modular_converged", "compare.py"))
+  compute = {"steps": 900, "examples_seen": 28800, "training_flops": 1e15}
+  compute["module_updates"] = {"decoder": {"g2": 300.0, "g3": 250.0, "g6": 200.0}}
+  mixed = Plan(decoder=(Slot("0"), Slot("m2.1"), Slot("m3.1")))
+  assert compare.rung_updates(mixed, compute) == 250.0  # its least-updated module's
+  assert compare.rung_updates(Plan(decoder=(Slot("0"), Slot("1"))), compute) is None
+  assert compare.budget(compute, 250.0) == {
+    "steps": 900, "examples_seen": 28800, "training_flops": 1e15,
+    "updates_of_evaluated_modules": 250.0,
+  }  # fmt: skip
+  rows = [
+    {"method": "kd", "decoder_slots": 3, "rougeL": 20.0, "point": "dec3"},
+    {"method": "kd", "decoder_slots": 3, "rougeL": 21.0, "point": "dec3"},
+    {
+      "method": "bank",
+      "decoder_slots": 3,
+      "rougeL": 19.0,
+      "point": "speed-first: decoder m2.0 m2.1 m2.2",
+    },
+    {"method": "bank", "decoder_slots": 3, "rougeL": 5.0, "point": "speed-first: decoder 0 1 5"},
+  ]
+  spread = {(s["method"], s["decoder_slots"]): s for s in compare.seed_spread(rows)}
+  assert spread["kd", 3]["rougeL_mean"] == 20.5 and spread["kd", 3]["rougeL_spread"] == 1.0
+  assert spread["bank", 3]["seeds"] == 1 and spread["bank", 3]["rougeL_mean"] == 19.0
