@@ -5,14 +5,16 @@
   bandwidth (a reduction of an array far larger than the caches, read only, and an elementwise
   copy, read + write), each the best of several timed repeats after a warm-up: what the
   machine can do, not what it did on average. :func:`around` measures them before and after
-  a benchmark's timing and keeps the better of each (other work only lowers a measurement).
+  a benchmark's timing and keeps the better of each (other work only lowers a measurement);
+  :func:`roofline` quotes a measured time against them (``fraction_of_roofline``).
 * Timing: :mod:`modjax.core.timing`, the library's primitive: candidates timed in interleaved
   rounds (a, b, c, a, b, c, ...) so drift hits each alike, each call waited for, warm-ups
   untimed; a benchmark reports medians (and minima) over its rounds and keeps every time.
 * XLA's cost analysis of a compiled (or only lowered) program: FLOPs and bytes accessed.
 * The common flags ``--quick`` (small shapes and few calls: a smoke test, what the tests run),
-  ``--seed`` and ``--out`` (default ``benchmarks/results/<name>.json``); a Markdown table
-  printed and the JSON written with the machine, the ceilings and the tables.
+  ``--seed`` and ``--out`` (default ``benchmarks/results/<name>.json``), and
+  :meth:`Parser.option` for a flag whose default follows ``--quick``; a Markdown table printed
+  and the JSON written with the machine (versions, load averages), the ceilings and the tables.
 * What several benchmarks build: random token batches and a train step jitted for one device
   as ``modjax.train`` jits it.
 
