@@ -16,6 +16,11 @@ import glob
 import json
 import os
 
+import jax
+import numpy as np
+
+from modjax.store import bank_io
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNGS = {"all-g2": "2x (3 decoder slots)", "all-g3": "3x (2 decoder slots)"}
 
@@ -31,6 +36,21 @@ def scores(run: str) -> dict[str, dict]:
   return found
 
 
+def trainable_params(run: str) -> int | None:
+  """Parameters the bank trains: its module blocks (``m<g>.<j>``); the teacher stays frozen.
+  None where ``run`` holds records but no bank."""
+  if not bank_io.is_bank(run):
+    return None
+  params = bank_io.load_bank(run).params
+  modules = [
+    tree
+    for stack in ("encoder", "decoder")
+    for name, tree in params.get(stack, {}).get("blocks", {}).items()
+    if name.startswith("m")
+  ]
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(modules)))
+
+
 def row(run: str) -> dict | None:
   records = scores(run)
   compute_path = os.path.join(run, "compute.json")
@@ -41,6 +61,7 @@ def row(run: str) -> dict | None:
   out = {"factor": os.path.basename(os.path.normpath(run)), "steps": compute["steps"]}
   out |= {"examples_seen": compute["examples_seen"], "training_flops": compute["training_flops"]}
   out["module_updates"] = compute["module_updates"]
+  out["trainable_params"] = trainable_params(run)
   for plan in RUNGS:
     if plan in records:
       out[f"{plan}_rougeL"] = records[plan]["rougeL"]
