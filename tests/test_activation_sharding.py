@@ -164,6 +164,7 @@ rows = jax.make_array_from_callback(
 total = jax.jit(jnp.sum, out_shardings=sharding.replicated(mesh))(rows)
 owners = np.vectorize(lambda d: d.process_index)(mesh.devices)
 print("RESULT " + json.dumps({"shape": dict(mesh.shape), "owners": owners.tolist(), "sum": float(total)}))
+experiment.shutdown_distributed(cfg)
 """
 
 

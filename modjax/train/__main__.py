@@ -4,6 +4,7 @@ import logging
 import sys
 
 from modjax.core import cli, registry
+from modjax.train import experiment
 from modjax.train.reporting import NonFiniteLossError
 
 log = logging.getLogger("modjax.train")
@@ -20,6 +21,8 @@ def main(config):
   except NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)
+  finally:
+    experiment.shutdown_distributed(config)
   if result is None:  # a method that trains nothing (layer drop) only writes its bank
     log.info("wrote %s", config.workdir)
     return

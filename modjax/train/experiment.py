@@ -45,6 +45,14 @@ def maybe_initialize_distributed(cfg) -> None:
   jax.distributed.initialize(**kwargs)
 
 
+def shutdown_distributed(cfg) -> None:
+  """Every process of a multi-host run enters ``jax.distributed.shutdown``'s barrier before
+  any leaves: process 0 hosts the coordination service, and a peer still leaving Python when
+  process 0 drops it can hang or abort at exit."""
+  if cfg.multihost.initialize and jax.distributed.is_initialized():
+    jax.distributed.shutdown()
+
+
 def workdir(cfg) -> epath.Path:
   if not cfg.workdir:
     raise ConfigError("config.workdir is empty; pass --config.workdir=/path/or/gs://bucket/run")
