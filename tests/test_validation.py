@@ -1,11 +1,14 @@
 """Validation loss during training and the plateau stop (``modjax.train.validation``): the rule
 on hand-made histories, then the micro T5 scored every few steps, stopped at the plateau, not
-retrained when restarted, and the history cut back to the checkpoint a resumed run starts from."""
+retrained when restarted, the history cut back to the checkpoint a resumed run starts from, and
+the best-scoring parameters kept in ``<workdir>/best`` as a bank of their own."""
 
 import json
 import math
 import os
 
+import jax
+import numpy as np
 import pytest
 from etils import epath
 from train_helpers import jsonl_losses, micro_config
@@ -103,6 +106,28 @@ def test_a_resumed_run_drops_points_after_its_checkpoint(tmp_path):
   history = _validation(tmp_path)
   assert [h["step"] for h in history] == [2, 4, 6, 8]
   assert history[2]["cross_entropy"] != 123.0
+
+
+def test_the_best_step_survives_as_a_bank_of_its_own(tmp_path):
+  cfg = micro_config(
+    tmp_path, mesh__num_devices=1, train__num_steps=4, train__eval_every=2,
+    checkpoint__every_steps=2, checkpoint__keep=1,
+  )  # fmt: skip
+  train(cfg)
+  best_at_4 = bank_io.load_bank(tmp_path)  # the run's own step-4 checkpoint
+  # Four more steps at a learning rate that wrecks the model: step 4 stays the best while
+  # checkpoint rotation (keep=1) removes it from checkpoints/.
+  cfg.unlock()
+  cfg.train.num_steps, cfg.optimizer.learning_rate, cfg.optimizer.warmup_steps = 8, 30.0, 0
+  train(cfg)
+  history = _validation(tmp_path)
+  assert [h["step"] for h in history] == [2, 4, 6, 8]
+  assert min(history, key=lambda h: h["cross_entropy"])["step"] == 4
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["8"]
+  best = bank_io.load_bank(tmp_path / "best")
+  assert best.step == 4 and best.model.config == best_at_4.model.config
+  assert best.plans.keys() == best_at_4.plans.keys()
+  jax.tree.map(np.testing.assert_array_equal, best.params, best_at_4.params)
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,9 @@ def train(
   state, state_shardings = _initial_state(cfg, model, optimizer, init_params, mesh)
   frozen_shardings = bank.shardings(model, frozen, mesh)
   frozen = jax.device_put(frozen, frozen_shardings)
-  _write_run_bank(root, model, state.params, frozen, plans, meta, cfg.method)
+  bank_dirs = [root, root / validation.BEST_DIR] if cfg.train.eval_every else [root]
+  for directory in bank_dirs:
+    _write_run_bank(directory, model, state.params, frozen, plans, meta, cfg.method)
 
   ckpt = _checkpointer(cfg, root)
   try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 from typing import TYPE_CHECKING
 
 import jax
@@ -62,8 +63,13 @@ def teacher_forced_metrics(model, params, plan: Plan, batches) -> dict:
   if tokens <= 0:
     raise DataError("the batches hold no target tokens to score; check the split and lengths")
   cross_entropy = total / tokens
-  scores = {"cross_entropy": cross_entropy, "perplexity": math.exp(cross_entropy), "tokens": tokens}
+  # A diverged model's perplexity overflows a float: it is reported as inf, not raised.
+  perplexity = math.exp(cross_entropy) if cross_entropy < _LOG_FLOAT_MAX else math.inf
+  scores = {"cross_entropy": cross_entropy, "perplexity": perplexity, "tokens": tokens}
   return {**scores, **{name: value / tokens for name, value in stats.items()}}
+
+
+_LOG_FLOAT_MAX = math.log(sys.float_info.max)
 
 
 def _as_jax(batch) -> dict:

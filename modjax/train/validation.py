@@ -7,6 +7,12 @@ validation split every N steps (teacher-forced cross-entropy per target token, t
 validation loss improved by less than ``r`` (relative) over the last W steps, e.g. one epoch and
 1%: the run is then converged, and a restart finds that in the file and trains no further.
 
+The parameters with the lowest validation loss so far are kept in ``<workdir>/best``, a bank of
+its own (the run's description, its frozen part, and a one-step checkpoint of the trainable
+parameters, replaced by Orbax only once the better one is written): a converged run's best model
+survives the rotation of ``checkpoints/``, and ``modjax.store.bank_io.load_bank(<workdir>/best)``
+(or any command that takes a bank) reads it.
+
 The history is cut back to the restored checkpoint when a run resumes, so a preempted run never
 counts validation points of steps it is about to redo.
 """
@@ -16,16 +22,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 
 import jax
 from etils import epath
 
 from modjax.models import bank
+from modjax.store import checkpoint
 from modjax.train import experiment, scoring
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "validation.jsonl"
+BEST_DIR = "best"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +70,7 @@ class Monitor:
     if self.main and self.every:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       _write_lines(self.path, self.history)
+    self.best = BestParams(root / BEST_DIR, self.history)
     self.batches = None
     if self.every:
       self.batches = scoring.make_eval_batches(
@@ -86,6 +96,7 @@ class Monitor:
     point = {"step": step, **scores}
     self.history.append(point)
     point["plateau"] = self.converged
+    self.best.offer(point, params)
     if self.main:
       with self.path.open("a") as f:
         f.write(json.dumps(point) + "\n")
@@ -97,6 +108,31 @@ class Monitor:
       "  (plateau: stopping)" if point["plateau"] else "",
     )
     return point
+
+
+class BestParams:
+  """The trainable parameters of the lowest validation loss so far, as a one-step checkpoint
+  under ``<directory>/checkpoints`` (every process calls ``offer`` together)."""
+
+  def __init__(self, directory: epath.Path, history: list[dict]):
+    self.checkpoints = directory / "checkpoints"
+    self.lowest = min((h["cross_entropy"] for h in history), default=math.inf)
+
+  def offer(self, point: dict, params) -> None:
+    if not point["cross_entropy"] < self.lowest:
+      return
+    self.lowest = point["cross_entropy"]
+    kept = checkpoint.latest_step(self.checkpoints)
+    if kept is not None and kept >= point["step"]:
+      return  # a resumed run redoing steps whose best it kept before
+    ckpt = checkpoint.Checkpointer(
+      self.checkpoints, max_to_keep=1, save_interval_steps=1, async_save=False
+    )
+    try:
+      ckpt.save(point["step"], {"params": params}, {"validation": point}, force=True)
+    finally:
+      ckpt.close()
+    log.info("step %d is the best so far; kept in %s", point["step"], self.checkpoints.parent)
 
 
 def read_history(path: epath.Path) -> list[dict]:
