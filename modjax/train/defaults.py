@@ -12,105 +12,138 @@ from modjax.core import registry
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every setting a run reads, with its default, one section per concern."""
   c = ml_collections.ConfigDict()
   c.workdir = ""  # checkpoints, summaries, vocabulary, metrics; local path or gs:// URL
   # What `python -m modjax.train` runs: "finetune" (the task loss on the whole model) or a
   # method's training, whose config section that method's defaults add (e.g. "modular").
   c.method = "finetune"
+  c.model = _model_section()
+  c.data = _data_section()
+  c.train = _train_section()
+  c.optimizer = _optimizer_section()
+  c.mesh = _mesh_section()
+  c.checkpoint = _checkpoint_section()
+  c.eval = _eval_section()
+  c.multihost = _multihost_section()
+  return c
 
-  c.model = ml_collections.ConfigDict()
-  c.model.preset = "tiny"  # modjax.core.presets.PRESETS
-  c.model.init_from = ""  # a Hugging Face save_pretrained directory to fine-tune instead
-  c.model.param_dtype = "float32"
-  c.model.dtype = "float32"  # compute dtype: float32 or bfloat16
-  c.model.dropout_rate = -1.0  # < 0: keep the preset's / checkpoint's
 
-  c.data = ml_collections.ConfigDict()
-  c.data.task = "embedded_lead"  # modjax.data.KNOWN_TASKS
-  c.data.train_files = ""  # jsonl/tsv tasks: path or glob
-  c.data.validation_files = ""
-  c.data.inputs_prefix = ""  # "" = the task's standard prefix
-  c.data.inputs_field = "inputs"  # jsonl: the JSON fields read as inputs and targets (an LM
-  c.data.targets_field = "targets"  # trains on the targets: "inputs" makes it model the inputs)
-  c.data.tfds_data_dir = ""
-  c.data.vocab_path = ""  # SentencePiece .model; "" = train one on the training texts
-  c.data.vocab_size = 1024  # size of that trained vocabulary
-  c.data.extra_ids = 100  # sentinels appended to a given vocab_path (T5: 100)
-  c.data.expected_vocab_size = 0  # > 0: check the loaded vocabulary has this size (T5: 32100)
-  c.data.inputs_length = 128
-  c.data.targets_length = 32
-  c.data.pack = False
-  c.data.shuffle = True
-  c.data.seed = 0
-  c.data.host_split = "rows"  # "rows": same stream, each host keeps its rows; "source": shards
-  c.data.train_split = "train"
-  c.data.eval_split = "validation"
+def _model_section() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.preset = "tiny"  # modjax.core.presets.PRESETS
+  c.init_from = ""  # a Hugging Face save_pretrained directory to fine-tune instead
+  c.param_dtype = "float32"
+  c.dtype = "float32"  # compute dtype: float32 or bfloat16
+  c.dropout_rate = -1.0  # < 0: keep the preset's / checkpoint's
+  return c
 
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 32  # global
-  c.train.num_steps = 300
-  c.train.num_microbatches = 1
-  c.train.seed = 0
-  c.train.log_every = 10
-  c.train.label_smoothing = 0.0
-  c.train.z_loss = 0.0
+
+def _data_section() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = "embedded_lead"  # modjax.data.KNOWN_TASKS
+  c.train_files = ""  # jsonl/tsv tasks: path or glob
+  c.validation_files = ""
+  c.inputs_prefix = ""  # "" = the task's standard prefix
+  c.inputs_field = "inputs"  # jsonl: the JSON fields read as inputs and targets (an LM
+  c.targets_field = "targets"  # trains on the targets: "inputs" makes it model the inputs)
+  c.tfds_data_dir = ""
+  c.vocab_path = ""  # SentencePiece .model; "" = train one on the training texts
+  c.vocab_size = 1024  # size of that trained vocabulary
+  c.extra_ids = 100  # sentinels appended to a given vocab_path (T5: 100)
+  c.expected_vocab_size = 0  # > 0: check the loaded vocabulary has this size (T5: 32100)
+  c.inputs_length = 128
+  c.targets_length = 32
+  c.pack = False
+  c.shuffle = True
+  c.seed = 0
+  c.host_split = "rows"  # "rows": same stream, each host keeps its rows; "source": shards
+  c.train_split = "train"
+  c.eval_split = "validation"
+  return c
+
+
+def _train_section() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.batch_size = 32  # global
+  c.num_steps = 300
+  c.num_microbatches = 1
+  c.seed = 0
+  c.log_every = 10
+  c.label_smoothing = 0.0
+  c.z_loss = 0.0
   # Validation loss during training (modjax.train.validation): every N steps (0 = off) on the
   # first eval_max_examples examples of data.eval_split (0 = all); stop once the best loss fell by
   # less than plateau_min_improvement (relative) over the last plateau_window steps (0 = never).
-  c.train.eval_every = 0
-  c.train.eval_max_examples = 0
-  c.train.plateau_window = 0
-  c.train.plateau_min_improvement = 0.01
+  c.eval_every = 0
+  c.eval_max_examples = 0
+  c.plateau_window = 0
+  c.plateau_min_improvement = 0.01
   # A jax.profiler trace of profile_steps steps (0 = off), starting profile_start steps after
   # the run (or its resumption) begins, so compilation is over; into workdir/tensorboard.
-  c.train.profile_steps = 0
-  c.train.profile_start = 5
+  c.profile_steps = 0
+  c.profile_start = 5
+  return c
 
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "adafactor"  # adafactor | adamw
-  c.optimizer.learning_rate = 0.01
-  c.optimizer.schedule = "rsqrt"  # constant | rsqrt | cosine | linear
-  c.optimizer.warmup_steps = 100
-  c.optimizer.grad_clip = 1.0  # global-norm clipping; 0 = off
-  c.optimizer.weight_decay = 0.0
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8
-  c.optimizer.adafactor_decay_rate = 0.8
-  c.optimizer.adafactor_parameter_scale = True
-  c.optimizer.adafactor_clipping = 0.0  # > 0: each update's RMS clipped at this (optax's 1.0)
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: all devices not used by the other axes
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  c.mesh.expert = 1
-  c.mesh.num_devices = 0  # 0: every device; N: the first N (e.g. compare 1 vs 8 devices)
+def _optimizer_section() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "adafactor"  # adafactor | adamw
+  c.learning_rate = 0.01
+  c.schedule = "rsqrt"  # constant | rsqrt | cosine | linear
+  c.warmup_steps = 100
+  c.grad_clip = 1.0  # global-norm clipping; 0 = off
+  c.weight_decay = 0.0
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-8
+  c.adafactor_decay_rate = 0.8
+  c.adafactor_parameter_scale = True
+  c.adafactor_clipping = 0.0  # > 0: each update's RMS clipped at this (optax's 1.0)
+  return c
+
+
+def _mesh_section() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.data = -1  # -1: all devices not used by the other axes
+  c.fsdp = 1
+  c.tensor = 1
+  c.expert = 1
+  c.num_devices = 0  # 0: every device; N: the first N (e.g. compare 1 vs 8 devices)
   # Multi-slice: slices along each axis, over the data-center network (DCN). With any > 1 the
   # sizes above count devices inside one slice (ICI); the product of these is the slice count.
-  c.mesh.dcn_data = 1
-  c.mesh.dcn_fsdp = 1
-  c.mesh.dcn_tensor = 1
-  c.mesh.dcn_expert = 1
+  c.dcn_data = 1
+  c.dcn_fsdp = 1
+  c.dcn_tensor = 1
+  c.dcn_expert = 1
+  return c
 
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 100
-  c.checkpoint.keep = 3
-  c.checkpoint.async_save = True
 
-  c.eval = ml_collections.ConfigDict()
-  c.eval.max_examples = 200  # 0 = the whole split
-  c.eval.batch_size = 32
-  c.eval.num_beams = 1
-  c.eval.max_new_tokens = 32
-  c.eval.metrics = "rouge"  # comma-separated: rouge, bleu
-  c.eval.bleu_tokenize = "13a"
+def _checkpoint_section() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.every_steps = 100
+  c.keep = 3
+  c.async_save = True
+  return c
 
-  c.multihost = ml_collections.ConfigDict()
-  c.multihost.initialize = False  # call jax.distributed.initialize()
-  c.multihost.coordinator_address = ""  # only for local multi-process runs; pods need none
-  c.multihost.num_processes = 0
-  c.multihost.process_id = -1
+
+def _eval_section() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.max_examples = 200  # 0 = the whole split
+  c.batch_size = 32
+  c.num_beams = 1
+  c.max_new_tokens = 32
+  c.metrics = "rouge"  # comma-separated: rouge, bleu
+  c.bleu_tokenize = "13a"
+  return c
+
+
+def _multihost_section() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.initialize = False  # call jax.distributed.initialize()
+  c.coordinator_address = ""  # only for local multi-process runs; pods need none
+  c.num_processes = 0
+  c.process_id = -1
   return c
 
 

@@ -82,9 +82,7 @@ def train(
   state, state_shardings = _initial_state(cfg, model, optimizer, init_params, mesh)
   frozen_shardings = bank.shardings(model, frozen, mesh)
   frozen = jax.device_put(frozen, frozen_shardings)
-  bank_dirs = [root, root / validation.BEST_DIR] if cfg.train.eval_every else [root]
-  for directory in bank_dirs:
-    _write_run_bank(directory, model, state.params, frozen, plans, meta, cfg.method)
+  _write_run_banks(cfg, root, model, state.params, frozen, plans, meta)
 
   ckpt = _checkpointer(cfg, root)
   try:
@@ -168,18 +166,20 @@ def _as_dict(state: TrainState) -> dict:
   return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
 
-def _write_run_bank(root, model, params, frozen, plans, meta, method) -> None:
-  """The workdir's bank description and frozen part, written once (a resumed run keeps them)."""
+def _write_run_banks(cfg, root, model, params, frozen, plans, meta) -> None:
+  """The workdir's bank description and frozen part, written once (a resumed run keeps them);
+  the same for ``best/`` (see ``modjax.train.validation``) when the run validates."""
   full = bank.merge_params(jax.eval_shape(lambda p: p, params), frozen)
   for name, plan in plans.items():
     try:
       plan.validate(full, model.stacks)
     except PlanError as e:
       raise PlanError(f"plan {name!r} does not fit the bank being trained: {e}") from e
-  if not (root / "model.json").exists():
-    bank_io.write_description(root, model, meta=meta, plans=plans, method=method)
-  if frozen and not (root / "frozen").exists():
-    checkpoint.save_pytree(root / "frozen", frozen)
+  for directory in [root, root / validation.BEST_DIR] if cfg.train.eval_every else [root]:
+    if not (directory / "model.json").exists():
+      bank_io.write_description(directory, model, meta=meta, plans=plans, method=cfg.method)
+    if frozen and not (directory / "frozen").exists():
+      checkpoint.save_pytree(directory / "frozen", frozen)
 
 
 def _initial_state(cfg, model, optimizer, init_params, mesh):

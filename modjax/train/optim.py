@@ -106,6 +106,19 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(reference.init, update_fn)
 
 
+def _scaled_update(update, p, lr, clipping_threshold, multiply_by_parameter_scale, weight_decay):
+  """The tail of optax's adafactor chain on one leaf: update clipping, the learning rate, the
+  parameter scale and weight decay (the sign is applied by the caller)."""
+  if clipping_threshold is not None:  # optax.clip_by_block_rms: the update's RMS at most this
+    update = update / jnp.maximum(1.0, jnp.sqrt(jnp.mean(jnp.square(update))) / clipping_threshold)
+  update = update * lr
+  if multiply_by_parameter_scale:  # max(rms(p), 1e-3), as optax.safe_root_mean_squares
+    update = update * jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(p))), 1e-3)
+  if weight_decay is not None:
+    update = update + weight_decay * p
+  return update
+
+
 def optax_adafactor(
   learning_rate,
   decay_rate: float = 0.8,
@@ -176,16 +189,8 @@ def adafactor(
     def leaf(g, v_row, v_col, v, p):
       dims = _factored_dims(g.shape, min_dim_size_to_factor)
       update, new_row, new_col, new_v = _adafactor_leaf(g, v_row, v_col, v, decay, eps, dims)
-      if clipping_threshold is not None:  # optax.clip_by_block_rms: the update's RMS at most this
-        update = update / jnp.maximum(
-          1.0, jnp.sqrt(jnp.mean(jnp.square(update))) / clipping_threshold
-        )
-      update = update * lr
-      if multiply_by_parameter_scale:  # max(rms(p), 1e-3), as optax.safe_root_mean_squares
-        update = update * jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(p))), 1e-3)
-      if weight_decay_rate is not None:
-        update = update + weight_decay_rate * p
-      return -update, new_row, new_col, new_v
+      scale = (clipping_threshold, multiply_by_parameter_scale, weight_decay_rate)
+      return -_scaled_update(update, p, lr, *scale), new_row, new_col, new_v
 
     out = jax.tree.map(leaf, grads, factored.v_row, factored.v_col, factored.v, params)
     parts = [jax.tree.map(lambda o, i=i: o[i], out, is_leaf=_is_quad) for i in range(4)]
