@@ -11,7 +11,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from train_helpers import TRACEBACK, micro_config, run_module
+from train_helpers import TRACEBACK, micro_config, run_cli_batch
 
 from modjax import evaluate
 from modjax.assemble import assemble_plan, assemble_search, run_sweep
@@ -240,7 +240,7 @@ def _one_error(result, needle):
   assert TRACEBACK not in result.stderr
 
 
-def test_bad_targets_are_one_line_errors(bank):
+def test_bad_targets_are_one_line_errors(bank, tmp_path):
   before = _files(bank["dir"])
   args = ["--bank", bank["dir"], "--input-length", "8", "--max-new-tokens", "4", "--runs", "1"]
   cases = [
@@ -248,8 +248,10 @@ def test_bad_targets_are_one_line_errors(bank):
     (["--params", "1.5"], "outside (0, 1]"),
     (["--latency-ms", "1e-6", "--latency-per", "sequence"], "no plan meets --latency-ms"),
   ]
-  for extra, needle in cases:
-    _one_error(run_module("modjax.assemble", args + extra, device_count=1), needle)
+  batch = [(str(i), "modjax.assemble", args + extra) for i, (extra, _) in enumerate(cases)]
+  results = run_cli_batch(batch, tmp_path, device_count=1)
+  for i, (_, needle) in enumerate(cases):
+    _one_error(results[str(i)], needle)
   for target, needle in [
     (st.Speedup(0.5), "below 1"),
     (st.Params(0.01), "smallest plan keeps"),
@@ -317,8 +319,15 @@ def _batches(bank, model):
 
 def test_saved_plan_round_trips_into_evaluate_and_export(bank, tmp_path):
   common = ["--bank", bank["dir"], "--strategy", "size-first", "--params", "0.9", "--name", "small"]
-  result = run_module("modjax.assemble", common, device_count=1)
-  assert result.returncode == 0, result.stderr
+  out = tmp_path / "export"
+  export = ["export", "--bank", bank["dir"], "--plan", "small", "--out", str(out)]
+  runs = [
+    ("assemble", "modjax.assemble", common),
+    ("export", "modjax.assemble", export + ["--formats", "orbax,hf"]),
+    ("again", "modjax.assemble", common),  # the name is taken now
+  ]
+  results = run_cli_batch(runs, tmp_path, device_count=1)
+  assert results["assemble"].returncode == 0, results["assemble"].stderr
   stored = bank_io.load_bank(bank["dir"])
   plan = stored.plan("small")
   assert plan != stored.model.identity_plan()
@@ -328,14 +337,11 @@ def test_saved_plan_round_trips_into_evaluate_and_export(bank, tmp_path):
   by_name = scoring.teacher_forced_metrics(scored.model, scored.params, scored.plan, batches)
   direct = scoring.teacher_forced_metrics(stored.model, stored.params, plan, batches)
   assert by_name == direct
-  out = tmp_path / "export"
-  args = ["export", "--bank", bank["dir"], "--plan", "small", "--out", str(out)]
-  result = run_module("modjax.assemble", args + ["--formats", "orbax,hf"], device_count=1)
-  assert result.returncode == 0, result.stderr
+  assert results["export"].returncode == 0, results["export"].stderr
   assert bank_io.load_bank(out / "orbax").plan() == plan
   summary = json.loads((out / "export.json").read_text())
   assert summary["plan"] == plan.to_dict() and summary["formats"] == ["orbax", "hf"]
-  _one_error(run_module("modjax.assemble", common, device_count=1), "already has a plan")
+  _one_error(results["again"], "already has a plan")
 
 
 def test_search_saves_the_pareto_front(bank):
