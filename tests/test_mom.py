@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from train_helpers import TRACEBACK, run_module, set_key
+from train_helpers import TRACEBACK, run_cli_batch, run_module, set_key
 
 from modjax.core import registry, sharding
 from modjax.core.errors import ConfigError
@@ -493,9 +493,13 @@ def test_bad_mom_settings_are_one_line_errors(tmp_path):
     ("--config.mom.top_k=4", "config.mom.top_k=4 is invalid"),
     (f"--config.mom.init_from={tmp_path / 'absent'}", "holds no bank"),
   ]
-  for flag, message in cases:
-    workdir = tmp_path / "run"
-    result = run_module("modjax.train", _train_flags(workdir, flag), timeout=120, device_count=1)
+  workdir = tmp_path / "run"
+  runs = [
+    (str(i), "modjax.train", _train_flags(workdir, flag)) for i, (flag, _) in enumerate(cases)
+  ]
+  results = run_cli_batch(runs, tmp_path, device_count=1, timeout=240)
+  for i, (_, message) in enumerate(cases):
+    result = results[str(i)]
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert TRACEBACK not in result.stderr and not workdir.exists()
     assert result.stderr.strip().splitlines()[-1].startswith("error:")

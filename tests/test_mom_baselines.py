@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_helpers import TRACEBACK, run_module, set_key
+from train_helpers import TRACEBACK, run_cli_batch, set_key
 
 from modjax.core.model_config import GPT2Config
 from modjax.core.presets import get_preset
@@ -107,16 +107,19 @@ def test_flops_model_agrees_with_modjax_cost_and_bounds_xla():
   assert cost.matching_steps(900, 2.0, 1.0) == 1800 and cost.matching_steps(3, 1.0, 7.0) == 1
 
 
-def test_budget_command_prints_the_steps_that_match_moms_flops():
+def test_budget_command_prints_the_steps_that_match_moms_flops(tmp_path):
   flags = ["--config", f"{CONFIG}:tiny", "--config.train.num_steps=150"]
-  result = run_module("modjax.methods.mom.baselines", [*flags, "--match=wider_ffn"], timeout=300)
+  module = "modjax.methods.mom.baselines"
+  runs = [(match, module, [*flags, f"--match={match}"]) for match in ("wider_ffn", "extra_layer")]
+  results = run_cli_batch(runs, tmp_path, timeout=300)
+  result = results["wider_ffn"]
   assert result.returncode == 0, result.stderr
   mom = MoMGPT2(dataclasses.replace(get_preset("gpt2-tiny"), n_layer=4, vocab_size=256),
                 MoMConfig(num_attn=2, num_ffn=2, rounds=2, router_dim=64))  # fmt: skip
   wider = baselines.baseline_model("wider_ffn", mom)
   per_step = [cost.training_flops_per_step(m, 16, 32) for m in (mom, wider)]
   assert int(result.stdout.strip()) == cost.matching_steps(150, *per_step) > 150
-  result = run_module("modjax.methods.mom.baselines", [*flags, "--match=extra_layer"], timeout=300)
+  result = results["extra_layer"]
   assert result.returncode == 2 and "no whole layer" in result.stderr, result.stderr
   assert TRACEBACK not in result.stderr
 
