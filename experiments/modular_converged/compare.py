@@ -24,24 +24,22 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
-import json
 import logging
 import os
 import re
+import sys
 
 import numpy as np
 
-from modjax.core import metrics
 from modjax.core.plan import Plan, Slot
-from modjax.data import make_eval_examples
 from modjax.methods.modular import all_g_plan
 from modjax.methods.modular.strategies import ladder
-from modjax.models import cost
 from modjax.store import bank_io
-from modjax.train import experiment, scoring
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import ddtp_summ_common as common  # noqa: E402
+
 log = logging.getLogger("compare")
 DROP = {4: (0, 2, 4, 5), 3: (0, 2, 4), 2: (0, 3)}  # decoder layers kept, as train.sh's students
 HEADLINE = ("bank", "kd", "sft")  # the cells with two seeds
@@ -57,31 +55,6 @@ def parse_args(argv=None):
   p.add_argument("--out", default=os.path.join(HERE, "results"))
   p.add_argument("--replot", action="store_true", help="Redraw table and plot from results.json.")
   return p.parse_args(argv)
-
-
-def eval_setup(args):
-  """(config, vocabulary, validation examples) of the teacher's recipe."""
-  path = os.path.join(HERE, "..", "..", "configs", "ddtp_summ.py")
-  spec = importlib.util.spec_from_file_location("ddtp_summ", path)
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  cfg = recipe.get_config(f"{args.data},6")
-  cfg.data.vocab_path = os.path.join(args.teacher, "vocab", "spm.model")
-  cfg.data.extra_ids = 0
-  vocabulary = experiment.build_vocabulary(cfg)
-  task = experiment.build_task(cfg, vocabulary)
-  return cfg, vocabulary, make_eval_examples(task, cfg.data.eval_split, args.max_examples or None)
-
-
-def score(stored, plan: Plan, setup, batch_size: int) -> dict:
-  cfg, vocabulary, examples = setup
-  predictions = scoring.predict(
-    stored.model, stored.params, plan, vocabulary, examples, batch_size=batch_size,
-    inputs_length=cfg.data.inputs_length, max_new_tokens=cfg.eval.max_new_tokens, num_beams=1,
-  )  # fmt: skip
-  result = metrics.rouge(predictions, [ex["targets"] for ex in examples])
-  result["params_m"] = sum(cost.count_params(stored.model, plan).values()) / 1e6
-  return result | {"example": predictions[0]}
 
 
 def rung_plans(stored) -> dict[str, Plan]:
@@ -103,14 +76,6 @@ def rung_updates(plan: Plan, compute: dict) -> float | None:
   return min(updates[g] for g in gs) if gs else None
 
 
-def read_compute(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "compute.json")
-  if not os.path.exists(path):
-    return None  # still training: compute.json is written when a run finishes
-  with open(path) as f:
-    return json.load(f)
-
-
 def budget(compute: dict | None, updates) -> dict:
   if compute is None:
     return {}
@@ -128,21 +93,15 @@ class Scorer:
   def add(self, method: str, label: str, stored, plan: Plan, seed: int, extra: dict) -> None:
     key = {"step": stored.step, "plan": plan.to_dict(), "examples": len(self.setup[2])}
     name = re.sub(r"[^\w.+-]+", "_", f"{method}-{label}-s{seed}")
-    cached = os.path.join(self.args.out, "rows", f"{name}.json")
-    if os.path.exists(cached):
-      with open(cached) as f:
-        row = json.load(f)
-      if row.get("key") == key:
-        self.rows.append(row)
-        return
-    log.info("scoring %s %s (seed %d): %s", method, label, seed, plan.describe())
-    row = {"method": method, "point": label, "seed": seed, "decoder_slots": len(plan.decoder)}
-    row |= score(stored, plan, self.setup, self.args.batch_size) | extra | {"key": key}
-    row["speedup_nominal"] = 6 / len(plan.decoder)
-    self.rows.append(row)
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    with open(cached, "w") as f:
-      json.dump(row, f, indent=1)
+
+    def make_row():
+      log.info("scoring %s %s (seed %d): %s", method, label, seed, plan.describe())
+      row = {"method": method, "point": label, "seed": seed, "decoder_slots": len(plan.decoder)}
+      row |= common.score(stored, plan, self.setup, self.args.batch_size) | extra
+      return row | {"speedup_nominal": 6 / len(plan.decoder)}
+
+    path = os.path.join(self.args.out, "rows", f"{name}.json")
+    self.rows.append(common.cached_row(path, key, make_row))
 
 
 def run_dirs(runs: str, name: str) -> list[tuple[str, int]]:
@@ -150,13 +109,13 @@ def run_dirs(runs: str, name: str) -> list[tuple[str, int]]:
   found = [(os.path.join(runs, name), 0)]
   for path in glob.glob(os.path.join(runs, f"{name}-s*")):
     found.append((path, int(path.rsplit("-s", 1)[1])))
-  return [(path, seed) for path, seed in found if read_compute(path)]
+  return [(path, seed) for path, seed in found if common.read_compute(path)]
 
 
 def evaluate_all(args, setup) -> list[dict]:
   scorer = Scorer(args, setup)
   for bank_dir, seed in run_dirs(args.runs, "bank"):
-    stored, compute = bank_io.load_bank(bank_dir), read_compute(bank_dir)
+    stored, compute = bank_io.load_bank(bank_dir), common.read_compute(bank_dir)
     if seed == 0:
       scorer.add("teacher", "6 layers", stored, stored.model.identity_plan(), 0, {})
       for depth, kept in DROP.items():
@@ -167,7 +126,7 @@ def evaluate_all(args, setup) -> list[dict]:
     for label, plan in rung_plans(stored).items():
       scorer.add("bank", label, stored, plan, seed, budget(compute, rung_updates(plan, compute)))
   for bank_dir, seed in run_dirs(args.runs, "bank_kdflops"):
-    stored, compute = bank_io.load_bank(bank_dir), read_compute(bank_dir)
+    stored, compute = bank_io.load_bank(bank_dir), common.read_compute(bank_dir)
     for g in (2, 3):
       plan = all_g_plan(stored.model, {"decoder": g}, meta=stored.meta)
       scorer.add(
@@ -186,7 +145,7 @@ def evaluate_all(args, setup) -> list[dict]:
         ("_updates", f"{kind} (bank's updates)"),
       ):
         for workdir, seed in run_dirs(args.runs, f"{kind}_dec{depth}{variant}"):
-          student, compute = bank_io.load_bank(workdir), read_compute(workdir)
+          student, compute = bank_io.load_bank(workdir), common.read_compute(workdir)
           scorer.add(
             method, f"dec{depth}", student, student.plan(), seed, budget(compute, compute["steps"])
           )
@@ -261,26 +220,17 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv=None) -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   args = parse_args(argv)
-  results = os.path.join(args.out, "results.json")
-  if args.replot:
-    with open(results) as f:
-      saved = json.load(f)
-    rows, examples = saved["rows"], saved["examples"]
-  else:
-    setup = eval_setup(args)
-    rows, examples = evaluate_all(args, setup), len(setup[2])
+
+  def evaluate():
+    setup = common.eval_setup(args.data, args.teacher, args.max_examples)
+    rows = evaluate_all(args, setup)
     if not rows:
       raise SystemExit(
         f"error: no finished run under {args.runs}; run experiments/modular_converged/train.sh"
       )
-    os.makedirs(args.out, exist_ok=True)
-    with open(results, "w") as f:
-      json.dump({"examples": examples, "rows": rows, "seeds": seed_spread(rows)}, f, indent=1)
-  table = markdown(rows, examples)
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write(table + "\n")
-  plot(rows, os.path.join(args.out, "pareto.png"))
-  print(table)
+    return rows, len(setup[2]), {"seeds": seed_spread(rows)}
+
+  common.write_report(args, evaluate, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -21,23 +21,20 @@ rerun after one more student finishes scores only that student).
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import logging
 import os
-import time
+import sys
 
-from modjax.core import metrics
 from modjax.core.plan import Plan, Slot
-from modjax.data import make_eval_examples
 from modjax.methods.modular import all_g_plan, tiling_plan
 from modjax.methods.modular.latency import Timer
 from modjax.methods.modular.strategies import Shapes
-from modjax.models import cost
 from modjax.store import bank_io
-from modjax.train import experiment, scoring
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import ddtp_summ_common as common  # noqa: E402
+
 log = logging.getLogger("compare")
 
 # point: (nominal decoder-side speed-up, decoder tiling, teacher layers kept at that depth)
@@ -63,41 +60,6 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def eval_setup(args):
-  """(config, vocabulary, validation examples) of the teacher's recipe."""
-  spec = importlib.util.spec_from_file_location("ddtp_summ", f"{HERE}/../../configs/ddtp_summ.py")
-  recipe = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(recipe)
-  cfg = recipe.get_config(f"{args.data},6")
-  cfg.data.vocab_path = os.path.join(args.runs, "ddtp_summ6", "vocab", "spm.model")
-  cfg.data.extra_ids = 0
-  vocabulary = experiment.build_vocabulary(cfg)
-  task = experiment.build_task(cfg, vocabulary)
-  examples = make_eval_examples(task, cfg.data.eval_split, args.max_examples or None)
-  return cfg, vocabulary, examples
-
-
-def score(stored, plan: Plan, setup, batch_size: int) -> dict:
-  cfg, vocabulary, examples = setup
-  start = time.perf_counter()
-  predictions = scoring.predict(
-    stored.model,
-    stored.params,
-    plan,
-    vocabulary,
-    examples,
-    batch_size=batch_size,
-    inputs_length=cfg.data.inputs_length,
-    max_new_tokens=cfg.eval.max_new_tokens,
-    num_beams=1,
-  )
-  result = metrics.rouge(predictions, [ex["targets"] for ex in examples])
-  result["decode_s"] = time.perf_counter() - start
-  result["params_m"] = sum(cost.count_params(stored.model, plan).values()) / 1e6
-  result["example"] = predictions[0]
-  return result
-
-
 def bank_plans(stored) -> dict[str, Plan]:
   model, meta = stored.model, stored.meta
   plans = {"teacher": model.identity_plan()}
@@ -115,14 +77,6 @@ def drop_plan(kept: tuple[int, ...], encoder_layers: int) -> Plan:
   )
 
 
-def read_compute(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "compute.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def evaluate_all(args, setup) -> list[dict]:
   """One row per (method, point) that exists under ``--runs``."""
   bank_dir = os.path.join(args.runs, "summ6_bank")
@@ -130,24 +84,17 @@ def evaluate_all(args, setup) -> list[dict]:
   rows = []
 
   def add(method, point, stored_bank, plan, workdir):
-    cached = os.path.join(args.out, "rows", f"{method}-{point}.json")
     key = {"step": stored_bank.step, "plan": plan.to_dict(), "examples": len(setup[2])}
-    if os.path.exists(cached):  # scored before (same checkpoint, plan and examples): reuse
-      with open(cached) as f:
-        row = json.load(f)
-      if row.get("key") == key:
-        rows.append(row)
-        return
-    log.info("scoring %s at %s: %s", method, point, plan.describe())
-    row = {"method": method, "point": point, **score(stored_bank, plan, setup, args.batch_size)}
-    row["speedup_nominal"] = POINTS[point][0] if point in POINTS else None
-    row["compute"] = read_compute(workdir) if workdir else None
-    row["key"] = key
-    rows.append(row)
-    log.info("  %s", {k: round(v, 2) for k, v in row.items() if isinstance(v, float)})
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    with open(cached, "w") as f:
-      json.dump(row, f, indent=1)
+
+    def make_row():
+      log.info("scoring %s at %s: %s", method, point, plan.describe())
+      row = {"method": method, "point": point}
+      row |= common.score(stored_bank, plan, setup, args.batch_size)
+      row["speedup_nominal"] = POINTS[point][0] if point in POINTS else None
+      return row | {"compute": common.read_compute(workdir) if workdir else None}
+
+    path = os.path.join(args.out, "rows", f"{method}-{point}.json")
+    rows.append(common.cached_row(path, key, make_row))
 
   plans = bank_plans(stored)
   for point, plan in plans.items():
@@ -158,7 +105,7 @@ def evaluate_all(args, setup) -> list[dict]:
   for kind in STUDENT_KINDS:
     for point, (_, _, kept) in POINTS.items():
       workdir = os.path.join(args.runs, f"summ6_{kind}_dec{len(kept)}")
-      if read_compute(workdir):  # written when its training finished
+      if common.read_compute(workdir):  # written when its training finished
         student = bank_io.load_bank(workdir)
         add(kind, point, student, student.plan(), workdir)
   if args.time:
@@ -219,22 +166,12 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv=None) -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   args = parse_args(argv)
-  results = os.path.join(args.out, "results.json")
-  if args.replot:
-    with open(results) as f:
-      saved = json.load(f)
-    rows, examples = saved["rows"], saved["examples"]
-  else:
-    setup = eval_setup(args)
-    rows, examples = evaluate_all(args, setup), len(setup[2])
-    os.makedirs(args.out, exist_ok=True)
-    with open(results, "w") as f:
-      json.dump({"examples": examples, "rows": rows}, f, indent=1)
-  table = markdown(rows, examples)
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write(table + "\n")
-  plot(rows, os.path.join(args.out, "pareto.png"))
-  print(table)
+
+  def evaluate():
+    setup = common.eval_setup(args.data, os.path.join(args.runs, "ddtp_summ6"), args.max_examples)
+    return evaluate_all(args, setup), len(setup[2]), {}
+
+  common.write_report(args, evaluate, markdown, plot)
 
 
 if __name__ == "__main__":
