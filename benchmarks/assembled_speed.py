@@ -28,7 +28,6 @@ alone, the most dropping decoder layers can give.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -128,27 +127,24 @@ def plan_calls(model, params, plan, ids, mask, new: int, prepared, chunk: int):
   encode = jax.jit(lambda p, i, m: model.encode(p, plan, i, input_mask_BS=m)[0])
   start = jax.jit(lambda p, i, m, s: model.start_decoding(p, plan, i, m, new, shared=s))
 
-  @functools.partial(jax.jit, donate_argnums=1)
-  def steps(p, carry):
-    """generate's loop body ``chunk`` times from position 1: one decode step, the argmax and
-    the score update per token (the cache is read in full whatever the position)."""
+  def step(p, carry):
+    """generate's loop body from position ``t``: one decode step, the argmax and the score
+    update per token (the cache is read in full whatever the position)."""
+    cache, tok, score, t = carry
+    logits, cache = model.decode_step(p, plan, cache, tok, t)
+    tok = argmax(logits)
+    logp = jnp.take_along_axis(logits, tok[:, None], 1)[:, 0] - jax.nn.logsumexp(logits, -1)
+    return None, (cache, tok, score + logp, t + 1)
 
-    def body(t, carry):
-      cache, tok, score = carry
-      logits, cache = model.decode_step(p, plan, cache, tok, t)
-      tok = argmax(logits)
-      logp = jnp.take_along_axis(logits, tok[:, None], 1)[:, 0] - jax.nn.logsumexp(logits, -1)
-      return cache, tok, score + logp
-
-    return jax.lax.fori_loop(1, 1 + chunk, body, carry)
-
+  steps = harness.looped(step, chunk)  # chunk steps per call, the carry donated
   state = {}
 
   def run_steps():
-    if not state:  # a prefilled cache, then donated call to call (rewritten in place)
+    if not state:  # a prefilled cache, then rewritten in place call to call
       cache, logits, _ = start(used, ids, mask, prepared)
-      state["carry"] = (cache, argmax(logits), jnp.zeros(ids.shape[0]))
-    state["carry"] = steps(used, state["carry"])
+      state["carry"] = (cache, argmax(logits), jnp.zeros(ids.shape[0]), jnp.int32(1))
+    _, (cache, tok, score, _) = steps(used, state["carry"])
+    state["carry"] = (cache, tok, score, jnp.int32(1))  # each call from position 1 again
     return state["carry"]
 
   def run_generate():
@@ -234,16 +230,14 @@ def add_speedups(rows: list[dict]):
 
 def parse_args(argv=None):
   p = harness.parser(__doc__, "assembled_speed")
-  p.add_argument("--batch-sizes", type=harness.ints, help="comma-separated (1,8; quick 1,2)")
-  p.add_argument("--new-tokens", type=int, default=None, help="default 64; quick 6")
-  p.add_argument("--input-length", type=int, default=None, help="default 64; quick 16")
-  p.add_argument("--rounds", type=int, default=None, help="timed rounds over the plans (7)")
+  p.option("--batch-sizes", [1, 2], [1, 8], harness.ints)
+  p.option("--new-tokens", 6, 64)
+  p.option("--input-length", 16, 64)
+  p.option("--rounds", 1, 7, help="timed rounds over the plans")
   p.add_argument("--repeats", type=int, default=3, help="encode and steps calls per round")
-  p.add_argument("--chunk", type=int, default=None, help="decode steps per timed call (8; quick 4)")
+  p.option("--chunk", 4, 8, help="decode steps per timed call")
   args = p.parse_args(argv)
   args.shape = "micro" if args.quick else "t5-small"
-  harness.defaults(args, batch_sizes=([1, 2], [1, 8]), new_tokens=(6, 64), input_length=(16, 64))
-  harness.defaults(args, rounds=(1, 7), chunk=(4, 8))
   if not 1 <= args.chunk < args.new_tokens:
     p.error(
       f"--chunk must lie in [1, new tokens): the steps run inside a {args.new_tokens}-token cache"

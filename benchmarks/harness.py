@@ -10,6 +10,7 @@
 * Timing: :mod:`modjax.core.timing`, the library's primitive: candidates timed in interleaved
   rounds (a, b, c, a, b, c, ...) so drift hits each alike, each call waited for, warm-ups
   untimed; a benchmark reports medians (and minima) over its rounds and keeps every time.
+  :func:`looped` runs a decode-step body many times per timed call, as a decoding loop does.
 * XLA's cost analysis of a compiled (or only lowered) program: FLOPs and bytes accessed.
 * The common flags ``--quick`` (small shapes and few calls: a smoke test, what the tests run),
   ``--seed`` and ``--out`` (default ``benchmarks/results/<name>.json``), and
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -190,6 +192,23 @@ def time_sides(sides: Sequence[Side], rounds: int, calls: int = 1, pause: float 
   seconds = interleaved(dict(enumerate(s.call for s in sides)), rounds, calls=calls, pause=pause)
   for i, side in enumerate(sides):
     side.seconds += seconds[i]
+
+
+def looped(body: Callable, times: int) -> Callable:
+  """``body(params, carry) -> (out, carry)`` ``times`` times in one jitted ``lax.scan``, the
+  carry donated: as a decoding loop runs it, loop-invariant work hoisted out. Returns
+  ``run(params, carry) -> (outs, carry)``."""
+
+  @functools.partial(jax.jit, donate_argnums=1)
+  def run(params, carry):
+    def one(carry, _):
+      out, carry = body(params, carry)
+      return carry, out
+
+    carry, outs = jax.lax.scan(one, carry, None, length=times)
+    return outs, carry
+
+  return run
 
 
 def milliseconds(seconds: Sequence[float], name: str = "step_ms") -> dict:

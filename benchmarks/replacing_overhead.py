@@ -327,11 +327,11 @@ def profile(cases: list[tuple], batch, repeats: int) -> list[dict]:
 
 def parse_args(argv=None):
   p = harness.parser(__doc__, "replacing_overhead")
-  p.add_argument("--draws", type=int, default=None, help="draws per setting (default 3)")
-  p.add_argument("--rounds", type=int, default=None, help="rounds over the cases (default 2)")
+  p.option("--draws", 1, 3, help="draws per setting")
+  p.option("--rounds", 1, 2, help="rounds over the cases")
   p.add_argument("--remat", default="true,false", help="remat settings to time")
   p.add_argument("--profile", action="store_true", help="also time forward vs backward")
-  args = harness.defaults(p.parse_args(argv), draws=(1, 3), rounds=(1, 2))
+  args = p.parse_args(argv)
   args.shape = "micro" if args.quick else "t5-small"
   args.remat = [{"true": True, "false": False}[v.strip().lower()] for v in args.remat.split(",")]
   return args

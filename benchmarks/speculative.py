@@ -177,22 +177,6 @@ class Parts:
     (loop-invariant work included: the q/k/v kernels' concatenation, which a loop hoists)."""
     return harness.xla_cost(jax.jit(body), self.params, self.caches[key])
 
-  @staticmethod
-  def looped(body, times: int):
-    """``body(params, cache) -> (out, cache)`` ``times`` times in one jitted ``lax.scan``, the
-    cache donated: as a decoding loop runs it, with loop-invariant work hoisted out."""
-
-    @functools.partial(jax.jit, donate_argnums=1)
-    def run(params, cache):
-      def one(cache, _):
-        out, cache = body(params, cache)
-        return cache, out
-
-      cache, outs = jax.lax.scan(one, cache, None, length=times)
-      return outs, cache
-
-    return run
-
   def step(self):
     """One token of plain greedy decoding as its loop runs it: step and argmax."""
     m, full, tok = self.model, self.full, self.token
@@ -225,7 +209,7 @@ class Parts:
     def draft(params, cache):
       return draft_block(m, params, plan, cache, s, pos, k)
 
-    call = self.call(self.looped(draft, loop), name)
+    call = self.call(harness.looped(draft, loop), name)
     return 1e3 * harness.median(harness.repeat(call, repeats, warmup=2)) / loop
 
 
@@ -235,7 +219,7 @@ def step_and_verify(parts: Parts, ks, repeats: int, loop: int) -> dict:
   FLOPs and bytes of one of each."""
   bodies = {"step": parts.step(), **{k: parts.verify(k) for k in ks}}
   costs = {key: parts.cost(body, "full") for key, body in bodies.items()}
-  calls = {key: parts.call(parts.looped(body, loop), "full") for key, body in bodies.items()}
+  calls = {key: parts.call(harness.looped(body, loop), "full") for key, body in bodies.items()}
   seconds = harness.interleaved(calls, repeats, warmup=2)
   ms = {key: 1e3 * harness.median(v) / loop for key, v in seconds.items()}
   return {"ms": ms, "xla": costs}

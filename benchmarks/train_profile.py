@@ -177,13 +177,12 @@ def summarize(ops: dict, top: int) -> dict:
 
 def main(argv=None):
   p = harness.parser(__doc__, "train_profile")
-  p.add_argument("--preset", default=None, choices=sorted(train_step.SHAPES), help="t5-small")
+  p.option("--preset", "micro", "t5-small", str, choices=sorted(train_step.SHAPES))
   p.add_argument("--optimizer", default="adafactor", choices=train_step.MODJAX_OPTIMIZERS)
-  p.add_argument("--repeats", type=int, default=None, help="timed calls per phase (5)")
-  p.add_argument("--trace-steps", type=int, default=None, help="traced steps (2)")
+  p.option("--repeats", 1, 5, help="timed calls per phase")
+  p.option("--trace-steps", 1, 2, help="traced steps")
   p.add_argument("--top", type=int, default=25)
   args = p.parse_args(argv)
-  harness.defaults(args, preset=("micro", "t5-small"), repeats=(1, 5), trace_steps=(1, 2))
   start = time.perf_counter()
   phases = time_phases(args.preset, args.repeats)
   print("phases (ms, each jitted alone):")
