@@ -4,7 +4,8 @@
 # per factor, each changed from the default recipe alone, trained STEPS steps on the teacher's
 # data, then its 2x and 3x decoder rungs (the bank's all-g2 and all-g3 plans: 3 and 2 decoder
 # slots) scored by ROUGE on EXAMPLES validation examples; report.py writes the table.
-# Every bank resumes from its checkpoint when rerun, and a finished one trains no further.
+# Every bank resumes from its checkpoint when rerun, a finished one trains no further, and a rung
+# already scored at this step on this many examples is not scored again.
 # Usage (from the repository root), e.g. in the background:
 #   nohup experiments/modular_ablation/run.sh [teacher] [data] [runs] [steps] > ablation.log 2>&1 &
 # ONLY="default kd-off" runs a subset; SEED=1 a second seed (runs/<factor>-s1).
@@ -31,6 +32,15 @@ declare -A FACTORS=(
   [adafactor-update-clip]="--config.optimizer.adafactor_clipping=1.0"
   [adamw]="--config.optimizer.name=adamw --config.optimizer.learning_rate=0.001 --config.optimizer.schedule=cosine"
 )
+scored() {  # scored <run> <plan>: a metrics record of this plan, step and example count exists
+  python - "$1" "$2" "$STEPS" "$EXAMPLES" <<'PY'
+import glob, json, sys
+run, plan, steps, examples = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+records = [json.load(open(p)) for p in glob.glob(f"{run}/eval/*.metrics.json")]
+want = {"plan_name": plan, "step": steps, "examples": examples}
+sys.exit(0 if any(all(r.get(k) == v for k, v in want.items()) for r in records) else 1)
+PY
+}
 CONFIG="configs/modular_t5.py:ddtp_summ,$TEACHER,$DATA"
 VOCAB="--config.data.vocab_path=$TEACHER/vocab/spm.model --config.data.extra_ids=0"
 for name in ${ONLY:-$(printf '%s\n' "${!FACTORS[@]}" | sort)}; do
@@ -45,6 +55,10 @@ for name in ${ONLY:-$(printf '%s\n' "${!FACTORS[@]}" | sort)}; do
     --config.modular.granularities=decoder:2,3,6 --config.train.num_steps="$STEPS" \
     --config.checkpoint.every_steps=100 $VOCAB ${FACTORS[$name]}
   for plan in all-g2 all-g3; do
+    if scored "$run" "$plan"; then
+      echo "$run: $plan already scored at step $STEPS on $EXAMPLES examples"
+      continue
+    fi
     # shellcheck disable=SC2086
     python -m modjax.evaluate --config "$CONFIG" --config.workdir="$run" --plan "$plan" $VOCAB \
       --config.eval.metrics=rouge --config.eval.max_examples="$EXAMPLES"
