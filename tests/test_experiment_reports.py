@@ -79,3 +79,39 @@ def test_converged_comparison_budgets_and_seed_spread():
   spread = {(s["method"], s["decoder_slots"]): s for s in compare.seed_spread(rows)}
   assert spread["kd", 3]["rougeL_mean"] == 20.5 and spread["kd", 3]["rougeL_spread"] == 1.0
   assert spread["bank", 3]["seeds"] == 1 and spread["bank", 3]["rougeL_mean"] == 19.0
+
+
+def test_comparisons_reuse_a_row_only_while_its_key_holds_and_replot_from_results(tmp_path):
+  common = _module(os.path.join(ROOT, "experiments", "ddtp_summ_common.py"))
+  made = []
+
+  def make_row():
+    made.append(1)
+    return {"method": "kd", "rougeL": 20.0 + len(made)}
+
+  path = str(tmp_path / "rows" / "kd.json")
+  key = {"step": 600, "plan": {"decoder": ["0", "2"]}, "examples": 8}
+  assert common.cached_row(path, key, make_row)["rougeL"] == 21.0
+  assert common.cached_row(path, key, make_row)["rougeL"] == 21.0 and len(made) == 1
+  assert common.cached_row(path, key | {"step": 700}, make_row)["rougeL"] == 22.0  # rescored
+  assert common.read_compute(str(tmp_path)) is None  # a run still training has no compute.json
+
+  class Args:
+    out, replot = str(tmp_path / "out"), False
+
+  def markdown(rows, examples):
+    return f"{examples} examples: " + ", ".join(f"{r['method']} {r['rougeL']}" for r in rows)
+
+  plots = []
+  rows = [{"method": "kd", "rougeL": 21.0}]
+  common.write_report(
+    Args, lambda: (rows, 8, {"seeds": []}), markdown, lambda r, p: plots.append(p)
+  )
+  saved = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert saved == {"examples": 8, "rows": rows, "seeds": []}
+  Args.replot = True  # the table and plot again from results.json, nothing evaluated
+  common.write_report(
+    Args, lambda: pytest.fail("evaluated on --replot"), markdown, lambda r, p: plots.append(p)
+  )
+  assert (tmp_path / "out" / "results.md").read_text() == "8 examples: kd 21.0\n"
+  assert len(plots) == 2
