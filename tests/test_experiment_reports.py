@@ -28,7 +28,8 @@ def test_ablation_report_takes_the_newest_score_per_rung_and_the_budget(tmp_path
   report = _module(os.path.join(ROOT, "experiments", "modular_ablation", "report.py"))
   compute = {"steps": 300, "examples_seen": 9600, "training_flops": 2.5e14}
   compute["module_updates"] = {"decoder": {"g2": 75.0, "g3": 75.0, "g6": 62.5}}
-  for factor, scores in (("default", (20.0, 18.0)), ("kd-off", (19.0, 17.5))):
+  runs = (("default", (20.0, 18.0)), ("kd-off", (19.0, 17.5)), ("default-s1", (21.0, 17.0)))
+  for factor, scores in runs:
     run = tmp_path / factor
     _write(run / "compute.json", compute)
     for plan, rouge in zip(("all-g2", "all-g3"), scores, strict=True):
@@ -40,13 +41,15 @@ def test_ablation_report_takes_the_newest_score_per_rung_and_the_budget(tmp_path
   out = tmp_path / "out"
   report.main([str(tmp_path), "--out", str(out)])
   rows = json.loads((out / "results.json").read_text())["rows"]  # "training": no compute.json
-  assert [(r["factor"], r["all-g2_rougeL"], r["all-g3_rougeL"]) for r in rows] == [
-    ("default", 20.0, 18.0),
-    ("kd-off", 19.0, 17.5),
+  assert [(r["factor"], r["seed"], r["all-g2_rougeL"], r["all-g3_rougeL"]) for r in rows] == [
+    ("default", 0, 20.0, 18.0),
+    ("default", 1, 21.0, 17.0),
+    ("kd-off", 0, 19.0, 17.5),
   ]
   table = (out / "results.md").read_text().splitlines()
-  assert len(table) == 4 and all(line.count("|") == 8 for line in table)
-  assert "| default | 300 | 9600 | 0.250 | g2: 75, g3: 75, g6: 62 | 20.00 | 18.00 |" in table
+  assert len(table) == 9 and all(line.count("|") == 9 for line in table[:5])
+  assert "| default | 0 | 300 | 9600 | 0.250 | g2: 75, g3: 75, g6: 62 | 20.00 | 18.00 |" in table
+  assert table[-1] == "| default | 0, 1 | 20.50 (1.00) | 17.50 (1.00) |"  # kd-off: one seed
   with pytest.raises(SystemExit, match="no scored bank"):
     report.main([str(tmp_path / "training"), "--out", str(out)])
   capsys.readouterr()

@@ -1,6 +1,8 @@
-"""The recipe ablation's table: one row per factor (and seed), validation ROUGE-L of the bank's
+"""The recipe ablation's table: one row per factor and seed, validation ROUGE-L of the bank's
 2x and 3x decoder rungs, each row with its budget (steps, examples seen, training FLOPs,
-expected updates of each granularity's modules) from the run's ``compute.json``.
+expected updates of each granularity's modules) from the run's ``compute.json``; then, for every
+factor run with more than one seed (``<factor>-s<k>`` is seed k), the mean and spread (max - min)
+over its seeds.
 
     python experiments/modular_ablation/report.py runs/ablation [--out DIR]
 
@@ -15,6 +17,7 @@ import argparse
 import glob
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -58,7 +61,9 @@ def row(run: str) -> dict | None:
     return None  # still training, or not yet scored
   with open(compute_path) as f:
     compute = json.load(f)
-  out = {"factor": os.path.basename(os.path.normpath(run)), "steps": compute["steps"]}
+  name = os.path.basename(os.path.normpath(run))
+  factor, seed = re.fullmatch(r"(.+?)(?:-s(\d+))?", name).groups()
+  out = {"factor": factor, "seed": int(seed or 0), "steps": compute["steps"]}
   out |= {"examples_seen": compute["examples_seen"], "training_flops": compute["training_flops"]}
   out["module_updates"] = compute["module_updates"]
   out["trainable_params"] = trainable_params(run)
@@ -69,19 +74,46 @@ def row(run: str) -> dict | None:
   return out
 
 
-def markdown(rows: list[dict]) -> str:
-  head = "| factor | steps | examples seen | training PFLOPs | decoder module updates (g: steps) |"
+def seed_spread(rows: list[dict]) -> list[dict]:
+  """Per factor with two or more seeds: the seeds, and each rung's mean and spread."""
+  out = []
+  for factor in sorted({r["factor"] for r in rows}):
+    mine = [r for r in rows if r["factor"] == factor]
+    if len(mine) < 2:
+      continue
+    entry = {"factor": factor, "seeds": sorted(r["seed"] for r in mine)}
+    for plan in RUNGS:
+      values = [r[f"{plan}_rougeL"] for r in mine if f"{plan}_rougeL" in r]
+      if len(values) == len(mine):
+        entry[f"{plan}_mean"] = float(np.mean(values))
+        entry[f"{plan}_spread"] = max(values) - min(values)
+    out.append(entry)
+  return out
+
+
+def markdown(rows: list[dict], spread: list[dict]) -> str:
+  head = "| factor | seed | steps | examples seen | training PFLOPs |"
+  head += " decoder module updates (g: steps) |"
   head += "".join(f" ROUGE-L {label} |" for label in RUNGS.values())
-  lines = [head, "|" + "---|" * (5 + len(RUNGS))]
+  lines = [head, "|" + "---|" * (6 + len(RUNGS))]
   for r in rows:
     updates = r["module_updates"].get("decoder", {})
-    cells = [r["factor"], str(r["steps"]), str(r["examples_seen"])]
+    cells = [r["factor"], str(r["seed"]), str(r["steps"]), str(r["examples_seen"])]
     cells += [
       f"{r['training_flops'] / 1e15:.3f}",
       ", ".join(f"{g}: {n:.0f}" for g, n in updates.items()),
     ]
     cells += [f"{r[f'{p}_rougeL']:.2f}" if f"{p}_rougeL" in r else "-" for p in RUNGS]
     lines.append("| " + " | ".join(cells) + " |")
+  if spread:
+    lines += ["", "| factor | seeds |" + "".join(f" ROUGE-L {v}: mean (spread) |" for v in RUNGS)]
+    lines.append("|" + "---|" * (2 + len(RUNGS)))
+    for e in spread:
+      cells = [e["factor"], ", ".join(map(str, e["seeds"]))]
+      cells += [
+        f"{e[f'{p}_mean']:.2f} ({e[f'{p}_spread']:.2f})" if f"{p}_mean" in e else "-" for p in RUNGS
+      ]
+      lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -91,15 +123,18 @@ def main(argv=None) -> None:
   p.add_argument("--out", default=os.path.join(HERE, "results"))
   args = p.parse_args(argv)
   runs = sorted(d for d in glob.glob(os.path.join(args.runs, "*")) if os.path.isdir(d))
-  rows = [r for r in map(row, runs) if r is not None]
+  rows = sorted(
+    (r for r in map(row, runs) if r is not None), key=lambda r: (r["factor"], r["seed"])
+  )
   if not rows:
     raise SystemExit(
       f"error: no scored bank under {args.runs}; run experiments/modular_ablation/run.sh"
     )
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"runs": os.path.abspath(args.runs), "rows": rows}, f, indent=1)
-  table = markdown(rows)
+    spread = seed_spread(rows)
+    json.dump({"runs": os.path.abspath(args.runs), "rows": rows, "seeds": spread}, f, indent=1)
+  table = markdown(rows, spread)
   with open(os.path.join(args.out, "results.md"), "w") as f:
     f.write(table + "\n")
   print(table)
