@@ -26,12 +26,17 @@ shared machine the numbers are noisy: compare within one run, and over several r
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
+import glob
+import gzip
 import json
 import os
 import platform
+import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -241,6 +246,56 @@ def xla_cost(jitted, *args, compiled: bool = True) -> dict:
   """:func:`cost` of ``jitted`` for ``args`` (arrays or their shapes), compiled or lowered."""
   lowered = jitted.lower(*args)
   return cost(lowered.compile() if compiled else lowered)
+
+
+# ---- profiles -------------------------------------------------------------------------------
+def _instructions(hlo_text: str) -> dict:
+  """HLO instruction name -> (shape, opcode, JAX op_name) of a compiled module; fusions that
+  contain a dot (XLA:CPU hands most matmuls to YNNPACK as fusions) count as ``matmul``."""
+  with_dot, computation = set(), None
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():
+      computation = line.split(" ", 1)[0].lstrip("%")
+    elif re.search(r" (dot|convolution)\(", line):
+      with_dot.add(computation)
+  out = {}
+  pattern = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([\w\-]+)\(")  # shapes may be tuples
+  for line in hlo_text.splitlines():
+    match = pattern.match(line)
+    if not match:
+      continue
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    calls = re.search(r"calls=%?([\w.\-]+)", line)
+    opcode = match.group(3)
+    if opcode in ("dot", "convolution") or (calls and calls.group(1) in with_dot):
+      opcode = "matmul"
+    out[match.group(1)] = (
+      match.group(2).split("{")[0],
+      opcode,
+      op_name.group(1) if op_name else "",
+    )
+  return out
+
+
+def trace_ops(call: Callable[[], object], compiled, steps: int) -> dict:
+  """``{HLO instruction: (ms per call, shape, opcode, JAX op_name)}``, slowest first: ``call``
+  run ``steps`` times under ``jax.profiler``, each executed op matched to its instruction in
+  ``compiled``, the ``jax.stages.Compiled`` that ``call`` must run itself (a second compile of
+  the same function numbers its instructions anew). Times are summed wall times: ops running
+  concurrently overlap, so the sum can exceed the call."""
+  instructions = _instructions(compiled.as_text())
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+      repeat(call, steps)
+    (path,) = glob.glob(os.path.join(directory, "plugins", "profile", "*", "*perfetto*.json.gz"))
+    with gzip.open(path) as f:
+      events = json.load(f)["traceEvents"]
+  per_op = collections.Counter()
+  for event in events:
+    args = event.get("args") or {}
+    if event.get("ph") == "X" and "hlo_op" in args:
+      per_op[args["hlo_op"]] += event["dur"] / 1e3 / steps
+  return {name: (ms, *instructions.get(name, ("?", "?", ""))) for name, ms in per_op.most_common()}
 
 
 # ---- workloads ------------------------------------------------------------------------------

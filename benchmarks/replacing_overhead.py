@@ -20,7 +20,8 @@ step number picks the setting: ``p=0`` (step 0), ``p=0.75`` (step 750), ``p=1`` 
 Each case runs ``--draws`` base keys interleaved over ``--rounds`` rounds after an untimed round
 (XLA:CPU readies a cond branch's kernels lazily); its time is the mean over keys of each key's
 fastest round (medians and every time in the JSON). ``--profile`` also times each side's loss
-forward and ``value_and_grad``.
+forward and ``value_and_grad``, and traces its whole step: op time by HLO opcode and the slowest
+ops (where the replacing step's extra time goes: the conds, the copies XLA makes around them).
 
     python -m benchmarks.replacing_overhead            # t5-small, 8 x (128 + 32): long on CPU
     python -m benchmarks.replacing_overhead --quick    # micro (2+2 layers): a smoke test
@@ -28,6 +29,7 @@ forward and ``value_and_grad``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
@@ -320,9 +322,29 @@ def profile(cases: list[tuple], batch, repeats: int) -> list[dict]:
       seconds = harness.repeat(lambda f=jitted, args=args: f(*args), repeats, warmup=1)
       row[part] = 1e3 * min(seconds)
     row["backward_ms"] = row["forward_backward_ms"] - row["forward_ms"]
-    rows.append(row)
+    rows.append(row | op_profile(side, batch, step, keys[0]))
     harness.settle(0.5)
   return rows
+
+
+def op_profile(side: Side, batch, step: int, key: int, calls: int = 2) -> dict:
+  """The whole train step traced (``harness.trace_ops``): op milliseconds per step summed by
+  HLO opcode (``copy``: buffers XLA copies, e.g. a cond's operands; a ``conditional``'s own time
+  spans its taken branch, whose ops are also counted by their opcodes) and the ten slowest ops."""
+  compiled = side.step.lower(side.state, side.frozen, batch, jax.random.key(key)).compile()
+  traced = dataclasses.replace(side, step=compiled)
+  call = step_call(traced, batch, step, key, {})
+  call()  # XLA:CPU readies a branch's kernels the first time it runs: untraced
+  ops = harness.trace_ops(call, compiled, calls)
+  side.state = traced.state  # the step donates the state it was given
+  by_opcode = collections.Counter()
+  for ms, _, opcode, _ in ops.values():
+    by_opcode[opcode] += ms
+  top = [
+    {"op": name, "ms": ms, "opcode": opcode, "shape": shape, "op_name": op_name[-120:]}
+    for name, (ms, shape, opcode, op_name) in list(ops.items())[:10]
+  ]
+  return {"ops_ms_by_opcode": dict(by_opcode.most_common()), "top_ops": top}
 
 
 def parse_args(argv=None):
@@ -330,7 +352,7 @@ def parse_args(argv=None):
   p.option("--draws", 1, 3, help="draws per setting")
   p.option("--rounds", 1, 2, help="rounds over the cases")
   p.add_argument("--remat", default="true,false", help="remat settings to time")
-  p.add_argument("--profile", action="store_true", help="also time forward vs backward")
+  p.add_argument("--profile", action="store_true", help="also time forward vs backward, trace ops")
   args = p.parse_args(argv)
   args.shape = "micro" if args.quick else "t5-small"
   args.remat = [{"true": True, "false": False}[v.strip().lower()] for v in args.remat.split(",")]
@@ -358,7 +380,10 @@ def main(argv=None):
   profile_rows = None
   if args.profile:
     profile_rows = profile(cases, batch, repeats=max(args.rounds, 2) + 1)
-    harness.table(profile_rows)
+    harness.table(profile_rows, "side remat setting forward_ms forward_backward_ms backward_ms")
+    for r in profile_rows:
+      ops = ", ".join(f"{k} {v:.1f}" for k, v in list(r["ops_ms_by_opcode"].items())[:6])
+      print(f"  {r['side']} remat={r['remat']} {r['setting']}: op ms by opcode: {ops}")
   out = {"model": dataclasses.asdict(model.config), "batch": b, "inputs": inputs}
   out |= {"targets": targets, "settings": SETTINGS, **info}
   out["curriculum"] = f"p 0 -> 1 over {CURRICULUM_STEPS} steps, granularities uniform"

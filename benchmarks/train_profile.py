@@ -16,12 +16,6 @@ ops running concurrently overlap, so the sum can exceed the step.
 from __future__ import annotations
 
 import collections
-import glob
-import gzip
-import json
-import os
-import re
-import tempfile
 import time
 
 import jax
@@ -83,34 +77,6 @@ def time_phases(shape: str, repeats: int) -> dict:
   return out
 
 
-def _instructions(hlo_text: str) -> dict:
-  """HLO instruction name -> (shape, opcode, JAX op_name) of a compiled module; fusions that
-  contain a dot (XLA:CPU hands most matmuls to YNNPACK as fusions) count as ``matmul``."""
-  with_dot, computation = set(), None
-  for line in hlo_text.splitlines():
-    if line and not line[0].isspace():
-      computation = line.split(" ", 1)[0].lstrip("%")
-    elif re.search(r" (dot|convolution)\(", line):
-      with_dot.add(computation)
-  out = {}
-  pattern = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\(")
-  for line in hlo_text.splitlines():
-    match = pattern.match(line)
-    if not match:
-      continue
-    op_name = re.search(r'op_name="([^"]*)"', line)
-    calls = re.search(r"calls=%?([\w.\-]+)", line)
-    opcode = match.group(3)
-    if opcode in ("dot", "convolution") or (calls and calls.group(1) in with_dot):
-      opcode = "matmul"
-    out[match.group(1)] = (
-      match.group(2).split("{")[0],
-      opcode,
-      op_name.group(1) if op_name else "",
-    )
-  return out
-
-
 def classify(op_name: str) -> tuple[str, str]:
   """(pass, component) of an op from its JAX op_name."""
   if "transpose(jvp(" in op_name:
@@ -132,27 +98,15 @@ def trace_ops(shape: str, optimizer_name: str, steps: int) -> tuple[float, dict]
   step, state = train_step.build_step(train_step.model_config(shape), optimizer_name, 100)
   data = train_step.random_batch(shape, 0)
   rng = jax.random.key(0)
+  compiled = step.lower(state, {}, data, rng).compile()  # the executable traced and named
   holder = [state]
 
   def call():
-    holder[0], metrics = step(holder[0], {}, data, rng)
+    holder[0], metrics = compiled(holder[0], {}, data, rng)
     return metrics
 
   step_ms = 1e3 * harness.median(harness.repeat(call, 3, warmup=1))
-  instructions = _instructions(step.lower(holder[0], {}, data, rng).compile().as_text())
-  with tempfile.TemporaryDirectory() as directory:
-    with jax.profiler.trace(directory, create_perfetto_trace=True):
-      harness.repeat(call, steps)
-    (path,) = glob.glob(os.path.join(directory, "plugins", "profile", "*", "*perfetto*.json.gz"))
-    with gzip.open(path) as f:
-      events = json.load(f)["traceEvents"]
-  per_op = collections.Counter()
-  for event in events:
-    args = event.get("args") or {}
-    if event.get("ph") == "X" and "hlo_op" in args:
-      per_op[args["hlo_op"]] += event["dur"] / 1e3 / steps
-  ops = {name: (ms, *instructions.get(name, ("?", "?", ""))) for name, ms in per_op.most_common()}
-  return step_ms, ops
+  return step_ms, harness.trace_ops(call, compiled, steps)
 
 
 def summarize(ops: dict, top: int) -> dict:

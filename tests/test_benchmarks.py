@@ -87,8 +87,11 @@ def test_assembled_speed_quick_run_reports_roofline_ratios(tmp_path, capsys):
 @pytest.mark.slow
 def test_replacing_overhead_quick_run_times_every_setting(tmp_path, capsys):
   out = tmp_path / "replacing.json"
-  replacing_overhead.main(["--quick", "--remat", "true", "--out", str(out)])
+  replacing_overhead.main(["--quick", "--remat", "true", "--profile", "--out", str(out)])
   report = json.loads(out.read_text())
+  # The traced ops are matched to the executable's own HLO: the replacing step's conds show.
+  profiled = {r["side"]: r["ops_ms_by_opcode"] for r in report["profile"]}
+  assert "conditional" in profiled["replacing"] and "conditional" not in profiled["baseline"]
   rows = {(r["side"], r["setting"]): r for r in report["results"]}
   replacing = [("replacing", s) for s in ("p=0", "p=0.75", "p=1", "p=1, g=2")]
   assert sorted(rows) == sorted([("baseline", "-"), ("assembled g2", "p=1, g=2"), *replacing])
