@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Modular Transformers against a student per size, on the converged DDTP-summ teacher, with the
 # same trainable scope on every row (issue: "measured as the paper means it"):
-#   bank       one decoder-only bank (decoder:2,3,6; every plan runs the teacher's frozen encoder)
+#   bank       one decoder-only bank (GRANULARITIES; every plan runs the teacher's frozen encoder)
 #   <kind>_dec<n>            KD / SFT / pseudo-label students keeping n decoder layers, the
 #                            teacher's encoder frozen (the headline column)
 #   <kind>_dec<n>_trainenc   the same students training their encoder too (second column)
@@ -13,7 +13,7 @@
 # training (compare.py scores it). Usage (from the repository root):
 #   experiments/modular_converged/train.sh [teacher] [data] [runs]
 # SEED=1 trains the second seed of every run (names suffixed -s1); BANK_STEPS and
-# STUDENT_STEPS set the budgets (900 and 600).
+# STUDENT_STEPS set the budgets (900 and 600), GRANULARITIES the banks' (decoder:2,3,6).
 set -euo pipefail
 TEACHER=${1:-runs/ddtp_summ6_converged}
 DATA=${2:-../shared/data/ddtp-summ}
@@ -21,13 +21,14 @@ RUNS=${3:-runs/modular_converged}
 SEED=${SEED:-0}
 BANK_STEPS=${BANK_STEPS:-900}
 STUDENT_STEPS=${STUDENT_STEPS:-600}
+GRANULARITIES=${GRANULARITIES:-decoder:2,3,6}
 suffix=$([[ $SEED == 0 ]] || echo "-s$SEED")
 common=(--config.train.seed="$SEED" --config.checkpoint.every_steps=100
   --config.data.vocab_path="$TEACHER/vocab/spm.model" --config.data.extra_ids=0)
 bank() {  # bank <name> <steps>
   python -m modjax.train --config "configs/modular_t5.py:ddtp_summ,$TEACHER,$DATA" \
     --config.workdir="$RUNS/$1$suffix" --config.train.num_steps="$2" \
-    --config.modular.granularities=decoder:2,3,6 "${common[@]}"
+    --config.modular.granularities="$GRANULARITIES" "${common[@]}"
 }
 student() {  # student <kind> <decoder layers> <name> <steps> [frozen stacks]
   python -m modjax.train --config "configs/baseline_t5.py:$1,ddtp_summ,$TEACHER,$DATA" \
@@ -42,15 +43,16 @@ flops() {  # training FLOPs of a run
   python -c "import json,sys; print(json.load(open(sys.argv[1]))['training_flops'])" "$1/compute.json"
 }
 
-bank bank "$BANK_STEPS"
-declare -A LAYERS=([dec4]=0,2,4,5 [dec3]=0,2,4 [dec2]=0,3)  # ~1.5x, 2x, 3x decoder-side
+declare -A LAYERS=([dec4]="0,2,4,5" [dec3]="0,2,4" [dec2]="0,3")  # ~1.5x, 2x, 3x decoder-side
 declare -A GRANULARITY=([dec3]=2 [dec2]=3)  # the bank rung of the same depth: all-g2, all-g3
+# The students first: they do not depend on the bank's recipe, which the ablation may still change.
 for kind in kd sft pseudo; do
   for point in dec3 dec2 dec4; do
     student "$kind" "${LAYERS[$point]}" "${kind}_$point" "$STUDENT_STEPS" encoder
     student "$kind" "${LAYERS[$point]}" "${kind}_${point}_trainenc" "$STUDENT_STEPS"
   done
 done
+bank bank "$BANK_STEPS"
 for point in dec3 dec2; do
   student kd "${LAYERS[$point]}" "kd_${point}_updates" "$(updates "${GRANULARITY[$point]}")" encoder
 done
