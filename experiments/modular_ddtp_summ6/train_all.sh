@@ -23,7 +23,7 @@ for kind in kd sft pseudo; do
   for layers in 0,2,4 0,3; do
     name=$(echo "$layers" | tr -cd ',' | wc -c)
     python -m modjax.train --config "configs/baseline_t5.py:$kind,ddtp_summ,$TEACHER,$DATA" \
-      --config.baseline.decoder_layers="$layers" --config.train.num_steps=${STEPS[$kind]} \
+      --config.baseline.decoder_layers="$layers" --config.train.num_steps="${STEPS[$kind]}" \
       --config.checkpoint.every_steps=100 --config.workdir="$RUNS/summ6_${kind}_dec$((name + 1))"
   done
 done
