@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_mom import CONFIG, DEEP, ONE_MODULE, _gpt2_config, _ids, _model, _mom_config
-from train_helpers import TRACEBACK, run_module
+from train_helpers import TRACEBACK, run_cli_batch
 
 from modjax import evaluate
 from modjax.core import sharding
@@ -91,14 +91,16 @@ def test_evaluate_scores_a_mom_run_with_its_forward_without_capacity_drops(run):
   assert abs(_mean_cross_entropy(dropping, batch) - expected) > 1e-4
 
 
-def test_mom_bank_refuses_decoded_metrics_and_plans(run):
+def test_mom_bank_refuses_decoded_metrics_and_plans(run, tmp_path):
   base = ["--config", f"{CONFIG}:tiny", f"--config.workdir={run}"]
   cases = [
     (["--config.eval.metrics=rouge"], "rouge/bleu decode an encoder-decoder"),
     (["--plan", "default"], "runs its method's own structure, not a plan"),
   ]
-  for flags, message in cases:
-    result = run_module("modjax.evaluate", base + flags, timeout=300, device_count=1)
+  runs = [(str(i), "modjax.evaluate", base + flags) for i, (flags, _) in enumerate(cases)]
+  results = run_cli_batch(runs, tmp_path, device_count=1, timeout=300)
+  for i, (_, message) in enumerate(cases):
+    result = results[str(i)]
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert TRACEBACK not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error:")
