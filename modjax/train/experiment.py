@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def maybe_initialize_distributed(cfg) -> None:
   """``jax.distributed.initialize()`` for multi-host runs (TPU pods need no arguments)."""
   mh = cfg.multihost
-  if not mh.initialize:
+  if not mh.initialize or jax.distributed.is_initialized():  # a method may train several times
     return
   # Gloo for CPU collectives; set unconditionally, since asking for the backend here would
   # initialise it before jax.distributed.initialize() (the setting only affects CPU devices).
