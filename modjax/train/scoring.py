@@ -30,6 +30,7 @@ if TYPE_CHECKING:
   import seqio
 
 log = logging.getLogger("modjax.evaluate")
+_LOG_FLOAT_MAX = math.log(sys.float_info.max)  # exp() of more overflows
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -67,9 +68,6 @@ def teacher_forced_metrics(model, params, plan: Plan, batches) -> dict:
   perplexity = math.exp(cross_entropy) if cross_entropy < _LOG_FLOAT_MAX else math.inf
   scores = {"cross_entropy": cross_entropy, "perplexity": perplexity, "tokens": tokens}
   return {**scores, **{name: value / tokens for name, value in stats.items()}}
-
-
-_LOG_FLOAT_MAX = math.log(sys.float_info.max)
 
 
 def _as_jax(batch) -> dict:
