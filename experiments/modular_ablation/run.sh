@@ -5,7 +5,8 @@
 # data, then its 2x and 3x decoder rungs (the bank's all-g2 and all-g3 plans: 3 and 2 decoder
 # slots) scored by ROUGE on EXAMPLES validation examples; report.py writes the table.
 # Every bank resumes from its checkpoint when rerun, a finished one trains no further, and a rung
-# already scored at this step on this many examples is not scored again.
+# already scored at the bank's last step on this many examples is not scored again. A factor's
+# flags come last, so they may change the steps too.
 # Usage (from the repository root), e.g. in the background:
 #   nohup experiments/modular_ablation/run.sh [teacher] [data] [runs] [steps] > ablation.log 2>&1 &
 # ONLY="default kd-off" runs a subset; SEED=1 a second seed (runs/<factor>-s1).
@@ -26,16 +27,19 @@ declare -A FACTORS=(
   [hidden-cosine]="--config.modular.hidden_form=cosine"
   [kd-off]="--config.modular.kd=0"
   [granularities-2-3]="--config.modular.granularities=decoder:2,3"
+  # {2,3} at the default's module updates (~79 / 75 for g2 / g3): 200 steps instead of 300
+  [granularities-2-3-updates]="--config.modular.granularities=decoder:2,3 --config.train.num_steps=200"
   [p1-second-half]="--config.modular.ramp_fraction=0.5"
   [fine-to-coarse]="--config.modular.order=fine_to_coarse"
   [uniform-order]="--config.modular.order=uniform"
   [adafactor-update-clip]="--config.optimizer.adafactor_clipping=1.0"
   [adamw]="--config.optimizer.name=adamw --config.optimizer.learning_rate=0.001 --config.optimizer.schedule=cosine"
 )
-scored() {  # scored <run> <plan>: a metrics record of this plan, step and example count exists
-  python - "$1" "$2" "$STEPS" "$EXAMPLES" <<'PY'
+scored() {  # scored <run> <plan>: a record of this plan at the bank's last step and EXAMPLES exists
+  python - "$1" "$2" "$EXAMPLES" <<'PY'
 import glob, json, sys
-run, plan, steps, examples = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+run, plan, examples = sys.argv[1], sys.argv[2], int(sys.argv[3])
+steps = json.load(open(f"{run}/compute.json"))["steps"]
 records = [json.load(open(p)) for p in glob.glob(f"{run}/eval/*.metrics.json")]
 want = {"plan_name": plan, "step": steps, "examples": examples}
 sys.exit(0 if any(all(r.get(k) == v for k, v in want.items()) for r in records) else 1)
