@@ -12,7 +12,7 @@ loss improves by less than 1% over an epoch (experiments/converged_teacher/).
       --config.workdir=runs/ddtp_summ6
 """
 
-from modjax.train.defaults import base_config, jsonl_corpus, lock
+from modjax.train.defaults import base_config, converge, jsonl_corpus, lock
 
 
 def get_config(arg: str = "../shared/data/ddtp-summ"):
@@ -36,11 +36,7 @@ def get_config(arg: str = "../shared/data/ddtp-summ"):
   c.eval.metrics = "rouge"
   if layers == "6":  # the Modular Transformers teacher: 6+6 layers, trained to a plateau
     c.model.preset = "small-cpu-6"
-    c.train.num_steps = 30_000  # a cap; the plateau stops it first
-    c.train.eval_every = 500  # whole validation split, teacher-forced
-    c.train.plateau_window = 1500  # ~one epoch (48,755 examples / 32 per batch)
-    c.train.plateau_min_improvement = 0.01
-    c.checkpoint.every_steps = 500
+    converge(c, cap=30_000, every=500, window=1_500)  # ~one epoch: 48,755 examples / 32 per batch
   elif layers:
     raise ValueError(f"unknown teacher depth {layers!r}; use '<data dir>' or '<data dir>,6'")
   return lock(c)

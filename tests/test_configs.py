@@ -29,6 +29,7 @@ def _finetune_args():
 
 # "{data}": a small jsonl corpus made by the test (the shared corpora may not be beside a checkout)
 CASES = [("tiny", ""), ("ddtp_lm", "{data}"), ("ddtp_ende", "{data}")]
+CASES += [("ddtp_lm", "{data},converged"), ("ddtp_ende", "{data},converged")]
 CASES += [("t5_finetune", a) for a in _finetune_args()]
 CASES += [("ffn_merge", "tiny,runs/merged")]
 CASES += [("ffn_merge", f"{recipe},runs/merged,{{data}}") for recipe in ("lm", "ende")]
@@ -97,3 +98,21 @@ def test_load_config_reads_a_config_spec_like_the_config_flag(tmp_path):
   assert load_config(CONFIGS / "tiny.py").model.preset == "tiny"
   with pytest.raises(FileNotFoundError, match="does not exist"):
     load_config(tmp_path / "absent.py")
+
+
+@pytest.mark.parametrize(
+  "name,window", [("ddtp_lm", 3_000), ("ddtp_ende", 750), ("ddtp_summ", 1_500)]
+)
+def test_converged_originals_validate_and_stop_at_a_plateau(name, window, tmp_path):
+  data = write_corpus(tmp_path / "data", [{"inputs": "a description", "targets": "a synopsis"}])
+  mode = "6" if name == "ddtp_summ" else "converged"
+  t = _load(name).get_config(f"{data},{mode}").train
+  assert (t.plateau_window, t.plateau_min_improvement, t.eval_max_examples) == (window, 0.01, 0)
+  assert t.num_steps == 30_000 and t.eval_every > 0
+
+
+@pytest.mark.parametrize("name", ["ddtp_lm", "ddtp_ende"])
+def test_an_unknown_original_mode_is_refused(name, tmp_path):
+  data = write_corpus(tmp_path / "data", [{"inputs": "a description", "targets": "a synopsis"}])
+  with pytest.raises(ValueError, match="unknown mode 'fast'"):
+    _load(name).get_config(f"{data},fast")

@@ -147,6 +147,18 @@ def _multihost_section() -> ml_collections.ConfigDict:
   return c
 
 
+def converge(c: ml_collections.ConfigDict, *, cap: int, every: int, window: int) -> None:
+  """Trains ``c`` until its validation loss improves by less than 1% over ``window`` steps
+  (about an epoch), scored on the whole validation split every ``every`` steps, ``cap`` steps at
+  most; a checkpoint at every score, and the best kept in ``workdir/best``."""
+  c.train.num_steps = cap
+  c.train.eval_every = every
+  c.train.eval_max_examples = 0
+  c.train.plateau_window = window
+  c.train.plateau_min_improvement = 0.01
+  c.checkpoint.every_steps = every
+
+
 def jsonl_corpus(c: ml_collections.ConfigDict, data_dir: str) -> ml_collections.ConfigDict:
   """Points ``c.data`` at a corpus folder of ``train.jsonl.gz`` and ``validation.jsonl.gz``
   (../shared/data's layout) and scores the whole validation split."""
