@@ -47,9 +47,11 @@ def test_ablation_report_takes_the_newest_score_per_rung_and_the_budget(tmp_path
     ("kd-off", 0, 19.0, 17.5),
   ]
   table = (out / "results.md").read_text().splitlines()
-  assert len(table) == 9 and all(line.count("|") == 9 for line in table[:5])
-  assert "| default | 0 | 300 | 9600 | 0.250 | g2: 75, g3: 75, g6: 62 | 20.00 | 18.00 |" in table
-  assert table[-1] == "| default | 0, 1 | 20.50 (1.00) | 17.50 (1.00) |"  # kd-off: one seed
+  assert len(table) == 9 and all(line.count("|") == 10 for line in table[:5])
+  assert (
+    "| default | 0 | - | 300 | 9600 | 0.250 | g2: 75, g3: 75, g6: 62 | 20.00 | 18.00 |" in table
+  )
+  assert table[-1] == "| default | 0, 1 | - | 300 | 20.50 (1.00) | 17.50 (1.00) |"  # kd-off: 1 seed
   with pytest.raises(SystemExit, match="no scored bank"):
     report.main([str(tmp_path / "training"), "--out", str(out)])
   capsys.readouterr()

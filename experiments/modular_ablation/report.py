@@ -82,6 +82,7 @@ def seed_spread(rows: list[dict]) -> list[dict]:
     if len(mine) < 2:
       continue
     entry = {"factor": factor, "seeds": sorted(r["seed"] for r in mine)}
+    entry |= {"steps": mine[0]["steps"], "trainable_params": mine[0]["trainable_params"]}
     for plan in RUNGS:
       values = [r[f"{plan}_rougeL"] for r in mine if f"{plan}_rougeL" in r]
       if len(values) == len(mine):
@@ -91,14 +92,21 @@ def seed_spread(rows: list[dict]) -> list[dict]:
   return out
 
 
+def _params(count: int | None) -> str:
+  return "-" if count is None else f"{count:,}"
+
+
 def markdown(rows: list[dict], spread: list[dict]) -> str:
-  head = "| factor | seed | steps | examples seen | training PFLOPs |"
-  head += " decoder module updates (g: steps) |"
+  """The rows, each with what it trains (the decoder modules; the teacher is frozen), its
+  parameter count and budget; then the seeds' means and spreads."""
+  head = "| factor | seed | trainable decoder-module params | steps | examples seen |"
+  head += " training PFLOPs | decoder module updates (g: steps) |"
   head += "".join(f" ROUGE-L {label} |" for label in RUNGS.values())
-  lines = [head, "|" + "---|" * (6 + len(RUNGS))]
+  lines = [head, "|" + "---|" * (7 + len(RUNGS))]
   for r in rows:
     updates = r["module_updates"].get("decoder", {})
-    cells = [r["factor"], str(r["seed"]), str(r["steps"]), str(r["examples_seen"])]
+    cells = [r["factor"], str(r["seed"]), _params(r["trainable_params"])]
+    cells += [str(r["steps"]), str(r["examples_seen"])]
     cells += [
       f"{r['training_flops'] / 1e15:.3f}",
       ", ".join(f"{g}: {n:.0f}" for g, n in updates.items()),
@@ -106,10 +114,12 @@ def markdown(rows: list[dict], spread: list[dict]) -> str:
     cells += [f"{r[f'{p}_rougeL']:.2f}" if f"{p}_rougeL" in r else "-" for p in RUNGS]
     lines.append("| " + " | ".join(cells) + " |")
   if spread:
-    lines += ["", "| factor | seeds |" + "".join(f" ROUGE-L {v}: mean (spread) |" for v in RUNGS)]
-    lines.append("|" + "---|" * (2 + len(RUNGS)))
+    head = "| factor | seeds | trainable decoder-module params | steps |"
+    lines += ["", head + "".join(f" ROUGE-L {v}: mean (spread) |" for v in RUNGS)]
+    lines.append("|" + "---|" * (4 + len(RUNGS)))
     for e in spread:
-      cells = [e["factor"], ", ".join(map(str, e["seeds"]))]
+      cells = [e["factor"], ", ".join(map(str, e["seeds"])), _params(e["trainable_params"])]
+      cells.append(str(e["steps"]))
       cells += [
         f"{e[f'{p}_mean']:.2f} ({e[f'{p}_spread']:.2f})" if f"{p}_mean" in e else "-" for p in RUNGS
       ]
